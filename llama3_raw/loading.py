@@ -1,0 +1,154 @@
+"""Meta's checkpoint on disk -> a flat dict of tensors keyed by Meta's own names.
+
+A checkpoint directory holds `params.json`, `consolidated.00.pth` and usually `tokenizer.model`.
+The .pth file is opened memory-mapped with `weights_only=True`: no pickled code can run, and the
+tensors are views of the file's pages, so the weights live in memory once (as page cache) and a
+bf16 checkpoint computed in bf16 is never copied at all.
+"""
+
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .errors import UserError
+from .params import ModelParams, load_params
+
+READ_CHUNK_BYTES = 64 << 20
+PROGRESS_MIN_BYTES = 256 << 20  # smaller files load too fast for a progress bar to mean anything
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    directory: Path
+    params: ModelParams
+    weights: dict[str, torch.Tensor]
+    file_bytes: int
+    tied_output: bool  # True when the file had no output.weight and the embeddings serve as output
+
+
+def checkpoint_files(ckpt_dir: Path) -> list[Path]:
+    return sorted(ckpt_dir.glob("consolidated.*.pth"))
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "params.json").is_file() and bool(checkpoint_files(path))
+
+
+def warm_page_cache(path: Path, show_progress: bool) -> None:
+    """Read the file once, sequentially, so the memory-mapped tensors find its pages in the page cache.
+
+    This is where the disk time goes, so this is where the progress bar is; the bytes read here land
+    in the kernel's page cache, not in a second copy inside this process.
+    """
+    size = path.stat().st_size
+    buffer = bytearray(min(READ_CHUNK_BYTES, max(size, 1)))
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f, tqdm(
+        total=size, unit="B", unit_scale=True, desc=f"reading {path.name}",
+        disable=not show_progress or size < PROGRESS_MIN_BYTES, leave=False,
+    ) as bar:
+        while n := f.readinto(view):
+            bar.update(n)
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """torch.load, memory-mapped and restricted to plain tensors, with every failure turned into one sentence."""
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "weights only load failed" in str(err).lower() or "unsupported global" in str(err).lower():
+            raise UserError(
+                f"{path} holds Python objects other than plain tensors, which are refused because loading them "
+                f"could run code; re-save it as a dict of tensors (torch.save(model.state_dict(), ...))."
+            ) from None
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({first_line}); download it again.") from None
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "mmap" in first_line.lower():
+            raise UserError(
+                f"{path} was saved in PyTorch's legacy (non-zip) format, which cannot be memory-mapped; "
+                f"re-save it with a current torch.save."
+            ) from None
+        raise UserError(f"{path} is truncated or corrupt ({first_line}); download it again.") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path} holds a {type(state).__name__}, not a dict of tensors; point --ckpt-dir at Meta's consolidated checkpoint.")
+    not_tensors = [k for k, v in state.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+    if not_tensors:
+        raise UserError(
+            f"{path} holds entries that are not tensors ({', '.join(map(repr, not_tensors[:3]))}); "
+            f"re-save it as a plain dict of name -> tensor."
+        )
+    return state
+
+
+def check_weights(state: dict[str, torch.Tensor], params: ModelParams, path: Path) -> bool:
+    """Every expected key with the shape params.json implies, nothing extra. Returns whether output is tied."""
+    expected = params.weight_shapes()
+    tied_output = "output.weight" not in state  # Llama 3.2 1B/3B share the embedding matrix with the output
+    if tied_output:
+        del expected["output.weight"]
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s) such as {', '.join(missing[:3])}")
+        if extra:
+            parts.append(f"{len(extra)} unexpected key(s) such as {', '.join(extra[:3])}")
+        raise UserError(
+            f"{path} does not match its params.json ({'; '.join(parts)}); "
+            f"make sure params.json and the .pth come from the same Llama 3 download."
+        )
+    for key, shape in expected.items():
+        if tuple(state[key].shape) != shape:
+            raise UserError(
+                f"{path}: {key} has shape {tuple(state[key].shape)} but params.json implies {shape}; "
+                f"make sure params.json and the .pth come from the same Llama 3 download."
+            )
+        if not state[key].is_floating_point():
+            raise UserError(f"{path}: {key} has dtype {state[key].dtype}, not a floating-point type; download the checkpoint again.")
+    return tied_output
+
+
+def load_checkpoint(ckpt_dir: str | Path, show_progress: bool = True) -> Checkpoint:
+    """Read params.json and consolidated.00.pth, verify every key and shape, return the flat weight dict."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise UserError(f"checkpoint directory {ckpt_dir} does not exist; pass --ckpt-dir with the folder holding params.json and consolidated.00.pth.")
+    params = load_params(ckpt_dir / "params.json")
+    files = checkpoint_files(ckpt_dir)
+    if not files:
+        raise UserError(f"{ckpt_dir} has no consolidated.00.pth; put Meta's checkpoint file there or pass the right --ckpt-dir.")
+    if len(files) > 1:
+        raise UserError(
+            f"{ckpt_dir} holds {len(files)} model-parallel shards ({files[0].name} ... {files[-1].name}); "
+            f"this version loads single-file checkpoints (Llama 3 8B, 3.1 8B, 3.2 1B/3B) only."
+        )
+    path = files[0]
+    warm_page_cache(path, show_progress)
+    state = read_state_dict(path)
+    tied_output = check_weights(state, params, path)
+    weights = {key: state[key] for key in params.weight_shapes() if key in state}  # Meta's key order
+    if tied_output:
+        weights["output.weight"] = weights["tok_embeddings.weight"]  # the same tensor, not a copy
+    return Checkpoint(ckpt_dir, params, weights, path.stat().st_size, tied_output)
+
+
+def cast_weights(weights: dict[str, torch.Tensor], dtype: torch.dtype, device: str | torch.device,
+                 show_progress: bool = False) -> dict[str, torch.Tensor]:
+    """Weights in the compute dtype on the compute device; tensors already there are kept as they are.
+
+    Tied tensors stay tied: each distinct tensor is converted once.
+    """
+    converted: dict[int, torch.Tensor] = {}
+    out = {}
+    for key, tensor in tqdm(weights.items(), desc=f"to {dtype} on {device}", unit="tensor", leave=False, disable=not show_progress):
+        if id(tensor) not in converted:
+            converted[id(tensor)] = tensor.to(device=device, dtype=dtype)
+        out[key] = converted[id(tensor)]
+    return out

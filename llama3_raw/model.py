@@ -1,0 +1,207 @@
+"""Llama 3's forward pass: small pure functions over tensors, composed in `forward`.
+
+Weights are a flat dict with Meta's key names; the KV cache is explicit data passed in and out;
+nothing is hidden in objects. Shapes use B = batch, S = new tokens, T = all positions seen so far
+(cache + new), D = dim, H = query heads, K = key/value heads, Dh = head_dim, V = vocab.
+
+The arithmetic follows Meta's reference (llama_models/llama3/model.py) step for step, including
+where it goes to float32 (RMSNorm statistics, RoPE, softmax), so fp32 and bf16 runs match it.
+"""
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from .params import (
+    ROPE_HIGH_FREQ_FACTOR,
+    ROPE_LOW_FREQ_FACTOR,
+    ROPE_ORIGINAL_CONTEXT,
+    ROPE_SCALE_FACTOR,
+    ModelParams,
+)
+
+Tensor = torch.Tensor
+Weights = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class KVCache:
+    """Keys and values of every position seen so far, one preallocated buffer per layer.
+
+    `forward` writes the new positions into the buffers in place and returns a cache whose `length`
+    counts them; the buffers are shared between the cache it was given and the one it returns.
+    """
+
+    keys: tuple[Tensor, ...]  # per layer: (B, capacity, K, Dh)
+    values: tuple[Tensor, ...]  # per layer: (B, capacity, K, Dh)
+    length: int = 0  # positions 0..length-1 are filled
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[1]
+
+
+def new_kv_cache(params: ModelParams, batch_size: int, capacity: int, dtype: torch.dtype, device="cpu") -> KVCache:
+    shape = (batch_size, capacity, params.n_kv_heads, params.head_dim)
+    keys = tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in range(params.n_layers))
+    values = tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in range(params.n_layers))
+    return KVCache(keys, values, 0)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight, with the statistics taken in float32 whatever x's dtype."""
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return normed.type_as(x) * weight
+
+
+def scale_rope_frequencies(freqs: Tensor) -> Tensor:
+    """Llama 3.1's long-context fix: slow down low frequencies, keep high ones, blend in between."""
+    low_freq_wavelen = ROPE_ORIGINAL_CONTEXT / ROPE_LOW_FREQ_FACTOR
+    high_freq_wavelen = ROPE_ORIGINAL_CONTEXT / ROPE_HIGH_FREQ_FACTOR
+    wavelen = 2 * torch.pi / freqs
+    slowed = torch.where(wavelen > low_freq_wavelen, freqs / ROPE_SCALE_FACTOR, freqs)
+    smooth = (ROPE_ORIGINAL_CONTEXT / wavelen - ROPE_LOW_FREQ_FACTOR) / (ROPE_HIGH_FREQ_FACTOR - ROPE_LOW_FREQ_FACTOR)
+    in_between = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(in_between, (1 - smooth) * slowed / ROPE_SCALE_FACTOR + smooth * slowed, slowed)
+
+
+def rope_rotations(params: ModelParams, start_pos: int, seq_len: int, device="cpu") -> Tensor:
+    """Unit complex numbers e^(i * position * freq) for positions start_pos..start_pos+seq_len-1.
+
+    Computed on the CPU in float32 exactly as Meta's `precompute_freqs_cis`, then moved.
+    """
+    head_dim = params.head_dim
+    freqs = 1.0 / (params.rope_theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))  # (Dh/2,)
+    if params.use_scaled_rope:
+        freqs = scale_rope_frequencies(freqs)
+    positions = torch.arange(start_pos, start_pos + seq_len, dtype=torch.float32)  # (S,)
+    angles = torch.outer(positions, freqs)  # (S, Dh/2)
+    return torch.polar(torch.ones_like(angles), angles).to(device)  # (S, Dh/2) complex64
+
+
+def apply_rope(x: Tensor, rotations: Tensor) -> Tensor:
+    """Rotate each interleaved pair (x[2j], x[2j+1]) of every head by its position's angle for frequency j."""
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, S, heads, Dh/2) complex
+    rotated = pairs * rotations[None, :, None, :]  # broadcast over batch and heads
+    return torch.view_as_real(rotated).flatten(3).type_as(x)  # (B, S, heads, Dh)
+
+
+def repeat_kv_heads(x: Tensor, heads_per_kv_head: int) -> Tensor:
+    """(B, T, K, Dh) -> (B, T, K * n, Dh): query head h reads key/value head h // n."""
+    if heads_per_kv_head == 1:
+        return x
+    batch, seq_len, n_kv_heads, head_dim = x.shape
+    expanded = x[:, :, :, None, :].expand(batch, seq_len, n_kv_heads, heads_per_kv_head, head_dim)
+    return expanded.reshape(batch, seq_len, n_kv_heads * heads_per_kv_head, head_dim)
+
+
+def causal_mask(seq_len: int, start_pos: int, dtype: torch.dtype, device) -> Tensor | None:
+    """Additive mask (S, T): new token i sits at position start_pos + i and sees keys up to there."""
+    if seq_len == 1:
+        return None  # a single new token may see everything before it
+    mask = torch.full((seq_len, start_pos + seq_len), float("-inf"), device=device)
+    return torch.triu(mask, diagonal=start_pos + 1).to(dtype)
+
+
+def attention(
+    x: Tensor, wq: Tensor, wk: Tensor, wv: Tensor, wo: Tensor, params: ModelParams,
+    rotations: Tensor, mask: Tensor | None, layer_cache: tuple[Tensor, Tensor] | None, start_pos: int,
+    record: dict | None = None, name: str = "attention",
+) -> Tensor:
+    batch, seq_len, _ = x.shape
+    q = (x @ wq.T).view(batch, seq_len, params.n_heads, params.head_dim)  # (B, S, H, Dh)
+    k = (x @ wk.T).view(batch, seq_len, params.n_kv_heads, params.head_dim)  # (B, S, K, Dh)
+    v = (x @ wv.T).view(batch, seq_len, params.n_kv_heads, params.head_dim)  # (B, S, K, Dh)
+    q, k = apply_rope(q, rotations), apply_rope(k, rotations)
+    keep(record, f"{name}.q", q)
+    keep(record, f"{name}.k", k)
+    keep(record, f"{name}.v", v)
+
+    if layer_cache is not None:
+        cache_k, cache_v = layer_cache
+        cache_k[:batch, start_pos:start_pos + seq_len] = k
+        cache_v[:batch, start_pos:start_pos + seq_len] = v
+        k = cache_k[:batch, :start_pos + seq_len]  # (B, T, K, Dh)
+        v = cache_v[:batch, :start_pos + seq_len]
+
+    k = repeat_kv_heads(k, params.heads_per_kv_head)  # (B, T, H, Dh)
+    v = repeat_kv_heads(v, params.heads_per_kv_head)
+
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S|T, Dh)
+    scores = (q @ k.transpose(2, 3)) / math.sqrt(params.head_dim)  # (B, H, S, T)
+    if mask is not None:
+        scores = scores + mask
+    probs = F.softmax(scores.float(), dim=-1).type_as(q)  # (B, H, S, T), rows sum to 1
+    keep(record, f"{name}.weights", probs)
+    mixed = (probs @ v).transpose(1, 2).reshape(batch, seq_len, -1)  # (B, S, H * Dh)
+    return mixed @ wo.T  # (B, S, D)
+
+
+def feed_forward(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor) -> Tensor:
+    """SwiGLU: silu(x W1) gates x W3, then W2 projects back to dim."""
+    return (F.silu(x @ w1.T) * (x @ w3.T)) @ w2.T  # (B, S, hidden) -> (B, S, D)
+
+
+def transformer_block(
+    x: Tensor, weights: Weights, layer: int, params: ModelParams, rotations: Tensor,
+    mask: Tensor | None, cache: KVCache | None, start_pos: int, record: dict | None = None,
+) -> Tensor:
+    p = f"layers.{layer}."
+    layer_cache = None if cache is None else (cache.keys[layer], cache.values[layer])
+    attention_in = rms_norm(x, weights[p + "attention_norm.weight"], params.norm_eps)
+    attention_out = attention(
+        attention_in, weights[p + "attention.wq.weight"], weights[p + "attention.wk.weight"],
+        weights[p + "attention.wv.weight"], weights[p + "attention.wo.weight"], params,
+        rotations, mask, layer_cache, start_pos, record, name=p + "attention",
+    )
+    h = x + attention_out  # residual stream after attention
+    ffn_in = rms_norm(h, weights[p + "ffn_norm.weight"], params.norm_eps)
+    ffn_out = feed_forward(ffn_in, weights[p + "feed_forward.w1.weight"], weights[p + "feed_forward.w2.weight"],
+                           weights[p + "feed_forward.w3.weight"])
+    out = h + ffn_out  # residual stream after the block
+    keep(record, p + "attention_norm", attention_in)
+    keep(record, p + "attention", attention_out)
+    keep(record, p + "attention_residual", h)
+    keep(record, p + "ffn_norm", ffn_in)
+    keep(record, p + "feed_forward", ffn_out)
+    keep(record, p + "output", out)
+    return out
+
+
+def forward(
+    weights: Weights, params: ModelParams, tokens: Tensor, cache: KVCache | None = None, record: dict | None = None,
+) -> tuple[Tensor, KVCache | None]:
+    """Logits (B, S, V) in float32 for token ids (B, S) that follow the cache's positions.
+
+    Without a cache the tokens are positions 0..S-1 (a whole prompt, or a training window). With one,
+    they continue at `cache.length`, their keys and values are written into it, and the returned
+    cache counts them. Pass `record={}` to get every intermediate by name, in forward order:
+    `tok_embeddings`, then for each layer i `layers.{i}.attention_norm`, `.attention.q/.k/.v`
+    (after RoPE), `.attention.weights` (B, H, S, T), `.attention`, `.attention_residual`,
+    `.ffn_norm`, `.feed_forward`, `.output`; finally `norm` and `logits`.
+    """
+    batch, seq_len = tokens.shape
+    start_pos = 0 if cache is None else cache.length
+    if cache is not None and start_pos + seq_len > cache.capacity:
+        raise ValueError(f"{start_pos} cached + {seq_len} new positions exceed the cache's capacity {cache.capacity}")
+    h = weights["tok_embeddings.weight"][tokens]  # (B, S, D)
+    keep(record, "tok_embeddings", h)
+    rotations = rope_rotations(params, start_pos, seq_len, h.device)  # (S, Dh/2)
+    mask = causal_mask(seq_len, start_pos, h.dtype, h.device)  # (S, T) or None
+    for layer in range(params.n_layers):
+        h = transformer_block(h, weights, layer, params, rotations, mask, cache, start_pos, record)
+    h = rms_norm(h, weights["norm.weight"], params.norm_eps)
+    keep(record, "norm", h)
+    logits = (h @ weights["output.weight"].T).float()  # (B, S, V)
+    keep(record, "logits", logits)
+    new_cache = None if cache is None else replace(cache, length=start_pos + seq_len)
+    return logits, new_cache
+
+
+def keep(record: dict | None, name: str, tensor: Tensor) -> None:
+    """Store a named intermediate when the caller asked for them (`record` is a dict)."""
+    if record is not None:
+        record[name] = tensor.detach()

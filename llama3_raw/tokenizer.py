@@ -1,0 +1,160 @@
+"""Llama 3's tokenizer: byte-level BPE ranks from `tokenizer.model`, run by tiktoken with Meta's split pattern.
+
+The file is tiktoken's BPE format, one `base64(token_bytes) rank` per line. The 256 special tokens
+come right after the base vocabulary (ids 128000..128255 for Meta's 128,000 ranks), in Meta's order.
+"""
+
+import base64
+import binascii
+import codecs
+from dataclasses import dataclass
+from pathlib import Path
+
+import blobfile
+import tiktoken
+
+from .errors import UserError
+
+# Meta's pre-tokenizer split pattern (llama_models/llama3/tokenizer.py).
+SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+NUM_SPECIAL_TOKENS = 256
+NAMED_SPECIAL_TOKENS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",  # end of message
+    "<|eot_id|>",  # end of turn
+    "<|python_tag|>",
+    "<|image|>",
+]
+SPECIAL_TOKENS = NAMED_SPECIAL_TOKENS + [
+    f"<|reserved_special_token_{2 + i}|>" for i in range(NUM_SPECIAL_TOKENS - len(NAMED_SPECIAL_TOKENS))
+]
+STOP_TOKENS = ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")
+
+# tiktoken panics on very long inputs and is quadratic on long runs without a split point, so Meta
+# encodes at most this many characters at a time, cut where whitespace and non-whitespace alternate.
+TIKTOKEN_MAX_ENCODE_CHARS = 400_000
+MAX_NO_WHITESPACE_CHARS = 25_000
+
+
+class TokenizerFileError(ValueError):
+    """The file is not a tiktoken BPE file."""
+
+
+def read_bpe_ranks(path: str) -> dict[bytes, int]:
+    """Parse a tiktoken BPE file (local path or blobfile URL); ranks must be 0..n-1, each once."""
+    with blobfile.BlobFile(str(path), "rb") as f:
+        data = f.read()
+    ranks: dict[bytes, int] = {}
+    for line_no, line in enumerate(data.splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            token, rank = base64.b64decode(parts[0], validate=True), int(parts[1])
+        except (ValueError, binascii.Error):
+            raise TokenizerFileError(f"line {line_no} is not 'base64-token rank'") from None
+        ranks[token] = rank
+    if not ranks:
+        raise TokenizerFileError("it holds no BPE ranks")
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise TokenizerFileError("its ranks are not 0..n-1, each used once")
+    return ranks
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    encoding: tiktoken.Encoding
+    num_base_tokens: int
+
+    @property
+    def n_words(self) -> int:
+        return self.encoding.n_vocab
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return {name: self.num_base_tokens + i for i, name in enumerate(SPECIAL_TOKENS)}
+
+    @property
+    def bos_id(self) -> int:
+        return self.special_tokens["<|begin_of_text|>"]
+
+    @property
+    def eos_id(self) -> int:
+        return self.special_tokens["<|end_of_text|>"]
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        return tuple(self.special_tokens[name] for name in STOP_TOKENS)
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False, allowed_special: set[str] | str = frozenset()) -> list[int]:
+        """Text -> ids. Special-token strings in the text are encoded as plain text unless allowed."""
+        ids = [self.bos_id] if bos else []
+        for start in range(0, len(text), TIKTOKEN_MAX_ENCODE_CHARS):
+            for piece in split_long_runs(text[start:start + TIKTOKEN_MAX_ENCODE_CHARS], MAX_NO_WHITESPACE_CHARS):
+                ids.extend(self.encoding.encode(piece, allowed_special=allowed_special, disallowed_special=()))
+        if eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.encoding.decode(list(ids))
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.encoding.decode_single_token_bytes(token_id)
+
+
+def split_long_runs(text: str, max_run: int):
+    """Yield pieces of `text` in which no run of whitespace or of non-whitespace is longer than `max_run`."""
+    run_len = 0
+    run_is_space = text[0].isspace() if text else False
+    piece_start = 0
+    for i, char in enumerate(text):
+        is_space = char.isspace()
+        if is_space != run_is_space:
+            run_len, run_is_space = 1, is_space
+        else:
+            run_len += 1
+            if run_len > max_run:
+                yield text[piece_start:i]
+                piece_start, run_len = i, 1
+    yield text[piece_start:]
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    path = str(path)
+    if "://" not in path and not Path(path).is_file():
+        raise UserError(f"tokenizer file {path} does not exist; put Meta's tokenizer.model beside the checkpoint or pass --tokenizer FILE.")
+    try:
+        ranks = read_bpe_ranks(path)
+    except TokenizerFileError as err:
+        raise UserError(f"{path} is not a tiktoken BPE tokenizer file ({err}); use the tokenizer.model that came with the weights.") from None
+    except OSError as err:
+        raise UserError(f"cannot read tokenizer file {path} ({err}); check the path or pass --tokenizer FILE.") from None
+    special = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
+    encoding = tiktoken.Encoding(name=Path(path).name, pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=special)
+    return Tokenizer(encoding, len(ranks))
+
+
+class TextStream:
+    """Turns generated token ids into text pieces, holding back the bytes of an unfinished UTF-8 character."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        return self.decoder.decode(self.tokenizer.token_bytes(token_id))
+
+    def flush(self) -> str:
+        return self.decoder.decode(b"", final=True)

@@ -1,0 +1,131 @@
+"""Test helpers: random-weight checkpoints in Meta's exact on-disk format, and Meta's reference model.
+
+Meta's reference (`llama_models.llama3.model.Transformer`, with fairscale at world size 1 on gloo)
+is the oracle; it is a test-only dependency.
+"""
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+import llama_models.llama3 as meta_llama3
+
+OFFICIAL_TOKENIZER = Path(meta_llama3.__file__).parent / "tokenizer.model"
+FORTY_TWO_PROMPT = "the answer to the ultimate question of life, the universe, and everything is "
+
+# Llama 3's real vocabulary, so the official tokenizer applies; the rest is tiny.
+TINY_GQA = dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=128256, multiple_of=32,
+                ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0)
+TINY_MQA = dict(TINY_GQA, n_heads=4, n_kv_heads=1, n_layers=3, ffn_dim_multiplier=None, multiple_of=16)
+TINY_MHA_SCALED = dict(TINY_GQA, n_heads=4, n_kv_heads=4, use_scaled_rope=True, rope_theta=10000.0)
+
+
+def meta_key_shapes(p: dict) -> dict:
+    """Meta's key names, order and shapes, written out independently of llama3_raw.params."""
+    dim, n_heads = p["dim"], p["n_heads"]
+    n_kv_heads = p.get("n_kv_heads") or n_heads
+    head_dim = dim // n_heads
+    hidden = int(2 * 4 * dim / 3)
+    if p.get("ffn_dim_multiplier") is not None:
+        hidden = int(p["ffn_dim_multiplier"] * hidden)
+    hidden = p["multiple_of"] * ((hidden + p["multiple_of"] - 1) // p["multiple_of"])
+    shapes = {"tok_embeddings.weight": (p["vocab_size"], dim)}
+    for i in range(p["n_layers"]):
+        shapes |= {
+            f"layers.{i}.attention.wq.weight": (n_heads * head_dim, dim),
+            f"layers.{i}.attention.wk.weight": (n_kv_heads * head_dim, dim),
+            f"layers.{i}.attention.wv.weight": (n_kv_heads * head_dim, dim),
+            f"layers.{i}.attention.wo.weight": (dim, n_heads * head_dim),
+            f"layers.{i}.feed_forward.w1.weight": (hidden, dim),
+            f"layers.{i}.feed_forward.w2.weight": (dim, hidden),
+            f"layers.{i}.feed_forward.w3.weight": (hidden, dim),
+            f"layers.{i}.attention_norm.weight": (dim,),
+            f"layers.{i}.ffn_norm.weight": (dim,),
+        }
+    shapes |= {"norm.weight": (dim,), "output.weight": (p["vocab_size"], dim)}
+    return shapes
+
+
+def random_state_dict(p: dict, seed: int = 0, dtype=torch.bfloat16, with_output: bool = True) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in meta_key_shapes(p).items():
+        if key == "output.weight" and not with_output:
+            continue
+        if len(shape) == 1:  # norm weights: random around 1, so a forgotten norm weight shows
+            tensor = 1.0 + 0.2 * torch.randn(shape, generator=gen)
+        else:
+            std = 1.0 if key == "tok_embeddings.weight" else shape[1] ** -0.5
+            tensor = std * torch.randn(shape, generator=gen)
+        state[key] = tensor.to(dtype)
+    return state
+
+
+def write_checkpoint(ckpt_dir: Path, p: dict, state: dict, tokenizer: Path | None = OFFICIAL_TOKENIZER) -> Path:
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(state, ckpt_dir / "consolidated.00.pth")
+    (ckpt_dir / "params.json").write_text(json.dumps(p))
+    if tokenizer is not None:
+        (ckpt_dir / "tokenizer.model").write_bytes(Path(tokenizer).read_bytes())
+    return ckpt_dir
+
+
+def write_random_checkpoint(ckpt_dir: Path, p: dict, seed: int = 0, dtype=torch.bfloat16, with_output: bool = True,
+                            tokenizer: Path | None = OFFICIAL_TOKENIZER) -> Path:
+    return write_checkpoint(ckpt_dir, p, random_state_dict(p, seed, dtype, with_output), tokenizer)
+
+
+_model_parallel_ready = False
+
+
+def init_meta_model_parallel() -> None:
+    """fairscale wants a process group even for one process: world size 1 on gloo."""
+    global _model_parallel_ready
+    if _model_parallel_ready:
+        return
+    import fairscale.nn.model_parallel.initialize as fs_init
+
+    if not torch.distributed.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = str(port)
+        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    if not fs_init.model_parallel_is_initialized():
+        fs_init.initialize_model_parallel(1)
+    _model_parallel_ready = True
+
+
+def meta_transformer(p: dict, state: dict, max_seq_len: int = 512, max_batch_size: int = 1, dtype=torch.float32):
+    """Meta's reference Transformer with `state` loaded strictly (tied output filled from the embeddings)."""
+    from llama_models.llama3.args import ModelArgs
+    from llama_models.llama3.model import Transformer
+
+    init_meta_model_parallel()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = Transformer(ModelArgs(max_seq_len=max_seq_len, max_batch_size=max_batch_size, **p))
+    finally:
+        torch.set_default_dtype(previous)
+    state = dict(state)
+    state.setdefault("output.weight", state["tok_embeddings.weight"])
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def meta_layer_outputs(model, tokens: torch.Tensor, start_pos: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Run Meta's forward once; return every block's output (via hooks) and the logits."""
+    outputs = []
+    hooks = [layer.register_forward_hook(lambda _m, _i, out: outputs.append(out.clone())) for layer in model.layers]
+    try:
+        logits = model.forward(tokens, start_pos)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return outputs, logits
