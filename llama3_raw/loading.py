@@ -147,7 +147,9 @@ def cast_weights(weights: dict[str, torch.Tensor], dtype: torch.dtype, device: s
     """
     converted: dict[int, torch.Tensor] = {}
     out = {}
-    for key, tensor in tqdm(weights.items(), desc=f"to {dtype} on {device}", unit="tensor", leave=False, disable=not show_progress):
+    total_bytes = sum(t.nbytes for t in weights.values())
+    for key, tensor in tqdm(weights.items(), desc=f"to {dtype} on {device}", unit="tensor", leave=False,
+                            disable=not show_progress or total_bytes < PROGRESS_MIN_BYTES):
         if id(tensor) not in converted:
             converted[id(tensor)] = tensor.to(device=device, dtype=dtype)
         out[key] = converted[id(tensor)]

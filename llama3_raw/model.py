@@ -50,9 +50,14 @@ def new_kv_cache(params: ModelParams, batch_size: int, capacity: int, dtype: tor
     return KVCache(keys, values, 0)
 
 
+def at_least_fp32(x: Tensor) -> Tensor:
+    """Meta's `.float()`: bf16/fp16 go up to float32; float64 (gradient checks) stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """x / sqrt(mean(x^2) + eps) * weight, with the statistics taken in float32 whatever x's dtype."""
-    x32 = x.float()
+    x32 = at_least_fp32(x)
     normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return normed.type_as(x) * weight
 
@@ -84,7 +89,7 @@ def rope_rotations(params: ModelParams, start_pos: int, seq_len: int, device="cp
 
 def apply_rope(x: Tensor, rotations: Tensor) -> Tensor:
     """Rotate each interleaved pair (x[2j], x[2j+1]) of every head by its position's angle for frequency j."""
-    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, S, heads, Dh/2) complex
+    pairs = torch.view_as_complex(at_least_fp32(x).reshape(*x.shape[:-1], -1, 2))  # (B, S, heads, Dh/2) complex
     rotated = pairs * rotations[None, :, None, :]  # broadcast over batch and heads
     return torch.view_as_real(rotated).flatten(3).type_as(x)  # (B, S, heads, Dh)
 
@@ -134,7 +139,7 @@ def attention(
     scores = (q @ k.transpose(2, 3)) / math.sqrt(params.head_dim)  # (B, H, S, T)
     if mask is not None:
         scores = scores + mask
-    probs = F.softmax(scores.float(), dim=-1).type_as(q)  # (B, H, S, T), rows sum to 1
+    probs = F.softmax(at_least_fp32(scores), dim=-1).type_as(q)  # (B, H, S, T), rows sum to 1
     keep(record, f"{name}.weights", probs)
     mixed = (probs @ v).transpose(1, 2).reshape(batch, seq_len, -1)  # (B, S, H * Dh)
     return mixed @ wo.T  # (B, S, D)
@@ -174,7 +179,7 @@ def transformer_block(
 def forward(
     weights: Weights, params: ModelParams, tokens: Tensor, cache: KVCache | None = None, record: dict | None = None,
 ) -> tuple[Tensor, KVCache | None]:
-    """Logits (B, S, V) in float32 for token ids (B, S) that follow the cache's positions.
+    """Logits (B, S, V) in float32 (float64 for float64 weights) for token ids (B, S) that follow the cache's positions.
 
     Without a cache the tokens are positions 0..S-1 (a whole prompt, or a training window). With one,
     they continue at `cache.length`, their keys and values are written into it, and the returned
@@ -195,7 +200,7 @@ def forward(
         h = transformer_block(h, weights, layer, params, rotations, mask, cache, start_pos, record)
     h = rms_norm(h, weights["norm.weight"], params.norm_eps)
     keep(record, "norm", h)
-    logits = (h @ weights["output.weight"].T).float()  # (B, S, V)
+    logits = at_least_fp32(h @ weights["output.weight"].T)  # (B, S, V)
     keep(record, "logits", logits)
     new_cache = None if cache is None else replace(cache, length=start_pos + seq_len)
     return logits, new_cache

@@ -1,0 +1,14 @@
+"""Llama 3 with raw tensors: Meta's checkpoint in a flat dict, a forward pass of small pure functions."""
+
+from .errors import UserError
+from .generate import Sampling, generate, sample_next_token
+from .loading import Checkpoint, cast_weights, load_checkpoint
+from .model import KVCache, forward, new_kv_cache
+from .params import ModelParams, load_params, params_from_dict
+from .tokenizer import Tokenizer, load_tokenizer
+
+__all__ = [
+    "Checkpoint", "KVCache", "ModelParams", "Sampling", "Tokenizer", "UserError", "cast_weights", "forward",
+    "generate", "load_checkpoint", "load_params", "load_tokenizer", "new_kv_cache", "params_from_dict",
+    "sample_next_token",
+]
