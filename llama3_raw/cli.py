@@ -16,7 +16,7 @@ from .tokenizer import TextStream, load_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS_DIR = REPO_ROOT / "weights"
-SHIPPED_MODEL_DIR = WEIGHTS_DIR / "shakespeare"  # the small model this project trains and ships
+SHIPPED_MODEL_NAME = "shakespeare"  # weights/shakespeare: the small model this project trains and ships
 FORTY_TWO_PROMPT = "the answer to the ultimate question of life, the universe, and everything is "
 GENERATION_DEFAULTS_FILE = "generation.json"  # a checkpoint may carry its own defaults for the flags below
 BUILTIN_DEFAULTS = {"prompt": FORTY_TWO_PROMPT, "max_new_tokens": 32, "temperature": 0.0, "top_p": 0.9, "top_k": 0}
@@ -29,12 +29,14 @@ DOWNLOAD_HELP = (
 )
 
 
-def find_default_checkpoint(weights_dir: Path = WEIGHTS_DIR) -> Path:
+def find_default_checkpoint(weights_dir: Path | None = None) -> Path:
     """An official checkpoint under weights/ (or its original/ subfolder) first, then the shipped model."""
+    weights_dir = weights_dir or WEIGHTS_DIR
+    shipped = weights_dir / SHIPPED_MODEL_NAME
     candidates = []
     if weights_dir.is_dir():
         for folder in sorted(weights_dir.iterdir()):
-            if folder == SHIPPED_MODEL_DIR:
+            if folder == shipped:
                 continue
             for candidate in (folder, folder / "original"):
                 if is_checkpoint_dir(candidate):
@@ -42,8 +44,8 @@ def find_default_checkpoint(weights_dir: Path = WEIGHTS_DIR) -> Path:
                     break
     if candidates:
         return candidates[0]
-    if is_checkpoint_dir(SHIPPED_MODEL_DIR):
-        return SHIPPED_MODEL_DIR
+    if is_checkpoint_dir(shipped):
+        return shipped
     raise UserError(DOWNLOAD_HELP.format(weights=weights_dir))
 
 

@@ -19,6 +19,7 @@ from .params import ModelParams, load_params
 
 READ_CHUNK_BYTES = 64 << 20
 PROGRESS_MIN_BYTES = 256 << 20  # smaller files load too fast for a progress bar to mean anything
+LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # pickled magic number of pre-1.6 torch.save
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,13 @@ def warm_page_cache(path: Path, show_progress: bool) -> None:
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """torch.load, memory-mapped and restricted to plain tensors, with every failure turned into one sentence."""
+    if not zipfile.is_zipfile(path):  # torch.save's format is a zip archive whose directory sits at the end
+        with open(path, "rb") as f:
+            legacy = f.read(len(LEGACY_TORCH_MAGIC)) == LEGACY_TORCH_MAGIC
+        if legacy:
+            raise UserError(f"{path} was saved in PyTorch's legacy (non-zip) format, which cannot be memory-mapped; "
+                            f"re-save it with a current torch.save.")
+        raise UserError(f"{path} is truncated or corrupt (not a complete PyTorch zip archive); download it again.")
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -69,11 +77,6 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{path} is not a readable PyTorch checkpoint ({first_line}); download it again.") from None
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "mmap" in first_line.lower():
-            raise UserError(
-                f"{path} was saved in PyTorch's legacy (non-zip) format, which cannot be memory-mapped; "
-                f"re-save it with a current torch.save."
-            ) from None
         raise UserError(f"{path} is truncated or corrupt ({first_line}); download it again.") from None
     if not isinstance(state, dict):
         raise UserError(f"{path} holds a {type(state).__name__}, not a dict of tensors; point --ckpt-dir at Meta's consolidated checkpoint.")

@@ -1,0 +1,32 @@
+"""The loss curve as a PNG: training and validation loss, both in nats per character, against the step."""
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_loss_curve(records: list[dict], path: Path, title: str) -> None:
+    """`records` are the JSONL log's lines: {"kind": "train"|"val", "step": ..., "nats_per_char": ...}."""
+    train = [(r["step"], r["nats_per_char"]) for r in records if r["kind"] == "train"]
+    val = [(r["step"], r["nats_per_char"]) for r in records if r["kind"] == "val"]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train (running mean over the log interval)", color="tab:blue", alpha=0.8)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation", color="tab:orange")
+        step, best = min(val, key=lambda sv: sv[1])
+        ax.annotate(f"{best:.3f}", (step, best), textcoords="offset points", xytext=(0, -14), ha="center")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per character)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,119 @@
+"""A training recipe: model shape (params.json fields), tokenizer size, data and optimiser settings, in one JSON file.
+
+{
+  "model": {"dim": 256, "n_layers": 6, "n_heads": 8, "n_kv_heads": 4, "multiple_of": 64, ...},
+  "tokenizer": {"bpe_ranks": 1024},
+  "data": {"corpus": "data/tinyshakespeare.txt", "val_fraction": 0.1},
+  "train": {"context": 256, "batch_size": 16, "steps": 2000, "lr": 2e-3, ...},
+  "generation": {"prompt": "ROMEO:\\n", ...}
+}
+
+`vocab_size` is not given: it is the tokenizer's size, BPE ranks + 256 special tokens.
+"""
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from .errors import UserError
+from .params import ModelParams, params_from_dict
+from .tokenizer import NUM_SPECIAL_TOKENS
+from .train_tokenizer import NUM_BYTE_TOKENS
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_RECIPE = Path(__file__).resolve().parent / "recipes" / "shakespeare.json"
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    context: int = 256  # tokens per training window (the first one is <|begin_of_text|>'s prediction)
+    batch_size: int = 16
+    steps: int = 2000
+    lr: float = 2e-3  # peak learning rate, reached after warmup_steps
+    min_lr: float = 1e-4  # where the cosine ends, at the last step
+    warmup_steps: int = 100
+    weight_decay: float = 0.1  # on matrices only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm
+    seed: int = 1337
+    eval_interval: int = 250  # steps between validation losses (and checkpoints)
+    eval_windows: int = 64  # validation windows used at intermediate evaluations; the final one uses all
+    init_std: float = 0.02
+
+
+@dataclass(frozen=True)
+class Recipe:
+    source: Path
+    model: dict  # params.json fields without vocab_size
+    bpe_ranks: int
+    corpus: Path
+    val_fraction: float
+    train: TrainSettings
+    generation: dict
+
+    @property
+    def params(self) -> ModelParams:
+        return params_from_dict({**self.model, "vocab_size": self.bpe_ranks + NUM_SPECIAL_TOKENS})
+
+    def to_dict(self) -> dict:
+        """What a checkpoint remembers, to refuse resuming under a different recipe."""
+        return {"model": self.model, "tokenizer": {"bpe_ranks": self.bpe_ranks}, "data": {
+            "corpus": str(self.corpus), "val_fraction": self.val_fraction}, "train": asdict(self.train)}
+
+
+def load_recipe(path: Path, corpus_override: Path | None = None) -> Recipe:
+    def bad(what: str) -> UserError:
+        return UserError(f"--config {path}: {what}; fix the file (see {DEFAULT_RECIPE.relative_to(REPO_ROOT)}).")
+
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"--config {path} does not exist; pass a recipe JSON such as "
+                        f"{DEFAULT_RECIPE.relative_to(REPO_ROOT)}.") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise bad(f"cannot be read as JSON ({err})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
+        raise bad("it needs a \"model\" object with params.json fields")
+    unknown = set(raw) - {"model", "tokenizer", "data", "train", "generation"}
+    if unknown:
+        raise bad(f"unknown section(s) {', '.join(sorted(unknown))}")
+    model = dict(raw["model"])
+    if "vocab_size" in model:
+        raise bad("model.vocab_size comes from the tokenizer; set tokenizer.bpe_ranks instead")
+    bpe_ranks = raw.get("tokenizer", {}).get("bpe_ranks", 1024)
+    if isinstance(bpe_ranks, bool) or not isinstance(bpe_ranks, int) or bpe_ranks < NUM_BYTE_TOKENS:
+        raise bad(f"tokenizer.bpe_ranks {bpe_ranks!r} must be an integer >= {NUM_BYTE_TOKENS} (the single bytes)")
+    try:
+        params_from_dict({**model, "vocab_size": bpe_ranks + NUM_SPECIAL_TOKENS})
+    except (ValueError, TypeError) as err:
+        raise bad(f"the model is not a valid Llama 3 shape ({err})") from None
+
+    data = raw.get("data", {})
+    corpus = Path(data.get("corpus", "data/tinyshakespeare.txt"))
+    if corpus_override is not None:
+        corpus = corpus_override
+    elif not corpus.is_absolute():
+        corpus = REPO_ROOT / corpus  # recipe paths are relative to the repository, wherever it runs from
+    val_fraction = data.get("val_fraction", 0.1)
+    if not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
+        raise bad(f"data.val_fraction {val_fraction!r} must be between 0 and 1")
+
+    train_raw = raw.get("train", {})
+    known = {f.name: f for f in fields(TrainSettings)}
+    if set(train_raw) - set(known):
+        raise bad(f"unknown train setting(s) {', '.join(sorted(set(train_raw) - set(known)))}")
+    for name, value in train_raw.items():
+        expected = int if known[name].type in (int, "int") else float
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (expected is int and not isinstance(value, int)):
+            raise bad(f"train.{name} {value!r} must be a{'n integer' if expected is int else ' number'}")
+    train = TrainSettings(**train_raw)
+    for name in ("context", "batch_size", "steps", "eval_interval", "eval_windows"):
+        if getattr(train, name) < 1:
+            raise bad(f"train.{name} must be at least 1")
+    if not 0 <= train.warmup_steps < train.steps:
+        raise bad("train.warmup_steps must be between 0 and steps - 1")
+    if not 0 < train.min_lr <= train.lr:
+        raise bad("train.min_lr must be positive and at most train.lr")
+    generation = raw.get("generation", {})
+    return Recipe(Path(path), model, bpe_ranks, corpus, float(val_fraction), train, generation)

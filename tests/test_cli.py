@@ -1,0 +1,127 @@
+"""The command line, run as a person runs it: a subprocess, exit codes, stdout/stderr, files left alone."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import FORTY_TWO_PROMPT, TINY_GQA, random_state_dict, write_checkpoint, write_random_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args, cwd=REPO, module=False):
+    command = [sys.executable, "-m", "llama3_raw"] if module else [sys.executable, str(REPO / "run.py")]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([*command, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+def tree_digest(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_json_output(gqa_checkpoint):
+    ckpt_dir, _, _ = gqa_checkpoint
+    result = run_cli("--ckpt-dir", ckpt_dir, "--max-new-tokens", 6, "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)  # stdout is exactly one JSON object
+    assert out["prompt_tokens"][:3] == [128000, 1820, 4320] and len(out["prompt_tokens"]) == 17
+    assert len(out["tokens"]) == 6 and all(isinstance(t, int) for t in out["tokens"])
+    assert isinstance(out["text"], str) and out["text"]
+    assert set(out["stats"]) >= {"load_s", "prefill_s", "decode_tok_per_s", "peak_rss_mb"}
+    assert out["stats"]["peak_rss_mb"] > 0 and out["stats"]["decode_tok_per_s"] > 0
+
+
+def test_streams_prompt_and_completion_and_module_form_agrees(gqa_checkpoint):
+    ckpt_dir, _, _ = gqa_checkpoint
+    plain = run_cli("--ckpt-dir", ckpt_dir, "--max-new-tokens", 5)
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout.startswith(FORTY_TWO_PROMPT)
+    as_json = json.loads(run_cli("--ckpt-dir", ckpt_dir, "--max-new-tokens", 5, "--json", module=True).stdout)
+    assert plain.stdout == FORTY_TWO_PROMPT + as_json["text"] + "\n"  # greedy: both runs pick the same tokens
+    assert "loaded" in plain.stderr
+
+
+def test_seed_repeats_sampling(gqa_checkpoint):
+    ckpt_dir, _, _ = gqa_checkpoint
+    args = ("Once upon a time", "--ckpt-dir", ckpt_dir, "--max-new-tokens", 8, "--temperature", 1.0, "--json")
+    a = json.loads(run_cli(*args, "--seed", 1).stdout)["tokens"]
+    b = json.loads(run_cli(*args, "--seed", 1).stdout)["tokens"]
+    c = json.loads(run_cli(*args, "--seed", 2, "--top-k", 5).stdout)["tokens"]
+    assert a == b and a != c
+
+
+@pytest.fixture(scope="module")
+def bad_setups(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bad")
+    good = write_random_checkpoint(tmp / "good", TINY_GQA, seed=4)
+    small_vocab = dict(TINY_GQA, vocab_size=1000)
+    mismatch = write_checkpoint(tmp / "vocab", small_vocab, random_state_dict(small_vocab))
+    not_bpe = tmp / "not_bpe.model"
+    not_bpe.write_text("hello world\n")
+    broken = write_random_checkpoint(tmp / "broken", TINY_GQA, seed=4)
+    data = (broken / "consolidated.00.pth").read_bytes()
+    (broken / "consolidated.00.pth").write_bytes(data[:1000])
+    return tmp, good, mismatch, not_bpe, broken
+
+
+@pytest.mark.parametrize("case", [
+    "missing dir", "truncated", "vocab mismatch", "not bpe", "missing tokenizer", "long prompt", "cuda",
+    "temperature", "top-p", "max-new-tokens", "dtype", "unknown flag", "bad generation.json",
+])
+def test_bad_input_exits_2_with_one_sentence(bad_setups, case):
+    tmp, good, mismatch, not_bpe, broken = bad_setups
+    before = tree_digest(tmp)
+    args, fragment = {
+        "missing dir": (["--ckpt-dir", tmp / "nope"], "does not exist"),
+        "truncated": (["--ckpt-dir", broken], "truncated or corrupt"),
+        "vocab mismatch": (["--ckpt-dir", mismatch], "vocab_size 1000"),
+        "not bpe": (["--ckpt-dir", good, "--tokenizer", not_bpe], "not a tiktoken BPE"),
+        "missing tokenizer": (["--ckpt-dir", good, "--tokenizer", tmp / "none.model"], "--tokenizer"),
+        "long prompt": ([" word" * 8200, "--ckpt-dir", good], "context holds 8192"),
+        "cuda": (["--ckpt-dir", good, "--device", "cuda"], "--device cuda"),
+        "temperature": (["--ckpt-dir", good, "--temperature", "hot"], "--temperature"),
+        "top-p": (["--ckpt-dir", good, "--top-p", "1.5"], "--top-p"),
+        "max-new-tokens": (["--ckpt-dir", good, "--max-new-tokens", "0"], "--max-new-tokens"),
+        "dtype": (["--ckpt-dir", good, "--dtype", "float8"], "--dtype"),
+        "unknown flag": (["--ckpt-dir", good, "--frobnicate"], "unrecognized arguments"),
+        "bad generation.json": (["--ckpt-dir", tmp], ""),
+    }[case]
+    if case == "bad generation.json":
+        gen_dir = tmp / "gen"
+        if not gen_dir.exists():
+            write_random_checkpoint(gen_dir, TINY_GQA, seed=4)
+            (gen_dir / "generation.json").write_text('{"temperature": "warm"}')
+            before = tree_digest(tmp)
+        args, fragment = ["--ckpt-dir", gen_dir], "generation.json"
+    result = run_cli(*args)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert fragment in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(error_lines) == 1, result.stderr
+    assert result.stdout == ""
+    assert tree_digest(tmp) == before  # nothing on disk changed
+
+
+def test_no_checkpoint_says_what_to_download(tmp_path, monkeypatch, capsys):
+    from llama3_raw import cli
+
+    monkeypatch.setattr(cli, "WEIGHTS_DIR", tmp_path)
+    assert cli.main([]) == 2
+    err = capsys.readouterr().err
+    assert "Meta-Llama-3-8B" in err and str(tmp_path) in err and "--ckpt-dir" in err
+
+
+def test_official_checkpoint_under_weights_wins_over_the_shipped_model(tmp_path):
+    from llama3_raw.cli import find_default_checkpoint
+
+    shipped = write_random_checkpoint(tmp_path / "shakespeare", TINY_GQA, tokenizer=None)
+    assert find_default_checkpoint(tmp_path) == shipped
+    official = write_random_checkpoint(tmp_path / "Meta-Llama-3-8B" / "original", TINY_GQA, tokenizer=None)
+    assert find_default_checkpoint(tmp_path) == official
