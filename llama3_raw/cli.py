@@ -11,7 +11,8 @@ import torch
 
 from .errors import UserError
 from .generate import Sampling, generate
-from .loading import cast_weights, is_checkpoint_dir, load_checkpoint
+from .loading import cast_weights, count_parameters, is_checkpoint_dir, load_checkpoint
+from .params import load_params
 from .tokenizer import TextStream, load_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -77,8 +78,7 @@ def choose_dtype(requested: str, device: str, weights: dict[str, torch.Tensor]) 
         return DTYPES[requested]
     if device == "cuda":
         return torch.bfloat16
-    numel = sum(t.numel() for t in {id(t): t for t in weights.values()}.values())
-    return torch.float32 if 4 * numel < 0.5 * available_memory_bytes() else torch.bfloat16
+    return torch.float32 if 4 * count_parameters(weights) < 0.5 * available_memory_bytes() else torch.bfloat16
 
 
 def available_memory_bytes() -> int:
@@ -89,6 +89,10 @@ def available_memory_bytes() -> int:
     except OSError:
         pass
     return 8 << 30
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)  # stdout carries only the text (or the JSON object)
 
 
 def peak_rss_mb() -> float:
@@ -150,32 +154,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict:
-    log = (lambda msg: print(msg, file=sys.stderr)) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but PyTorch sees no CUDA GPU here; use --device cpu.")
     if args.tokenizer is not None and "://" not in args.tokenizer and not Path(args.tokenizer).is_file():
         raise UserError(f"--tokenizer {args.tokenizer} does not exist; pass the path of a tokenizer.model file.")
     ckpt_dir = args.ckpt_dir if args.ckpt_dir is not None else find_default_checkpoint()
 
+    if not ckpt_dir.is_dir():
+        raise UserError(f"checkpoint directory {ckpt_dir} does not exist; pass --ckpt-dir with the folder holding "
+                        f"params.json and consolidated.00.pth.")
+
+    # Everything cheap is checked before the weights are read: a bad prompt should not cost a 16 GB load.
     start = time.perf_counter()
-    defaults = generation_defaults(ckpt_dir)  # read first: a broken generation.json is reported before the slow part
-    checkpoint = load_checkpoint(ckpt_dir, show_progress=not args.json)
+    defaults = generation_defaults(ckpt_dir)
+    params = load_params(ckpt_dir / "params.json")
     tokenizer_path = args.tokenizer or str(ckpt_dir / "tokenizer.model")
     tokenizer = load_tokenizer(tokenizer_path)
-    params = checkpoint.params
     if tokenizer.n_words != params.vocab_size:
         raise UserError(
             f"tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but {ckpt_dir / 'params.json'} says vocab_size "
             f"{params.vocab_size}; use the tokenizer.model that came with these weights."
         )
-    dtype = choose_dtype(args.dtype, args.device, checkpoint.weights)
-    weights = cast_weights(checkpoint.weights, dtype, args.device, show_progress=not args.json)
-    if args.device == "cuda":
-        torch.cuda.synchronize()
-    load_s = time.perf_counter() - start
-    log(f"loaded {ckpt_dir} ({params.parameter_count() / 1e6:.1f}M parameters, {params.n_layers} layers) "
-        f"as {str(dtype).removeprefix('torch.')} on {args.device} in {load_s:.1f}s")
-
     prompt, max_new_tokens, temperature, top_p, top_k = (
         getattr(args, key) if getattr(args, key) is not None else defaults[key]
         for key in ("prompt", "max_new_tokens", "temperature", "top_p", "top_k"))
@@ -185,6 +184,17 @@ def run(args: argparse.Namespace) -> dict:
             f"the prompt is {len(prompt_ids)} tokens but the model's context holds {params.context_len}; "
             f"shorten the prompt to leave room for new tokens."
         )
+
+    checkpoint = load_checkpoint(ckpt_dir, show_progress=not args.json)
+    dtype = choose_dtype(args.dtype, args.device, checkpoint.weights)
+    weights = cast_weights(checkpoint.weights, dtype, args.device, show_progress=not args.json)
+    del checkpoint  # when the dtype changed, this lets the memory-mapped file go
+    n_parameters = count_parameters(weights)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    load_s = time.perf_counter() - start
+    log(f"loaded {ckpt_dir} ({n_parameters / 1e6:.1f}M parameters, {params.n_layers} layers) "
+        f"as {str(dtype).removeprefix('torch.')} on {args.device} in {load_s:.1f}s")
     if len(prompt_ids) + max_new_tokens > params.context_len:
         log(f"note: generation stops at the context's end, after {params.context_len - len(prompt_ids)} new tokens")
 

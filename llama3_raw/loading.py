@@ -142,6 +142,11 @@ def load_checkpoint(ckpt_dir: str | Path, show_progress: bool = True) -> Checkpo
     return Checkpoint(ckpt_dir, params, weights, path.stat().st_size, tied_output)
 
 
+def count_parameters(weights: dict[str, torch.Tensor]) -> int:
+    """Distinct parameters: a tied output matrix is counted once."""
+    return sum(t.numel() for t in {id(t): t for t in weights.values()}.values())
+
+
 def cast_weights(weights: dict[str, torch.Tensor], dtype: torch.dtype, device: str | torch.device,
                  show_progress: bool = False) -> dict[str, torch.Tensor]:
     """Weights in the compute dtype on the compute device; tensors already there are kept as they are.
