@@ -38,10 +38,10 @@ CURVE_FILE = "loss_curve.png"
 LOG_INTERVAL = 10  # steps per train-loss line in the JSONL log
 
 
-def tokenizer_for(train_text: str, bpe_ranks: int, tmp_dir: Path):
+def tokenizer_for(train_text: str, bpe_ranks: int, tmp_dir: Path, show_progress: bool):
     """Learn the BPE ranks on the training split only (the validation text stays unseen), then load them
     through the project's tokenizer exactly as run.py will."""
-    tokenizer_bytes = bpe_file_text(learn_bpe(train_text, bpe_ranks, show_progress=True)).encode("ascii")
+    tokenizer_bytes = bpe_file_text(learn_bpe(train_text, bpe_ranks, show_progress)).encode("ascii")
     path = tmp_dir / "tokenizer.model"
     path.write_bytes(tokenizer_bytes)
     return load_tokenizer(path), tokenizer_bytes
@@ -77,10 +77,10 @@ def append_log(path: Path, record: dict) -> None:
 
 
 def train(recipe: Recipe, out_dir: Path, resume: bool = False, stop_after: int | None = None,
-          show_progress: bool = True) -> dict:
+          show_progress: bool = True, threads: int | None = None) -> dict:
     """Run (or continue) the recipe; returns the last validation record."""
     settings, params = recipe.train, recipe.params
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads or os.cpu_count() or 1)
     text = read_corpus(recipe.corpus, flag="corpus (--corpus or data.corpus)")
     if not text:
         raise UserError(f"the corpus {recipe.corpus} is empty; pass a text file with content.")
@@ -93,7 +93,7 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, stop_after: int |
     with tempfile.TemporaryDirectory() as tmp:
         train_text_len = int(len(text) * (1 - recipe.val_fraction))
         if state is None:
-            tokenizer, tokenizer_bytes = tokenizer_for(text[:train_text_len], recipe.bpe_ranks, Path(tmp))
+            tokenizer, tokenizer_bytes = tokenizer_for(text[:train_text_len], recipe.bpe_ranks, Path(tmp), show_progress)
         else:
             tokenizer_bytes = bytes(state["tokenizer"].numpy())
             (Path(tmp) / "tokenizer.model").write_bytes(tokenizer_bytes)
@@ -202,13 +202,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus", type=Path, help="text file to train on instead of the recipe's data.corpus")
     parser.add_argument("--stop-after", type=int, metavar="STEP",
                         help="stop (and save a resumable checkpoint) after this step")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: all cores; 1 is faster when another "
+                        "busy process shares the cores)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
         if args.stop_after is not None and args.stop_after < 1:
             raise UserError(f"--stop-after {args.stop_after} must be at least 1.")
+        if args.threads is not None and args.threads < 1:
+            raise UserError(f"--threads {args.threads} must be at least 1.")
         recipe = load_recipe(args.config, args.corpus)
-        result = train(recipe, args.out, args.resume, args.stop_after, not args.no_progress)
+        result = train(recipe, args.out, args.resume, args.stop_after, not args.no_progress, args.threads)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

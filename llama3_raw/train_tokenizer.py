@@ -61,7 +61,7 @@ def learn_bpe(text: str, vocab_size: int, show_progress: bool = False) -> list[b
     heapq.heapify(heap)
 
     with tqdm(total=vocab_size - NUM_BYTE_TOKENS, desc="learning BPE merges", unit="merge",
-              disable=not show_progress) as bar:
+              disable=not show_progress, leave=False) as bar:
         while len(vocab) < vocab_size and heap:
             neg_count, a, b = heapq.heappop(heap)
             if pair_counts.get((a, b), 0) != -neg_count or neg_count == 0:
