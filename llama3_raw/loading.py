@@ -1,9 +1,10 @@
-"""Meta's checkpoint on disk -> a flat dict of tensors keyed by Meta's own names.
+"""A checkpoint on disk -> a flat dict of tensors keyed by Meta's own names.
 
-A checkpoint directory holds `params.json`, `consolidated.00.pth` and usually `tokenizer.model`.
-The .pth file is opened memory-mapped with `weights_only=True`: no pickled code can run, and the
-tensors are views of the file's pages, so the weights live in memory once (as page cache) and a
-bf16 checkpoint computed in bf16 is never copied at all.
+Meta's checkpoint directory holds `params.json`, `consolidated.00.pth` (or several model-parallel
+shards, see shards.py) and usually `tokenizer.model`. A single .pth file is opened memory-mapped with
+`weights_only=True`: no pickled code can run, and the tensors are views of the file's pages, so the
+weights live in memory once (as page cache) and a bf16 checkpoint computed in bf16 is never copied.
+A Hugging Face directory (config.json + model*.safetensors) is handled by hf_checkpoint.py.
 """
 
 import pickle
@@ -15,7 +16,9 @@ import torch
 from tqdm import tqdm
 
 from .errors import UserError
+from .hf_checkpoint import is_hf_checkpoint_dir, params_from_hf_config, read_config, read_hf_checkpoint
 from .params import ModelParams, load_params
+from .shards import merge_shards, numbered_shards
 
 READ_CHUNK_BYTES = 64 << 20
 PROGRESS_MIN_BYTES = 256 << 20  # smaller files load too fast for a progress bar to mean anything
@@ -29,6 +32,7 @@ class Checkpoint:
     weights: dict[str, torch.Tensor]
     file_bytes: int
     tied_output: bool  # True when the file had no output.weight and the embeddings serve as output
+    source_format: str = "meta"  # "meta" (consolidated.*.pth) or "huggingface" (config.json + safetensors)
 
 
 def checkpoint_files(ckpt_dir: Path) -> list[Path]:
@@ -36,7 +40,20 @@ def checkpoint_files(ckpt_dir: Path) -> list[Path]:
 
 
 def is_checkpoint_dir(path: Path) -> bool:
-    return path.is_dir() and (path / "params.json").is_file() and bool(checkpoint_files(path))
+    return path.is_dir() and (
+        ((path / "params.json").is_file() and bool(checkpoint_files(path))) or is_hf_checkpoint_dir(path))
+
+
+def is_hf_format(ckpt_dir: Path) -> bool:
+    """Meta's params.json wins when a directory has both (a Hugging Face download's original/ is Meta's)."""
+    return not (ckpt_dir / "params.json").is_file() and is_hf_checkpoint_dir(ckpt_dir)
+
+
+def checkpoint_params(ckpt_dir: Path) -> ModelParams:
+    """The model's params without reading the weights: params.json, or a Hugging Face config.json."""
+    if is_hf_format(ckpt_dir):
+        return params_from_hf_config(read_config(ckpt_dir / "config.json"), ckpt_dir / "config.json")
+    return load_params(ckpt_dir / "params.json")
 
 
 def warm_page_cache(path: Path, show_progress: bool) -> None:
@@ -105,13 +122,13 @@ def check_weights(state: dict[str, torch.Tensor], params: ModelParams, path: Pat
             parts.append(f"{len(extra)} unexpected key(s) such as {', '.join(extra[:3])}")
         raise UserError(
             f"{path} does not match its params.json ({'; '.join(parts)}); "
-            f"make sure params.json and the .pth come from the same Llama 3 download."
+            f"make sure the weights and their params.json (or config.json) come from the same Llama 3 download."
         )
     for key, shape in expected.items():
         if tuple(state[key].shape) != shape:
             raise UserError(
                 f"{path}: {key} has shape {tuple(state[key].shape)} but params.json implies {shape}; "
-                f"make sure params.json and the .pth come from the same Llama 3 download."
+                f"make sure the weights and their params.json (or config.json) come from the same Llama 3 download."
             )
         if not state[key].is_floating_point():
             raise UserError(f"{path}: {key} has dtype {state[key].dtype}, not a floating-point type; download the checkpoint again.")
@@ -119,27 +136,37 @@ def check_weights(state: dict[str, torch.Tensor], params: ModelParams, path: Pat
 
 
 def load_checkpoint(ckpt_dir: str | Path, show_progress: bool = True) -> Checkpoint:
-    """Read params.json and consolidated.00.pth, verify every key and shape, return the flat weight dict."""
+    """Read a checkpoint directory in Meta's or Hugging Face's format, verify every key and shape,
+    return the flat weight dict with Meta's names."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise UserError(f"checkpoint directory {ckpt_dir} does not exist; pass --ckpt-dir with the folder holding params.json and consolidated.00.pth.")
+    if is_hf_format(ckpt_dir):
+        params, weights, file_bytes, tied_output = read_hf_checkpoint(ckpt_dir)
+        check_weights(weights, params, ckpt_dir)
+        weights = {key: weights[key] for key in params.weight_shapes() if key in weights}  # Meta's key order
+        if tied_output:
+            weights["output.weight"] = weights["tok_embeddings.weight"]  # the same tensor, not a copy
+        return Checkpoint(ckpt_dir, params, weights, file_bytes, tied_output, source_format="huggingface")
     params = load_params(ckpt_dir / "params.json")
     files = checkpoint_files(ckpt_dir)
     if not files:
         raise UserError(f"{ckpt_dir} has no consolidated.00.pth; put Meta's checkpoint file there or pass the right --ckpt-dir.")
-    if len(files) > 1:
-        raise UserError(
-            f"{ckpt_dir} holds {len(files)} model-parallel shards ({files[0].name} ... {files[-1].name}); "
-            f"this version loads single-file checkpoints (Llama 3 8B, 3.1 8B, 3.2 1B/3B) only."
-        )
-    path = files[0]
-    warm_page_cache(path, show_progress)
-    state = read_state_dict(path)
-    tied_output = check_weights(state, params, path)
-    weights = {key: state[key] for key in params.weight_shapes() if key in state}  # Meta's key order
+    files = numbered_shards(files)
+    file_bytes = sum(path.stat().st_size for path in files)
+    if len(files) > 1:  # model-parallel shards (70B, 405B): merged into new full-size tensors
+        weights = merge_shards(files, params, read_state_dict, show_progress)
+        tied_output = "output.weight" not in weights
+        check_weights(weights, params, ckpt_dir / files[0].name)
+    else:
+        path = files[0]
+        warm_page_cache(path, show_progress)
+        weights = read_state_dict(path)
+        tied_output = check_weights(weights, params, path)
+    weights = {key: weights[key] for key in params.weight_shapes() if key in weights}  # Meta's key order
     if tied_output:
         weights["output.weight"] = weights["tok_embeddings.weight"]  # the same tensor, not a copy
-    return Checkpoint(ckpt_dir, params, weights, path.stat().st_size, tied_output)
+    return Checkpoint(ckpt_dir, params, weights, file_bytes, tied_output)
 
 
 def count_parameters(weights: dict[str, torch.Tensor]) -> int:

@@ -14,13 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from .params import (
-    ROPE_HIGH_FREQ_FACTOR,
-    ROPE_LOW_FREQ_FACTOR,
-    ROPE_ORIGINAL_CONTEXT,
-    ROPE_SCALE_FACTOR,
-    ModelParams,
-)
+from .params import ModelParams
 
 Tensor = torch.Tensor
 Weights = dict[str, Tensor]
@@ -62,15 +56,20 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return normed.type_as(x) * weight
 
 
-def scale_rope_frequencies(freqs: Tensor) -> Tensor:
-    """Llama 3.1's long-context fix: slow down low frequencies, keep high ones, blend in between."""
-    low_freq_wavelen = ROPE_ORIGINAL_CONTEXT / ROPE_LOW_FREQ_FACTOR
-    high_freq_wavelen = ROPE_ORIGINAL_CONTEXT / ROPE_HIGH_FREQ_FACTOR
+def scale_rope_frequencies(freqs: Tensor, params: ModelParams) -> Tensor:
+    """Llama 3.1's long-context fix: slow down low frequencies, keep high ones, blend in between.
+
+    The constants are Meta's (factor 8, 1, 4, 8192) unless a Hugging Face config.json said otherwise.
+    """
+    scale, low, high = params.rope_scaling_factor, params.rope_low_freq_factor, params.rope_high_freq_factor
+    original_context = params.rope_original_context
+    low_freq_wavelen = original_context / low
+    high_freq_wavelen = original_context / high
     wavelen = 2 * torch.pi / freqs
-    slowed = torch.where(wavelen > low_freq_wavelen, freqs / ROPE_SCALE_FACTOR, freqs)
-    smooth = (ROPE_ORIGINAL_CONTEXT / wavelen - ROPE_LOW_FREQ_FACTOR) / (ROPE_HIGH_FREQ_FACTOR - ROPE_LOW_FREQ_FACTOR)
+    slowed = torch.where(wavelen > low_freq_wavelen, freqs / scale, freqs)
+    smooth = (original_context / wavelen - low) / (high - low)
     in_between = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
-    return torch.where(in_between, (1 - smooth) * slowed / ROPE_SCALE_FACTOR + smooth * slowed, slowed)
+    return torch.where(in_between, (1 - smooth) * slowed / scale + smooth * slowed, slowed)
 
 
 def rope_rotations(params: ModelParams, start_pos: int, seq_len: int, device="cpu") -> Tensor:
@@ -81,7 +80,7 @@ def rope_rotations(params: ModelParams, start_pos: int, seq_len: int, device="cp
     head_dim = params.head_dim
     freqs = 1.0 / (params.rope_theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))  # (Dh/2,)
     if params.use_scaled_rope:
-        freqs = scale_rope_frequencies(freqs)
+        freqs = scale_rope_frequencies(freqs, params)
     positions = torch.arange(start_pos, start_pos + seq_len, dtype=torch.float32)  # (S,)
     angles = torch.outer(positions, freqs)  # (S, Dh/2)
     return torch.polar(torch.ones_like(angles), angles).to(device)  # (S, Dh/2) complex64
@@ -157,21 +156,21 @@ def transformer_block(
     p = f"layers.{layer}."
     layer_cache = None if cache is None else (cache.keys[layer], cache.values[layer])
     attention_in = rms_norm(x, weights[p + "attention_norm.weight"], params.norm_eps)
+    keep(record, p + "attention_norm", attention_in)
     attention_out = attention(
         attention_in, weights[p + "attention.wq.weight"], weights[p + "attention.wk.weight"],
         weights[p + "attention.wv.weight"], weights[p + "attention.wo.weight"], params,
         rotations, mask, layer_cache, start_pos, record, name=p + "attention",
     )
+    keep(record, p + "attention", attention_out)
     h = x + attention_out  # residual stream after attention
+    keep(record, p + "attention_residual", h)
     ffn_in = rms_norm(h, weights[p + "ffn_norm.weight"], params.norm_eps)
+    keep(record, p + "ffn_norm", ffn_in)
     ffn_out = feed_forward(ffn_in, weights[p + "feed_forward.w1.weight"], weights[p + "feed_forward.w2.weight"],
                            weights[p + "feed_forward.w3.weight"])
-    out = h + ffn_out  # residual stream after the block
-    keep(record, p + "attention_norm", attention_in)
-    keep(record, p + "attention", attention_out)
-    keep(record, p + "attention_residual", h)
-    keep(record, p + "ffn_norm", ffn_in)
     keep(record, p + "feed_forward", ffn_out)
+    out = h + ffn_out  # residual stream after the block
     keep(record, p + "output", out)
     return out
 

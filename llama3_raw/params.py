@@ -11,7 +11,9 @@ from .errors import UserError
 LLAMA3_CONTEXT = 8192
 LLAMA31_CONTEXT = 131072
 
-# Meta's frequency scaling for Llama 3.1+ RoPE (`apply_scaling` in llama_models/llama3/model.py).
+# Meta's frequency scaling for Llama 3.1+ RoPE (`apply_scaling` in llama_models/llama3/model.py hard-codes
+# these). They are the defaults of the rope_* fields below, which a Hugging Face config.json may override
+# (Llama 3.2 1B/3B's says factor 32).
 ROPE_SCALE_FACTOR = 8.0
 ROPE_LOW_FREQ_FACTOR = 1.0
 ROPE_HIGH_FREQ_FACTOR = 4.0
@@ -31,13 +33,19 @@ class ModelParams:
     rope_theta: float
     use_scaled_rope: bool = False
     max_seq_len: int = 0  # 0: the model family's own context (8K, or 128K with scaled RoPE)
+    # Only read when use_scaled_rope is set; Meta's params.json never carries them, so Meta's constants apply.
+    rope_scaling_factor: float = ROPE_SCALE_FACTOR
+    rope_low_freq_factor: float = ROPE_LOW_FREQ_FACTOR
+    rope_high_freq_factor: float = ROPE_HIGH_FREQ_FACTOR
+    rope_original_context: int = ROPE_ORIGINAL_CONTEXT
 
     def __post_init__(self):
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"'{name}' must be a positive integer, not {value!r}")
-        for name in ("norm_eps", "rope_theta"):
+        for name in ("norm_eps", "rope_theta", "rope_scaling_factor", "rope_low_freq_factor",
+                     "rope_high_freq_factor", "rope_original_context"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"'{name}' must be a positive number, not {value!r}")
@@ -51,6 +59,9 @@ class ModelParams:
             raise ValueError(f"'use_scaled_rope' must be true or false, not {self.use_scaled_rope!r}")
         if not isinstance(self.max_seq_len, int) or self.max_seq_len < 0:
             raise ValueError(f"'max_seq_len' must be a non-negative integer, not {self.max_seq_len!r}")
+        if not self.rope_high_freq_factor > self.rope_low_freq_factor:
+            raise ValueError(f"'rope_high_freq_factor' {self.rope_high_freq_factor} must exceed "
+                             f"'rope_low_freq_factor' {self.rope_low_freq_factor}")
         if self.dim % self.n_heads:
             raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
@@ -105,8 +116,11 @@ class ModelParams:
         return sum(math.prod(shape) for shape in self.weight_shapes().values())
 
     def to_json_dict(self) -> dict:
-        """The params.json fields Meta writes (max_seq_len only when set)."""
+        """The params.json fields Meta writes (max_seq_len and the RoPE scaling constants only when set)."""
         out = asdict(self)
+        for f in fields(self):
+            if f.name.startswith("rope_") and f.name != "rope_theta" and out[f.name] == f.default:
+                del out[f.name]
         if not out["max_seq_len"]:
             del out["max_seq_len"]
         if not out["use_scaled_rope"]:
@@ -116,6 +130,7 @@ class ModelParams:
 
 REQUIRED_FIELDS = ("dim", "n_layers", "n_heads", "vocab_size", "norm_eps")
 DEFAULTS = {"multiple_of": 256, "ffn_dim_multiplier": None, "rope_theta": 500000.0, "use_scaled_rope": False, "max_seq_len": 0}
+# The other fields (the RoPE scaling constants) take the dataclass's defaults when absent.
 
 
 def params_from_dict(raw: dict) -> ModelParams:

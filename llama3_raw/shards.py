@@ -1,0 +1,123 @@
+"""Meta's model-parallel checkpoints (70B: consolidated.00.pth ... consolidated.07.pth) merged into one flat dict.
+
+Meta trained the big models with each weight matrix cut across GPUs; shard i holds GPU i's slice. A
+ColumnParallelLinear (wq, wk, wv, w1, w3, output) is cut along its output rows, dim 0; a RowParallelLinear
+(wo, w2) along its input columns, dim 1; Llama 3's VocabParallelEmbedding along the vocabulary, dim 0 (Llama 2
+cut the embedding along dim 1); the norm weights are small and every shard holds the full copy.
+
+The shards are read one at a time, memory-mapped, and each slice is copied into its place in tensors
+allocated once at full size, so the process holds the merged weights plus at most one shard's pages.
+"""
+
+import gc
+import re
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .errors import UserError
+from .params import ModelParams
+
+SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth")
+
+
+def split_dim(key: str) -> int | None:
+    """The dimension Meta's model parallelism cut `key` along; None for the replicated norms."""
+    if key.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+        return 1
+    if key.endswith("norm.weight"):
+        return None
+    return 0  # tok_embeddings, wq, wk, wv, w1, w3, output
+
+
+def numbered_shards(files: list[Path]) -> list[Path]:
+    """The shard files in order, refusing a gap in the numbering (a shard that did not download)."""
+    numbers = {}
+    for path in files:
+        match = SHARD_NAME.fullmatch(path.name)
+        if match is None:
+            raise UserError(f"{path} does not follow Meta's shard naming consolidated.NN.pth; rename or remove it.")
+        numbers[int(match.group(1))] = path
+    missing = [n for n in range(len(numbers)) if n not in numbers]
+    if missing:
+        directory = files[0].parent
+        raise UserError(
+            f"{directory} holds {len(files)} shard files but consolidated.{missing[0]:02d}.pth is missing "
+            f"(numbers must run 00..{len(files) - 1:02d} without gaps); download the missing shard again."
+        )
+    return [numbers[n] for n in range(len(numbers))]
+
+
+def merge_shards(paths: list[Path], params: ModelParams, read_state_dict, show_progress: bool = True
+                 ) -> dict[str, torch.Tensor]:
+    """One flat dict of full-size tensors (in the shards' dtype) from Meta's model-parallel shards.
+
+    `read_state_dict(path)` opens one shard memory-mapped (loading.read_state_dict).
+    """
+    expected = params.weight_shapes()
+    merged: dict[str, torch.Tensor] = {}
+    filled: dict[str, int] = {}  # how far along its split dimension each merged tensor is filled
+    first_keys = None
+    for index, path in enumerate(tqdm(paths, desc="merging shards", unit="shard", disable=not show_progress)):
+        shard = read_state_dict(path)
+        if first_keys is None:
+            first_keys = set(shard)
+            if "output.weight" not in shard:  # tied output (a 3.2-style checkpoint): no output slices anywhere
+                del expected["output.weight"]
+            check_key_set(shard, expected, path)
+        elif set(shard) != first_keys:
+            differ = sorted(set(shard) ^ first_keys)
+            raise UserError(f"{path} holds different keys than {paths[0].name} (such as {differ[0]}); "
+                            f"all shards must come from the same download.")
+        for key, full_shape in expected.items():
+            piece = shard[key]
+            if key not in merged:
+                merged[key] = torch.empty(full_shape, dtype=piece.dtype)
+                filled[key] = 0
+            place_piece(merged[key], piece, key, split_dim(key), filled, index, path, params)
+        del shard
+        gc.collect()  # drop this shard's memory map before the next one is opened
+    for key, full_shape in expected.items():
+        dim = split_dim(key)
+        if dim is not None and filled[key] != full_shape[dim]:
+            raise UserError(
+                f"the {len(paths)} shards in {paths[0].parent} give {key} {filled[key]} along dim {dim} but "
+                f"params.json implies {full_shape[dim]}; a shard is missing or params.json belongs to another model."
+            )
+    return merged
+
+
+def check_key_set(shard: dict, expected: dict, path: Path) -> None:
+    missing = [k for k in expected if k not in shard]
+    extra = [k for k in shard if k not in expected]
+    if missing or extra:
+        example = (missing or extra)[0]
+        raise UserError(f"{path} does not match its params.json ({len(missing)} missing and {len(extra)} unexpected "
+                        f"key(s), such as {example}); make sure params.json and the shards come from the same download.")
+
+
+def place_piece(full: torch.Tensor, piece: torch.Tensor, key: str, dim: int | None, filled: dict,
+                index: int, path: Path, params: ModelParams) -> None:
+    """Copy one shard's slice of `key` into the merged tensor, checking that it fits."""
+    if not piece.is_floating_point():
+        raise UserError(f"{path}: {key} has dtype {piece.dtype}, not a floating-point type; download the shard again.")
+    if dim is None:  # a replicated norm: every shard must hold the same values
+        if tuple(piece.shape) != tuple(full.shape):
+            raise UserError(f"{path}: {key} has shape {tuple(piece.shape)} but params.json implies "
+                            f"{tuple(full.shape)}; make sure params.json and the shards come from the same download.")
+        if index == 0:
+            full.copy_(piece)
+        elif not torch.equal(full, piece.to(full.dtype)):
+            raise UserError(f"{path}: {key} differs from the copy in shard 00 though norms are replicated; "
+                            f"the shards come from different downloads, download them again together.")
+        return
+    other_dims_match = all(piece.shape[d] == full.shape[d] for d in range(full.dim()) if d != dim)
+    start, size = filled[key], piece.shape[dim] if piece.dim() == full.dim() else -1
+    if piece.dim() != full.dim() or not other_dims_match or start + size > full.shape[dim]:
+        raise UserError(
+            f"{path}: {key} has shape {tuple(piece.shape)}, which does not fit shard {index} of a {key} of shape "
+            f"{tuple(full.shape)} split along dim {dim}; make sure params.json and all shards come from the same download."
+        )
+    full.narrow(dim, start, size).copy_(piece)  # (rows or columns start..start+size) <- this shard's slice
+    filled[key] = start + size
