@@ -1,11 +1,15 @@
-"""Text generation: prefill the prompt once, then one token at a time through the KV cache."""
+"""Text generation: prefill the prompt once, then one token at a time through the KV cache.
+
+`generate` streams one prompt's tokens; `generate_batch` runs several prompts of different lengths as
+one batch (left-padded, see model.forward's `padding`) and gives each the tokens it would get alone.
+"""
 
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from .model import Weights, forward, new_kv_cache
+from .model import KVCache, Weights, forward, new_kv_cache
 from .params import ModelParams
 
 
@@ -57,3 +61,54 @@ def generate(
                 return
             yield token
             tokens = next_id.view(1, 1)  # (1, 1): from now on one token per step
+
+
+PAD_ID = 0  # any id works: pad slots are masked out of every real token's attention
+
+
+def select_cache_rows(cache: KVCache, rows: torch.Tensor) -> KVCache:
+    """The cache of the given batch rows only (a copy): finished rows leave the batch."""
+    return KVCache(tuple(k[rows] for k in cache.keys), tuple(v[rows] for v in cache.values), cache.length)
+
+
+def generate_batch(
+    weights: Weights, params: ModelParams, prompts: list[list[int]], max_new_tokens: int, stop_ids: tuple[int, ...],
+    sampling: Sampling = Sampling(), cache_dtype: torch.dtype | None = None, device="cpu",
+) -> list[list[int]]:
+    """New token ids for each prompt, all generated in one batch.
+
+    Prompts are left-padded to the longest one, so every row's next token sits in the same column.
+    A row that picks a stop token is done and leaves the batch; the loop ends when no row is left.
+    Every row gets at most min(max_new_tokens, context - longest prompt) tokens, so that all rows fit
+    one cache. Greedy decoding gives each prompt the tokens it gets alone.
+    """
+    outputs: list[list[int]] = [[] for _ in prompts]
+    longest = max(len(ids) for ids in prompts)
+    n_new = min(max_new_tokens, params.context_len - longest)
+    if n_new <= 0:
+        return outputs
+    generator = None
+    if sampling.temperature > 0:
+        generator = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+    dtype = cache_dtype or weights["tok_embeddings.weight"].dtype
+    cache = new_kv_cache(params, batch_size=len(prompts), capacity=longest + n_new, dtype=dtype, device=device)
+    padding = torch.tensor([longest - len(ids) for ids in prompts], device=device)  # (B,)
+    tokens = torch.tensor([[PAD_ID] * (longest - len(ids)) + ids for ids in prompts], device=device)  # (B, longest)
+    rows = list(range(len(prompts)))  # the prompt each batch row belongs to
+    with torch.inference_mode():
+        for _ in range(n_new):
+            logits, cache = forward(weights, params, tokens, cache, padding=padding)  # (B, S, V)
+            next_ids = sample_next_token(logits[:, -1], sampling, generator)  # (B,)
+            going = []  # batch rows that did not stop
+            for row_index, (row, token) in enumerate(zip(rows, next_ids.tolist())):
+                if token not in stop_ids:
+                    outputs[row].append(token)
+                    going.append(row_index)
+            if not going:
+                break
+            if len(going) < len(rows):
+                keep = torch.tensor(going, device=device)
+                cache, padding, next_ids = select_cache_rows(cache, keep), padding[keep], next_ids[keep]
+                rows = [rows[i] for i in going]
+            tokens = next_ids.view(-1, 1)  # (B, 1): one new token per remaining row
+    return outputs

@@ -72,24 +72,30 @@ def scale_rope_frequencies(freqs: Tensor, params: ModelParams) -> Tensor:
     return torch.where(in_between, (1 - smooth) * slowed / scale + smooth * slowed, slowed)
 
 
-def rope_rotations(params: ModelParams, start_pos: int, seq_len: int, device="cpu") -> Tensor:
+def rope_rotations(params: ModelParams, start_pos: int, seq_len: int, device="cpu", padding: Tensor | None = None) -> Tensor:
     """Unit complex numbers e^(i * position * freq) for positions start_pos..start_pos+seq_len-1.
 
-    Computed on the CPU in float32 exactly as Meta's `precompute_freqs_cis`, then moved.
+    Computed on the CPU in float32 exactly as Meta's `precompute_freqs_cis`, then moved. With `padding`
+    (B,) -- rows left-padded to a common length -- row b's positions start `padding[b]` slots later,
+    so each row gets its own rotations (B, S, Dh/2).
     """
     head_dim = params.head_dim
     freqs = 1.0 / (params.rope_theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))  # (Dh/2,)
     if params.use_scaled_rope:
         freqs = scale_rope_frequencies(freqs, params)
     positions = torch.arange(start_pos, start_pos + seq_len, dtype=torch.float32)  # (S,)
-    angles = torch.outer(positions, freqs)  # (S, Dh/2)
-    return torch.polar(torch.ones_like(angles), angles).to(device)  # (S, Dh/2) complex64
+    if padding is not None:  # slot j of row b is that row's position j - padding[b] (pad slots: clamped to 0)
+        positions = (positions[None, :] - padding.cpu()[:, None].float()).clamp(min=0)  # (B, S)
+    angles = positions[..., None] * freqs  # (S, Dh/2) or (B, S, Dh/2): torch.outer when unpadded
+    return torch.polar(torch.ones_like(angles), angles).to(device)  # complex64
 
 
 def apply_rope(x: Tensor, rotations: Tensor) -> Tensor:
     """Rotate each interleaved pair (x[2j], x[2j+1]) of every head by its position's angle for frequency j."""
     pairs = torch.view_as_complex(at_least_fp32(x).reshape(*x.shape[:-1], -1, 2))  # (B, S, heads, Dh/2) complex
-    rotated = pairs * rotations[None, :, None, :]  # broadcast over batch and heads
+    if rotations.dim() == 2:
+        rotations = rotations[None]  # (1, S, Dh/2): the same positions for every row
+    rotated = pairs * rotations[:, :, None, :]  # broadcast over heads (and over batch when unpadded)
     return torch.view_as_real(rotated).flatten(3).type_as(x)  # (B, S, heads, Dh)
 
 
@@ -108,6 +114,21 @@ def causal_mask(seq_len: int, start_pos: int, dtype: torch.dtype, device) -> Ten
         return None  # a single new token may see everything before it
     mask = torch.full((seq_len, start_pos + seq_len), float("-inf"), device=device)
     return torch.triu(mask, diagonal=start_pos + 1).to(dtype)
+
+
+def padded_causal_mask(padding: Tensor, seq_len: int, start_pos: int, dtype: torch.dtype, device) -> Tensor:
+    """Additive mask (B, 1, S, T) for rows left-padded by `padding` (B,) slots: causal, and no real token
+    sees a pad slot. Pad slots themselves still see earlier pad slots, so their scores stay finite (a row
+    of all -inf would be NaN, and NaN keys would poison every score they meet, masked or not)."""
+    queries = torch.arange(start_pos, start_pos + seq_len, device=device)  # (S,) slots of the new tokens
+    keys = torch.arange(start_pos + seq_len, device=device)  # (T,)
+    padding = padding.to(device)
+    is_future = keys[None, :] > queries[:, None]  # (S, T)
+    is_pad_key = keys[None, :] < padding[:, None]  # (B, T)
+    is_real_query = queries[None, :] >= padding[:, None]  # (B, S)
+    hidden = is_future[None] | (is_pad_key[:, None, :] & is_real_query[:, :, None])  # (B, S, T)
+    mask = torch.zeros(hidden.shape, device=device).masked_fill(hidden, float("-inf"))
+    return mask[:, None].to(dtype)  # (B, 1, S, T): the same for every head
 
 
 def attention(
@@ -177,6 +198,7 @@ def transformer_block(
 
 def forward(
     weights: Weights, params: ModelParams, tokens: Tensor, cache: KVCache | None = None, record: dict | None = None,
+    padding: Tensor | None = None,
 ) -> tuple[Tensor, KVCache | None]:
     """Logits (B, S, V) in float32 (float64 for float64 weights) for token ids (B, S) that follow the cache's positions.
 
@@ -186,6 +208,10 @@ def forward(
     `tok_embeddings`, then for each layer i `layers.{i}.attention_norm`, `.attention.q/.k/.v`
     (after RoPE), `.attention.weights` (B, H, S, T), `.attention`, `.attention_residual`,
     `.ffn_norm`, `.feed_forward`, `.output`; finally `norm` and `logits`.
+
+    A batch of prompts of different lengths is left-padded to a common length: `padding` (B,) says
+    how many leading slots of each row are padding. Those rows get their own positions (a row's first
+    real token is its position 0) and a mask that hides the pad slots, in this and every later call.
     """
     batch, seq_len = tokens.shape
     start_pos = 0 if cache is None else cache.length
@@ -193,8 +219,11 @@ def forward(
         raise ValueError(f"{start_pos} cached + {seq_len} new positions exceed the cache's capacity {cache.capacity}")
     h = weights["tok_embeddings.weight"][tokens]  # (B, S, D)
     keep(record, "tok_embeddings", h)
-    rotations = rope_rotations(params, start_pos, seq_len, h.device)  # (S, Dh/2)
-    mask = causal_mask(seq_len, start_pos, h.dtype, h.device)  # (S, T) or None
+    rotations = rope_rotations(params, start_pos, seq_len, h.device, padding)  # (S, Dh/2), padded: (B, S, Dh/2)
+    if padding is None:
+        mask = causal_mask(seq_len, start_pos, h.dtype, h.device)  # (S, T) or None
+    else:
+        mask = padded_causal_mask(padding, seq_len, start_pos, h.dtype, h.device)  # (B, 1, S, T)
     for layer in range(params.n_layers):
         h = transformer_block(h, weights, layer, params, rotations, mask, cache, start_pos, record)
     h = rms_norm(h, weights["norm.weight"], params.norm_eps)
