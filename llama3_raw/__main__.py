@@ -1,5 +1,19 @@
+"""`python -m llama3_raw [PROMPT] ...` completes a prompt, as run.py does; a first word picks another tool:
+`inspect` (logit lens, attention maps, shapes), `compare` (against Meta's reference), `score` (perplexity)."""
+
 import sys
 
-from .cli import main
+TOOLS = {"inspect": "inspection", "compare": "compare", "score": "score"}
 
-sys.exit(main())
+
+def dispatch(argv: list[str]) -> int:
+    if argv and argv[0] in TOOLS:
+        import importlib
+
+        return importlib.import_module(f"llama3_raw.{TOOLS[argv[0]]}").main(argv[1:])
+    from .cli import main
+
+    return main(argv)
+
+
+sys.exit(dispatch(sys.argv[1:]))

@@ -7,3 +7,18 @@ without a traceback: its message must name the file or flag at fault and say how
 
 class UserError(Exception):
     """Bad input from the user (a file, a flag, a prompt); the message says what to do about it."""
+
+
+def run_tool(work) -> int:
+    """Run a command-line tool's body: a UserError becomes one line on stderr and exit code 2."""
+    import sys
+
+    try:
+        work()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,200 @@
+"""`python -m llama3_raw inspect [PROMPT]`: look inside one forward pass over a prompt.
+
+Writes into an output folder:
+  logit_lens.md / logit_lens.png   after every block, the residual stream put through the final norm
+                                   and the output projection: top token and its probability per position
+  attention_layer_NN.png           per layer, every head's causal attention weights, with token labels
+  shapes.txt                       every named intermediate with its shape and dtype, in forward order
+"""
+
+import argparse
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .model import at_least_fp32, forward, rms_norm
+from .params import ModelParams
+from .tokenizer import Tokenizer
+
+Tensor = torch.Tensor
+
+
+def logit_lens(weights: dict[str, Tensor], params: ModelParams, record: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Top token id and its probability after every block: two (n_layers, S) tensors, batch row 0."""
+    top_ids, top_probs = [], []
+    for layer in range(params.n_layers):
+        residual = record[f"layers.{layer}.output"][0]  # (S, D)
+        normed = rms_norm(residual, weights["norm.weight"], params.norm_eps)
+        probs = torch.softmax(at_least_fp32(normed @ weights["output.weight"].T), dim=-1)  # (S, V)
+        prob, token = probs.max(dim=-1)
+        top_ids.append(token)
+        top_probs.append(prob)
+    return torch.stack(top_ids), torch.stack(top_probs)
+
+
+def token_label(tokenizer: Tokenizer, token_id: int) -> str:
+    """A short printable label: specials by name, newlines and tabs made visible."""
+    for name, special_id in tokenizer.special_tokens.items():
+        if special_id == token_id:
+            return name.strip("<|>")
+    text = tokenizer.decode([token_id])
+    return text.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+
+
+def shapes_trace(record: dict[str, Tensor]) -> str:
+    width = max(len(name) for name in record)
+    lines = [f"{name:<{width}}  {str(tuple(t.shape)):<22} {str(t.dtype).removeprefix('torch.')}" for name, t in record.items()]
+    return "\n".join(lines) + "\n"
+
+
+def logit_lens_table(labels_in: list[str], top_ids: Tensor, top_probs: Tensor, tokenizer: Tokenizer) -> str:
+    header = "| block | " + " | ".join(f"`{label}`" for label in labels_in) + " |"
+    rows = [header, "|---" * (len(labels_in) + 1) + "|"]
+    for layer in range(top_ids.shape[0]):
+        cells = [f"`{token_label(tokenizer, int(t))}` {float(p):.2f}" for t, p in zip(top_ids[layer], top_probs[layer])]
+        rows.append(f"| {layer} | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def plot_logit_lens(path: Path, labels_in: list[str], top_ids: Tensor, top_probs: Tensor, tokenizer: Tokenizer) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_layers, seq_len = top_probs.shape
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * seq_len + 2), max(3.0, 0.35 * n_layers + 1.5)))
+    image = ax.imshow(top_probs.float().numpy(), aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1)
+    font = max(4, min(8, int(120 / max(seq_len, 1))))
+    for layer in range(n_layers):
+        for pos in range(seq_len):
+            prob = float(top_probs[layer, pos])
+            ax.text(pos, layer, token_label(tokenizer, int(top_ids[layer, pos]))[:8], ha="center", va="center",
+                    fontsize=font, color="black" if prob > 0.6 else "white")
+    ax.set_xticks(range(seq_len), [label[:10] for label in labels_in], rotation=60, ha="right", fontsize=font + 1)
+    ax.set_yticks(range(n_layers))
+    ax.tick_params(axis="y", labelsize=font + 1)
+    ax.set_xlabel("input token (the prediction is for the token after it)")
+    ax.set_ylabel("after block")
+    ax.set_title("Logit lens: top next-token guess and its probability")
+    fig.colorbar(image, ax=ax, label="probability")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_attention(path: Path, layer: int, attention_weights: Tensor, labels: list[str]) -> None:
+    """One layer's heads as panels: row = query token, column = key token it attends to."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_heads, seq_len, _ = attention_weights.shape
+    cols = math.ceil(math.sqrt(n_heads))
+    rows = math.ceil(n_heads / cols)
+    panel = max(2.2, min(4.0, 0.18 * seq_len + 1))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * panel, rows * panel), squeeze=False)
+    show_labels = seq_len <= 40
+    for head, ax in enumerate(axes.flat):
+        if head >= n_heads:
+            ax.axis("off")
+            continue
+        ax.imshow(attention_weights[head].float().numpy(), cmap="magma", vmin=0, vmax=1)
+        ax.set_title(f"head {head}", fontsize=8)
+        if show_labels:
+            ax.set_xticks(range(seq_len), [label[:8] for label in labels], rotation=90, fontsize=5)
+            ax.set_yticks(range(seq_len), [label[:8] for label in labels], fontsize=5)
+        else:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(f"layer {layer} attention\n(row: query, column: key)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_layers(text: str, n_layers: int) -> list[int]:
+    """"all", or a comma list of indices and ranges like "0,3-5"."""
+    if text == "all":
+        return list(range(n_layers))
+    layers = set()
+    try:
+        for part in text.split(","):
+            first, _, last = part.partition("-")
+            layers.update(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise UserError(f"--layers {text!r} is not a list like 0,3-5 or 'all'; use layer numbers from 0 to {n_layers - 1}.") from None
+    if not layers or min(layers) < 0 or max(layers) >= n_layers:
+        raise UserError(f"--layers {text!r} names layers outside 0..{n_layers - 1}; this model has {n_layers} layers.")
+    return sorted(layers)
+
+
+def inspect_prompt(weights, params: ModelParams, tokenizer: Tokenizer, prompt: str, out_dir: Path,
+                   layers: list[int]) -> dict:
+    """Run one forward pass with every intermediate recorded and write the views. Returns a summary."""
+    prompt_ids = tokenizer.encode(prompt, bos=True)
+    if len(prompt_ids) > params.context_len:
+        raise UserError(f"the prompt is {len(prompt_ids)} tokens but the model's context holds {params.context_len}; shorten it.")
+    record: dict[str, Tensor] = {}
+    with torch.inference_mode():
+        forward(weights, params, torch.tensor([prompt_ids], device=weights["norm.weight"].device), record=record)
+        top_ids, top_probs = logit_lens(weights, params, record)
+    top_ids, top_probs = top_ids.cpu(), top_probs.float().cpu()
+    labels = [token_label(tokenizer, t) for t in prompt_ids]
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "shapes.txt").write_text(shapes_trace(record), encoding="utf-8")
+    (out_dir / "logit_lens.md").write_text(logit_lens_table(labels, top_ids, top_probs, tokenizer), encoding="utf-8")
+    attention_files = []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")  # CJK/emoji labels: a box is fine
+        plot_logit_lens(out_dir / "logit_lens.png", labels, top_ids, top_probs, tokenizer)
+        for layer in layers:
+            path = out_dir / f"attention_layer_{layer:02d}.png"
+            plot_attention(path, layer, record[f"layers.{layer}.attention.weights"][0].cpu(), labels)
+            attention_files.append(path.name)
+    last = [token_label(tokenizer, int(t)) for t in top_ids[:, -1]]
+    return {"prompt_tokens": prompt_ids, "last_position_top_tokens": last,
+            "last_position_top_probs": [round(float(p), 4) for p in top_probs[:, -1]],
+            "files": ["shapes.txt", "logit_lens.md", "logit_lens.png", *attention_files]}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m llama3_raw inspect", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("prompt", nargs="?", help="text to run (default: the model's default prompt)")
+    parser.add_argument("--ckpt-dir", type=Path, help="checkpoint folder (default: as run.py chooses)")
+    parser.add_argument("--tokenizer", help="tokenizer.model (default: the one beside the checkpoint)")
+    parser.add_argument("--out", type=Path, default=Path("inspect_out"), help="output folder (default inspect_out/)")
+    parser.add_argument("--layers", default="all", help="layers to draw attention maps for: 'all' or e.g. 0,3-5")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli import find_default_checkpoint, generation_defaults
+    from .errors import run_tool
+    from .session import open_session
+
+    args = build_parser().parse_args(argv)
+
+    def work():
+        ckpt_dir = args.ckpt_dir or find_default_checkpoint()
+        prompt = args.prompt if args.prompt is not None else generation_defaults(ckpt_dir)["prompt"]
+        session = open_session(ckpt_dir, args.tokenizer, args.dtype, args.device)
+        layers = parse_layers(args.layers, session.params.n_layers)
+        summary = inspect_prompt(session.weights, session.params, session.tokenizer, prompt, args.out, layers)
+        print(f"next-token guess at the last position, block by block ({ckpt_dir}):")
+        for layer, (token, prob) in enumerate(zip(summary["last_position_top_tokens"], summary["last_position_top_probs"])):
+            print(f"  block {layer:2d}: {token!r:>16} {prob:.3f}")
+        print(f"wrote {', '.join(summary['files'][:4])}{' ...' if len(summary['files']) > 4 else ''} to {args.out}/")
+
+    return run_tool(work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
