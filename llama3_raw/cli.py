@@ -1,18 +1,26 @@
-"""Command line: `python run.py [PROMPT] [--ckpt-dir DIR] ...` completes a prompt with a Llama 3 checkpoint."""
+"""Command line: `python run.py [PROMPT] [--ckpt-dir DIR] ...` completes a prompt with a Llama 3 checkpoint.
+
+Three modes share the checks and the loading: completing one prompt (the default), a batch of
+prompts (`--prompts-file`), and a chat with an Instruct model (`--chat`, see chat.py).
+"""
 
 import argparse
 import json
 import resource
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from .chat import ChatSession, check_messages, interactive_chat, read_chat_file, stream_reply
 from .errors import UserError
-from .generate import Sampling, generate
-from .loading import cast_weights, count_parameters, is_checkpoint_dir, load_checkpoint
-from .params import load_params
+from .generate import Sampling, generate, generate_batch
+from .loading import (
+    cast_weights, checkpoint_params, count_parameters, default_tokenizer_path, is_checkpoint_dir, load_checkpoint,
+)
+from .prompts_file import read_prompts_file
 from .tokenizer import TextStream, load_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -21,6 +29,7 @@ SHIPPED_MODEL_NAME = "shakespeare"  # weights/shakespeare: the small model this 
 FORTY_TWO_PROMPT = "the answer to the ultimate question of life, the universe, and everything is "
 GENERATION_DEFAULTS_FILE = "generation.json"  # a checkpoint may carry its own defaults for the flags below
 BUILTIN_DEFAULTS = {"prompt": FORTY_TWO_PROMPT, "max_new_tokens": 32, "temperature": 0.0, "top_p": 0.9, "top_k": 0}
+CHAT_MAX_NEW_TOKENS = 1024  # a chat reply's default limit; the reply normally ends at <|eot_id|> long before
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 DOWNLOAD_HELP = (
@@ -149,42 +158,67 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                         help="compute dtype (default auto: float32 on the CPU when it fits in memory, else bfloat16)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object with tokens, text and timings, nothing else")
+    parser.add_argument("--json", action="store_true", help="print one JSON object with tokens, text and timings, nothing "
+                        "else (with --prompts-file: one JSON object per prompt, one per line)")
+    parser.add_argument("--context-len", type=positive_int, help="the context in tokens (default: the model's own "
+                        "maximum, 8192 for Llama 3, 131072 for 3.1+); the KV cache only takes what a run needs")
+    parser.add_argument("--prompts-file", type=Path, help="generate for every prompt in this file as one batch: one "
+                        "prompt per line, or JSON lines with a \"prompt\" field")
+    parser.add_argument("--chat", action="store_true", help="chat with an Instruct model: one message per input line "
+                        "(/reset forgets, /exit ends), or one reply with --message / --chat-file")
+    parser.add_argument("--system", help="with --chat: the system prompt")
+    parser.add_argument("--message", help="with --chat: answer this one message and exit")
+    parser.add_argument("--chat-file", type=Path, help="with --chat: a JSON list of {\"role\", \"content\"} messages to "
+                        "start from; answers the last user message (or --message) and exits")
     return parser
 
 
-def run(args: argparse.Namespace) -> dict:
+def check_mode_flags(args: argparse.Namespace) -> None:
+    if not args.chat:
+        used = [flag for flag, value in (("--system", args.system), ("--message", args.message),
+                                         ("--chat-file", args.chat_file)) if value is not None]
+        if used:
+            raise UserError(f"{used[0]} only applies to a chat; add --chat.")
+        if args.prompts_file is not None and args.prompt is not None:
+            raise UserError("give either a PROMPT or --prompts-file, not both; put the prompt in the file.")
+        return
+    if args.prompts_file is not None:
+        raise UserError("--prompts-file and --chat do not combine; use --chat-file for a conversation.")
+    if args.prompt is not None:
+        raise UserError(f"--chat takes its message from --message (or from standard input), not as PROMPT {args.prompt!r}.")
+    if args.json and args.message is None and args.chat_file is None:
+        raise UserError("--json with --chat needs --message or --chat-file: an interactive chat prints text.")
+
+
+def open_checkpoint(args: argparse.Namespace):
+    """The cheap part of opening a checkpoint: its folder, generation defaults, params and tokenizer."""
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but PyTorch sees no CUDA GPU here; use --device cpu.")
     if args.tokenizer is not None and "://" not in args.tokenizer and not Path(args.tokenizer).is_file():
         raise UserError(f"--tokenizer {args.tokenizer} does not exist; pass the path of a tokenizer.model file.")
     ckpt_dir = args.ckpt_dir if args.ckpt_dir is not None else find_default_checkpoint()
-
     if not ckpt_dir.is_dir():
         raise UserError(f"checkpoint directory {ckpt_dir} does not exist; pass --ckpt-dir with the folder holding "
                         f"params.json and consolidated.00.pth.")
-
-    # Everything cheap is checked before the weights are read: a bad prompt should not cost a 16 GB load.
-    start = time.perf_counter()
     defaults = generation_defaults(ckpt_dir)
-    params = load_params(ckpt_dir / "params.json")
-    tokenizer_path = args.tokenizer or str(ckpt_dir / "tokenizer.model")
+    params = checkpoint_params(ckpt_dir)
+    if args.context_len is not None:
+        if args.context_len > params.context_len:
+            raise UserError(f"--context-len {args.context_len} exceeds this model's maximum of {params.context_len} "
+                            f"tokens; pass at most {params.context_len}.")
+        params = replace(params, max_seq_len=args.context_len)
+    tokenizer_path = args.tokenizer or str(default_tokenizer_path(ckpt_dir))
     tokenizer = load_tokenizer(tokenizer_path)
     if tokenizer.n_words != params.vocab_size:
         raise UserError(
-            f"tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but {ckpt_dir / 'params.json'} says vocab_size "
+            f"tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the checkpoint in {ckpt_dir} says vocab_size "
             f"{params.vocab_size}; use the tokenizer.model that came with these weights."
         )
-    prompt, max_new_tokens, temperature, top_p, top_k = (
-        getattr(args, key) if getattr(args, key) is not None else defaults[key]
-        for key in ("prompt", "max_new_tokens", "temperature", "top_p", "top_k"))
-    prompt_ids = tokenizer.encode(prompt, bos=True)
-    if len(prompt_ids) >= params.context_len:
-        raise UserError(
-            f"the prompt is {len(prompt_ids)} tokens but the model's context holds {params.context_len}; "
-            f"shorten the prompt to leave room for new tokens."
-        )
+    return ckpt_dir, defaults, params, tokenizer
 
+
+def load_weights(args: argparse.Namespace, ckpt_dir: Path, params, start: float):
+    """The weights in the compute dtype on the compute device: (weights, dtype, load seconds)."""
     checkpoint = load_checkpoint(ckpt_dir, show_progress=not args.json)
     dtype = choose_dtype(args.dtype, args.device, checkpoint.weights)
     weights = cast_weights(checkpoint.weights, dtype, args.device, show_progress=not args.json)
@@ -195,10 +229,44 @@ def run(args: argparse.Namespace) -> dict:
     load_s = time.perf_counter() - start
     log(f"loaded {ckpt_dir} ({n_parameters / 1e6:.1f}M parameters, {params.n_layers} layers) "
         f"as {str(dtype).removeprefix('torch.')} on {args.device} in {load_s:.1f}s")
+    return weights, dtype, load_s
+
+
+def setting(args: argparse.Namespace, defaults: dict, key: str):
+    return getattr(args, key) if getattr(args, key) is not None else defaults[key]
+
+
+def sampling_from(args: argparse.Namespace, defaults: dict) -> Sampling:
+    return Sampling(setting(args, defaults, "temperature"), setting(args, defaults, "top_p"),
+                    setting(args, defaults, "top_k"), args.seed)
+
+
+def run(args: argparse.Namespace) -> dict | list[dict] | None:
+    check_mode_flags(args)
+    if args.chat:
+        return run_chat(args)
+    if args.prompts_file is not None:
+        return run_batch(args)
+    return run_completion(args)
+
+
+def run_completion(args: argparse.Namespace) -> dict:
+    # Everything cheap is checked before the weights are read: a bad prompt should not cost a 16 GB load.
+    start = time.perf_counter()
+    ckpt_dir, defaults, params, tokenizer = open_checkpoint(args)
+    prompt, max_new_tokens = setting(args, defaults, "prompt"), setting(args, defaults, "max_new_tokens")
+    prompt_ids = tokenizer.encode(prompt, bos=True)
+    if len(prompt_ids) >= params.context_len:
+        raise UserError(
+            f"the prompt is {len(prompt_ids)} tokens but the model's context holds {params.context_len}; "
+            f"shorten the prompt to leave room for new tokens."
+        )
+
+    weights, dtype, load_s = load_weights(args, ckpt_dir, params, start)
     if len(prompt_ids) + max_new_tokens > params.context_len:
         log(f"note: generation stops at the context's end, after {params.context_len - len(prompt_ids)} new tokens")
 
-    sampling = Sampling(temperature, top_p, top_k, args.seed)
+    sampling = sampling_from(args, defaults)
     stream = TextStream(tokenizer)
     if not args.json:
         print(prompt, end="", flush=True)
@@ -232,6 +300,81 @@ def run(args: argparse.Namespace) -> dict:
             "prompt_tokens": prompt_ids, "tokens": new_ids, "text": "".join(text_parts), "stats": stats}
 
 
+def run_batch(args: argparse.Namespace) -> list[dict]:
+    """Every prompt of --prompts-file in one batch; returns one result per prompt, in file order."""
+    start = time.perf_counter()
+    prompts = read_prompts_file(args.prompts_file)
+    ckpt_dir, defaults, params, tokenizer = open_checkpoint(args)
+    prompt_ids = [tokenizer.encode(prompt, bos=True) for prompt in prompts]
+    for number, ids in enumerate(prompt_ids, start=1):
+        if len(ids) >= params.context_len:
+            raise UserError(f"prompt {number} of --prompts-file {args.prompts_file} is {len(ids)} tokens but the "
+                            f"model's context holds {params.context_len}; shorten it to leave room for new tokens.")
+    weights, dtype, load_s = load_weights(args, ckpt_dir, params, start)
+    max_new_tokens = setting(args, defaults, "max_new_tokens")
+    t_start = time.perf_counter()
+    outputs = generate_batch(weights, params, prompt_ids, max_new_tokens, tokenizer.stop_ids,
+                             sampling_from(args, defaults), dtype, args.device)
+    generate_s = time.perf_counter() - t_start
+    n_new = sum(len(ids) for ids in outputs)
+    stats = {"load_s": round(load_s, 4), "batch_size": len(prompts), "generate_s": round(generate_s, 4),
+             "new_tok_per_s": round(n_new / generate_s, 3) if generate_s > 0 else 0.0,
+             "peak_rss_mb": round(peak_rss_mb(), 1)}
+    results = [{"index": i, "prompt": prompt, "prompt_tokens": ids, "tokens": new, "text": tokenizer.decode(new),
+                "stats": stats} for i, (prompt, ids, new) in enumerate(zip(prompts, prompt_ids, outputs))]
+    if not args.json:
+        for result in results:
+            print(result["prompt"] + result["text"], end="\n\n", flush=True)
+        log(f"[{len(prompts)} prompts in one batch, {n_new} new tokens in {generate_s:.2f}s; "
+            f"peak RSS {stats['peak_rss_mb']:.0f} MB]")
+    return results
+
+
+def run_chat(args: argparse.Namespace) -> dict | None:
+    """An interactive chat on stdin/stdout, or one reply (--message / --chat-file) for scripts."""
+    start = time.perf_counter()
+    messages = read_chat_file(args.chat_file) if args.chat_file is not None else []
+    if args.system is not None:
+        if messages and messages[0]["role"] == "system":
+            raise UserError(f"--chat-file {args.chat_file} already has a system message; drop --system or that message.")
+        messages.insert(0, {"role": "system", "content": args.system})
+    if args.message is not None:
+        messages.append({"role": "user", "content": args.message})
+    one_shot = args.message is not None or args.chat_file is not None
+    if one_shot and (not messages or messages[-1]["role"] != "user"):
+        raise UserError(f"--chat-file {args.chat_file} does not end with a user message; add one, or pass --message.")
+    check_messages(messages, "the conversation", "check --chat-file")
+    ckpt_dir, defaults, params, tokenizer = open_checkpoint(args)
+    max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else CHAT_MAX_NEW_TOKENS
+    weights, dtype, load_s = load_weights(args, ckpt_dir, params, start)
+    session = ChatSession(weights, params, tokenizer, max_new_tokens, sampling_from(args, defaults), dtype,
+                          args.device, notice=log)
+    for message in messages:
+        session.add(message["role"], message["content"])
+
+    if not one_shot:
+        def write(text: str) -> None:
+            print(text, end="", flush=True)
+
+        def ask(marker: str) -> None:
+            if sys.stdin.isatty():  # the "> " marker is for people; a script reading stdout sees only replies
+                print(marker, end="", file=sys.stderr, flush=True)
+
+        interactive_chat(session, iter(sys.stdin), write, ask)
+        return None
+
+    t_start = time.perf_counter()
+    prompt_ids = session.fit_to_context(session.dialog_ids())
+    write = (lambda _text: None) if args.json else (lambda text: print(text, end="", flush=True))
+    reply_ids = stream_reply(session, session.respond(), write)
+    generate_s = time.perf_counter() - t_start
+    if not args.json:
+        print(flush=True)
+    stats = {"load_s": round(load_s, 4), "generate_s": round(generate_s, 4), "peak_rss_mb": round(peak_rss_mb(), 1)}
+    return {"model": str(ckpt_dir), "dtype": str(dtype).removeprefix("torch."), "messages": session.dialog(),
+            "prompt_tokens": prompt_ids, "tokens": reply_ids, "text": session.messages[-1]["content"], "stats": stats}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -242,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    if args.json:
+    if args.json and isinstance(result, list):  # --prompts-file: JSON lines, one object per prompt
+        for item in result:
+            print(json.dumps(item))
+    elif args.json:
         print(json.dumps(result))
     return 0

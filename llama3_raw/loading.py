@@ -49,6 +49,14 @@ def is_hf_format(ckpt_dir: Path) -> bool:
     return not (ckpt_dir / "params.json").is_file() and is_hf_checkpoint_dir(ckpt_dir)
 
 
+def default_tokenizer_path(ckpt_dir: Path) -> Path:
+    """tokenizer.model beside the weights, else in original/ (where a Hugging Face download keeps Meta's files)."""
+    for candidate in (ckpt_dir / "tokenizer.model", ckpt_dir / "original" / "tokenizer.model"):
+        if candidate.is_file():
+            return candidate
+    return ckpt_dir / "tokenizer.model"  # missing: the tokenizer loader says so
+
+
 def checkpoint_params(ckpt_dir: Path) -> ModelParams:
     """The model's params without reading the weights: params.json, or a Hugging Face config.json."""
     if is_hf_format(ckpt_dir):
@@ -155,7 +163,7 @@ def load_checkpoint(ckpt_dir: str | Path, show_progress: bool = True) -> Checkpo
     files = numbered_shards(files)
     file_bytes = sum(path.stat().st_size for path in files)
     if len(files) > 1:  # model-parallel shards (70B, 405B): merged into new full-size tensors
-        weights = merge_shards(files, params, read_state_dict, show_progress)
+        weights = merge_shards(files, params, read_state_dict, show_progress and file_bytes >= PROGRESS_MIN_BYTES)
         tied_output = "output.weight" not in weights
         check_weights(weights, params, ckpt_dir / files[0].name)
     else:
