@@ -56,6 +56,8 @@ def our_logits(ckpt_dir, tokens):
 def to_legacy_config(ckpt_dir: Path) -> None:
     """Rewrite transformers 5's rope_parameters as the rope_theta + rope_scaling of the files on the Hub."""
     config = json.loads((ckpt_dir / "config.json").read_text())
+    if "rope_parameters" not in config:  # transformers 4 already writes the legacy form
+        return
     rope = config.pop("rope_parameters")
     config["rope_theta"] = rope.pop("rope_theta")
     config["rope_scaling"] = rope if rope.get("rope_type") != "default" else None
