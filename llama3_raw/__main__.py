@@ -1,5 +1,6 @@
 """`python -m llama3_raw [PROMPT] ...` completes a prompt, as run.py does; a first word picks another tool:
-`inspect` (logit lens, attention maps, shapes), `compare` (against Meta's reference), `score` (perplexity)."""
+`inspect` (logit lens, attention maps, shapes), `compare` (against Meta's reference), `score` (perplexity),
+`chat` (the same as run.py --chat)."""
 
 import sys
 
@@ -13,6 +14,8 @@ def dispatch(argv: list[str]) -> int:
         return importlib.import_module(f"llama3_raw.{TOOLS[argv[0]]}").main(argv[1:])
     from .cli import main
 
+    if argv and argv[0] == "chat":
+        argv = ["--chat", *argv[1:]]
     return main(argv)
 
 
