@@ -54,7 +54,7 @@ def generate(
     tokens = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, prompt_len): the prefill
     with torch.inference_mode():
         for _ in range(n_new):
-            logits, cache = forward(weights, params, tokens, cache)  # (1, S, V)
+            logits, cache = forward(weights, params, tokens, cache, last_only=True)  # (1, 1, V)
             next_id = sample_next_token(logits[:, -1], sampling, generator)  # (1,)
             token = int(next_id.item())
             if token in stop_ids:
@@ -97,7 +97,7 @@ def generate_batch(
     rows = list(range(len(prompts)))  # the prompt each batch row belongs to
     with torch.inference_mode():
         for _ in range(n_new):
-            logits, cache = forward(weights, params, tokens, cache, padding=padding)  # (B, S, V)
+            logits, cache = forward(weights, params, tokens, cache, padding=padding, last_only=True)  # (B, 1, V)
             next_ids = sample_next_token(logits[:, -1], sampling, generator)  # (B,)
             going = []  # batch rows that did not stop
             for row_index, (row, token) in enumerate(zip(rows, next_ids.tolist())):

@@ -8,6 +8,8 @@ The arithmetic follows Meta's reference (llama_models/llama3/model.py) step for 
 where it goes to float32 (RMSNorm statistics, RoPE, softmax), so fp32 and bf16 runs match it.
 """
 
+import contextlib
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -15,9 +17,18 @@ import torch
 import torch.nn.functional as F
 
 from .params import ModelParams
+from .quantize import Int8Weight, int8_matmul
 
 Tensor = torch.Tensor
-Weights = dict[str, Tensor]
+Weight = Tensor | Int8Weight  # a matrix (out, in) as stored, or its int8 form (quantize.py)
+Weights = dict[str, Weight]
+
+
+def matmul(x: Tensor, w: Weight) -> Tensor:
+    """x @ w.T for a weight matrix w (out, in): (..., in) -> (..., out). Int8 weights multiply from their int8 bytes."""
+    if isinstance(w, Int8Weight):
+        return int8_matmul(x, w)
+    return x @ w.T
 
 
 @dataclass(frozen=True)
@@ -72,6 +83,14 @@ def scale_rope_frequencies(freqs: Tensor, params: ModelParams) -> Tensor:
     return torch.where(in_between, (1 - smooth) * slowed / scale + smooth * slowed, slowed)
 
 
+@functools.lru_cache(maxsize=8)
+def rope_frequencies(params: ModelParams) -> Tensor:
+    """Each pair's rotation speed in radians per position (Dh/2,): fixed per model, so computed once."""
+    head_dim = params.head_dim
+    freqs = 1.0 / (params.rope_theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+    return scale_rope_frequencies(freqs, params) if params.use_scaled_rope else freqs
+
+
 def rope_rotations(params: ModelParams, start_pos: int, seq_len: int, device="cpu", padding: Tensor | None = None) -> Tensor:
     """Unit complex numbers e^(i * position * freq) for positions start_pos..start_pos+seq_len-1.
 
@@ -79,10 +98,7 @@ def rope_rotations(params: ModelParams, start_pos: int, seq_len: int, device="cp
     (B,) -- rows left-padded to a common length -- row b's positions start `padding[b]` slots later,
     so each row gets its own rotations (B, S, Dh/2).
     """
-    head_dim = params.head_dim
-    freqs = 1.0 / (params.rope_theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))  # (Dh/2,)
-    if params.use_scaled_rope:
-        freqs = scale_rope_frequencies(freqs, params)
+    freqs = rope_frequencies(params)  # (Dh/2,)
     positions = torch.arange(start_pos, start_pos + seq_len, dtype=torch.float32)  # (S,)
     if padding is not None:  # slot j of row b is that row's position j - padding[b] (pad slots: clamped to 0)
         positions = (positions[None, :] - padding.cpu()[:, None].float()).clamp(min=0)  # (B, S)
@@ -97,15 +113,6 @@ def apply_rope(x: Tensor, rotations: Tensor) -> Tensor:
         rotations = rotations[None]  # (1, S, Dh/2): the same positions for every row
     rotated = pairs * rotations[:, :, None, :]  # broadcast over heads (and over batch when unpadded)
     return torch.view_as_real(rotated).flatten(3).type_as(x)  # (B, S, heads, Dh)
-
-
-def repeat_kv_heads(x: Tensor, heads_per_kv_head: int) -> Tensor:
-    """(B, T, K, Dh) -> (B, T, K * n, Dh): query head h reads key/value head h // n."""
-    if heads_per_kv_head == 1:
-        return x
-    batch, seq_len, n_kv_heads, head_dim = x.shape
-    expanded = x[:, :, :, None, :].expand(batch, seq_len, n_kv_heads, heads_per_kv_head, head_dim)
-    return expanded.reshape(batch, seq_len, n_kv_heads * heads_per_kv_head, head_dim)
 
 
 def causal_mask(seq_len: int, start_pos: int, dtype: torch.dtype, device) -> Tensor | None:
@@ -132,14 +139,14 @@ def padded_causal_mask(padding: Tensor, seq_len: int, start_pos: int, dtype: tor
 
 
 def attention(
-    x: Tensor, wq: Tensor, wk: Tensor, wv: Tensor, wo: Tensor, params: ModelParams,
+    x: Tensor, wq: Weight, wk: Weight, wv: Weight, wo: Weight, params: ModelParams,
     rotations: Tensor, mask: Tensor | None, layer_cache: tuple[Tensor, Tensor] | None, start_pos: int,
     record: dict | None = None, name: str = "attention",
 ) -> Tensor:
     batch, seq_len, _ = x.shape
-    q = (x @ wq.T).view(batch, seq_len, params.n_heads, params.head_dim)  # (B, S, H, Dh)
-    k = (x @ wk.T).view(batch, seq_len, params.n_kv_heads, params.head_dim)  # (B, S, K, Dh)
-    v = (x @ wv.T).view(batch, seq_len, params.n_kv_heads, params.head_dim)  # (B, S, K, Dh)
+    q = matmul(x, wq).view(batch, seq_len, params.n_heads, params.head_dim)  # (B, S, H, Dh)
+    k = matmul(x, wk).view(batch, seq_len, params.n_kv_heads, params.head_dim)  # (B, S, K, Dh)
+    v = matmul(x, wv).view(batch, seq_len, params.n_kv_heads, params.head_dim)  # (B, S, K, Dh)
     q, k = apply_rope(q, rotations), apply_rope(k, rotations)
     keep(record, f"{name}.q", q)
     keep(record, f"{name}.k", k)
@@ -149,25 +156,31 @@ def attention(
         cache_k, cache_v = layer_cache
         cache_k[:batch, start_pos:start_pos + seq_len] = k
         cache_v[:batch, start_pos:start_pos + seq_len] = v
-        k = cache_k[:batch, :start_pos + seq_len]  # (B, T, K, Dh)
+        k = cache_k[:batch, :start_pos + seq_len]  # (B, T, K, Dh): a view of the cache, not a copy
         v = cache_v[:batch, :start_pos + seq_len]
 
-    k = repeat_kv_heads(k, params.heads_per_kv_head)  # (B, T, H, Dh)
-    v = repeat_kv_heads(v, params.heads_per_kv_head)
+    # Grouped-query attention: the n = H / K query heads that share key/value head g (query heads
+    # g*n .. g*n+n-1, Meta's repeat_kv order) are stacked as n*S rows against that one head's keys,
+    # so the cached keys and values are read in place instead of being copied n times every step.
+    n = params.heads_per_kv_head
+    q = q.view(batch, seq_len, params.n_kv_heads, n, params.head_dim)  # (B, S, K, n, Dh)
+    q = q.permute(0, 2, 3, 1, 4).reshape(batch, params.n_kv_heads, n * seq_len, params.head_dim)  # (B, K, n*S, Dh)
+    k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, K, T, Dh)
+    scores = (q @ k.transpose(2, 3)) / math.sqrt(params.head_dim)  # (B, K, n*S, T)
+    scores = scores.view(batch, params.n_kv_heads, n, seq_len, -1)  # (B, K, n, S, T)
+    if mask is not None:  # (S, T), or (B, 1, S, T) for padded rows: one more axis for the group
+        scores = scores + (mask if mask.dim() == 2 else mask[:, :, None])
+    probs = F.softmax(at_least_fp32(scores), dim=-1).type_as(q)  # (B, K, n, S, T), rows sum to 1
+    if record is not None:
+        keep(record, f"{name}.weights", probs.reshape(batch, params.n_heads, seq_len, -1))  # (B, H, S, T)
+    mixed = probs.view(batch, params.n_kv_heads, n * seq_len, -1) @ v  # (B, K, n*S, Dh)
+    mixed = mixed.view(batch, params.n_kv_heads, n, seq_len, params.head_dim).permute(0, 3, 1, 2, 4)  # (B, S, K, n, Dh)
+    return matmul(mixed.reshape(batch, seq_len, -1), wo)  # (B, S, H * Dh) -> (B, S, D)
 
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S|T, Dh)
-    scores = (q @ k.transpose(2, 3)) / math.sqrt(params.head_dim)  # (B, H, S, T)
-    if mask is not None:
-        scores = scores + mask
-    probs = F.softmax(at_least_fp32(scores), dim=-1).type_as(q)  # (B, H, S, T), rows sum to 1
-    keep(record, f"{name}.weights", probs)
-    mixed = (probs @ v).transpose(1, 2).reshape(batch, seq_len, -1)  # (B, S, H * Dh)
-    return mixed @ wo.T  # (B, S, D)
 
-
-def feed_forward(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor) -> Tensor:
+def feed_forward(x: Tensor, w1: Weight, w2: Weight, w3: Weight) -> Tensor:
     """SwiGLU: silu(x W1) gates x W3, then W2 projects back to dim."""
-    return (F.silu(x @ w1.T) * (x @ w3.T)) @ w2.T  # (B, S, hidden) -> (B, S, D)
+    return matmul(F.silu(matmul(x, w1)) * matmul(x, w3), w2)  # (B, S, hidden) -> (B, S, D)
 
 
 def transformer_block(
@@ -198,7 +211,7 @@ def transformer_block(
 
 def forward(
     weights: Weights, params: ModelParams, tokens: Tensor, cache: KVCache | None = None, record: dict | None = None,
-    padding: Tensor | None = None,
+    padding: Tensor | None = None, last_only: bool = False,
 ) -> tuple[Tensor, KVCache | None]:
     """Logits (B, S, V) in float32 (float64 for float64 weights) for token ids (B, S) that follow the cache's positions.
 
@@ -212,6 +225,9 @@ def forward(
     A batch of prompts of different lengths is left-padded to a common length: `padding` (B,) says
     how many leading slots of each row are padding. Those rows get their own positions (a row's first
     real token is its position 0) and a mask that hides the pad slots, in this and every later call.
+
+    `last_only=True` returns the logits of the last position only (B, 1, V): all that generation needs,
+    and it saves the output matrix's work for every other prompt position (a fifth of a 1B prefill).
     """
     batch, seq_len = tokens.shape
     start_pos = 0 if cache is None else cache.length
@@ -224,14 +240,36 @@ def forward(
         mask = causal_mask(seq_len, start_pos, h.dtype, h.device)  # (S, T) or None
     else:
         mask = padded_causal_mask(padding, seq_len, start_pos, h.dtype, h.device)  # (B, 1, S, T)
-    for layer in range(params.n_layers):
-        h = transformer_block(h, weights, layer, params, rotations, mask, cache, start_pos, record)
-    h = rms_norm(h, weights["norm.weight"], params.norm_eps)
-    keep(record, "norm", h)
-    logits = at_least_fp32(h @ weights["output.weight"].T)  # (B, S, V)
+    with fastest_matmul_kernels(rows=batch * seq_len, device=h.device):
+        for layer in range(params.n_layers):
+            h = transformer_block(h, weights, layer, params, rotations, mask, cache, start_pos, record)
+        if last_only:
+            h = h[:, -1:]  # (B, 1, D)
+        h = rms_norm(h, weights["norm.weight"], params.norm_eps)
+        keep(record, "norm", h)
+        logits = at_least_fp32(matmul(h, weights["output.weight"]))  # (B, S, V), or (B, 1, V)
     keep(record, "logits", logits)
     new_cache = None if cache is None else replace(cache, length=start_pos + seq_len)
     return logits, new_cache
+
+
+@contextlib.contextmanager
+def fastest_matmul_kernels(rows: int, device: torch.device):
+    """Pick the CPU matrix kernels for this call's shape.
+
+    Decoding one token multiplies a single row of activations by every weight matrix. For that
+    matrix-vector case PyTorch's own bf16 kernel streams the weights about twice as fast as oneDNN's
+    (22 vs 11 GB/s on one AVX-512 core; fp32 is the same either way), while for many rows (a prompt)
+    oneDNN's blocked matrix multiply is the faster one. The math is identical; only the kernel changes.
+    """
+    if rows != 1 or device.type != "cpu" or not torch.backends.mkldnn.enabled:
+        yield
+        return
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = True
 
 
 def keep(record: dict | None, name: str, tensor: Tensor) -> None:

@@ -1,0 +1,222 @@
+"""Benchmark: this project, Meta's reference and Hugging Face's LlamaForCausalLM on one random checkpoint.
+
+    python -m bench                          # Llama 3.2 1B shape (2.5 GB bf16 file), fp32 and bf16, 3 reps
+    python -m bench --shape 8b --dtypes bfloat16 --impls ours --reps 1   # Llama 3 8B shape (16 GB file)
+
+Writes (or reuses) a random-weight checkpoint in Meta's format under bench/out/, measures this machine's
+memory read bandwidth, then runs every (implementation, dtype) in its own process (bench/worker.py),
+repetition by repetition so that noise from a shared machine spreads over all of them. Reports the
+median and range of load seconds, peak RSS against the file size, prefill tokens/s for a 17- and a
+512-token prompt, decode tokens/s over 32 steps, and decode's fraction of the bandwidth ceiling
+(bandwidth / bytes of weights read per token). Output: bench/out/bench-SHAPE.{md,json,png}.
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from llama3_raw.params import params_from_dict
+
+REPO = Path(__file__).resolve().parent.parent
+SHAPES = {
+    # Meta's params.json for Llama 3.2 1B and Llama 3 8B.
+    "1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=256,
+               ffn_dim_multiplier=1.5, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True),
+    "8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
+               ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0),
+}
+TIED = {"1b": True, "8b": False}  # Llama 3.2 1B ships without output.weight
+IMPL_NAMES = {"ours": "llama3_raw", "ours-int8": "llama3_raw int8", "meta": "Meta reference", "hf": "HF transformers"}
+FILL_ROWS = 4096  # random rows generated at a time while writing a checkpoint
+
+
+def write_random_checkpoint(folder: Path, shape: str) -> Path:
+    """A checkpoint of Meta's layout with random bf16 weights (scaled like an initialised model).
+
+    Each tensor lives in its own file-backed scratch mapping while it is filled, so writing the 16 GB
+    8B shape needs disk, not memory; torch.save then streams them into consolidated.00.pth.
+    """
+    if (folder / "consolidated.00.pth").is_file():
+        return folder
+    import llama_models.llama3 as meta_llama3  # bench-only: the official tokenizer file
+
+    scratch = folder / "scratch"
+    scratch.mkdir(parents=True, exist_ok=True)
+    params = params_from_dict(SHAPES[shape])
+    generator = torch.Generator().manual_seed(0)
+    state = {}
+    for key, dims in params.weight_shapes().items():
+        if key == "output.weight" and TIED[shape]:
+            continue
+        tensor = torch.from_file(str(scratch / key), shared=True, size=math.prod(dims), dtype=torch.bfloat16).view(dims)
+        if len(dims) == 1:
+            tensor.copy_(1.0 + 0.1 * torch.randn(dims, generator=generator))
+        else:
+            for start in range(0, dims[0], FILL_ROWS):
+                rows = tensor[start:start + FILL_ROWS]
+                rows.copy_(torch.randn(rows.shape, generator=generator) * dims[1] ** -0.5)
+        state[key] = tensor
+    tmp = folder / "consolidated.00.pth.tmp"
+    torch.save(state, tmp)
+    tmp.rename(folder / "consolidated.00.pth")
+    del state
+    for path in scratch.iterdir():
+        path.unlink()
+    scratch.rmdir()
+    (folder / "params.json").write_text(json.dumps(SHAPES[shape]))
+    (folder / "tokenizer.model").write_bytes((Path(meta_llama3.__file__).parent / "tokenizer.model").read_bytes())
+    return folder
+
+
+def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 7) -> float:
+    """Bytes/s of the fastest of several sums over a float32 tensor far larger than the caches.
+
+    A sum reads every byte once and writes nothing, as decoding reads its weights; the best repeat
+    is the machine's reachable read bandwidth at this thread count.
+    """
+    torch.set_num_threads(threads)
+    data = torch.ones(int(gib * (1 << 30)) // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return data.nbytes / best
+
+
+def run_worker(impl: str, dtype: str, ckpt: Path, threads: int, args) -> dict:
+    command = [sys.executable, "-m", "bench.worker", "--impl", impl, "--dtype", dtype, "--ckpt", str(ckpt),
+               "--threads", str(threads), "--long-prompt", str(args.long_prompt),
+               "--decode-steps", str(args.decode_steps)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    if result.returncode != 0:
+        raise SystemExit(f"{impl} {dtype} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def summary(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def summarise(runs: list[dict], bandwidth: float) -> dict:
+    first = runs[0]
+    ceiling = bandwidth / first["bytes_per_token"]  # tokens/s if decode did nothing but read the weights
+    decode = summary([r["decode_tok_s"] for r in runs])
+    return {
+        "impl": first["impl"], "dtype": first["dtype"], "reps": len(runs),
+        "load_s": summary([r["load_s"] for r in runs]),
+        "peak_rss_gb": summary([r["peak_rss_bytes"] / 1e9 for r in runs]),
+        "file_gb": first["file_bytes"] / 1e9, "kv_cache_gb": first["kv_cache_bytes"] / 1e9,
+        "prefill_short_tok_s": summary([r["prefill_short_tok_s"] for r in runs]),
+        "prefill_long_tok_s": summary([r["prefill_long_tok_s"] for r in runs]),
+        "decode_tok_s": decode, "bytes_per_token": first["bytes_per_token"],
+        "ceiling_tok_s": ceiling, "fraction_of_ceiling": decode["median"] / ceiling,
+    }
+
+
+def cell(s: dict, fmt: str) -> str:
+    return f"{s['median']:{fmt}} ({s['min']:{fmt}}–{s['max']:{fmt}})"
+
+
+def markdown_table(rows: list[dict], args, bandwidth: float, threads: int) -> str:
+    lines = [
+        f"Random-weight Llama 3 {args.shape.upper()} shape, file {rows[0]['file_gb']:.2f} GB (bf16); "
+        f"{threads} threads; read bandwidth {bandwidth / 1e9:.1f} GB/s; median (min–max) of {args.reps} runs, "
+        f"each in its own process",
+        "",
+        f"| implementation | dtype | load s | peak RSS GB | prefill tok/s ({args.short_prompt} tok) | "
+        f"prefill tok/s ({args.long_prompt} tok) | decode tok/s ({args.decode_steps} steps) | decode ceiling tok/s | "
+        f"of ceiling |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {IMPL_NAMES[r['impl']]} | {r['dtype']} | {cell(r['load_s'], '.1f')} | {cell(r['peak_rss_gb'], '.2f')} | "
+            f"{cell(r['prefill_short_tok_s'], '.1f')} | {cell(r['prefill_long_tok_s'], '.1f')} | "
+            f"{cell(r['decode_tok_s'], '.2f')} | {r['ceiling_tok_s']:.2f} | {r['fraction_of_ceiling']:.0%} |")
+    return "\n".join(lines)
+
+
+def bar_chart(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    labels = [f"{IMPL_NAMES[r['impl']]}\n{r['dtype']}" for r in rows]
+    colors = {"ours": "tab:blue", "ours-int8": "tab:cyan", "meta": "tab:orange", "hf": "tab:green"}
+    for ax, key, name in ((axes[0], "decode_tok_s", "decode tok/s"), (axes[1], "prefill_long_tok_s", "prefill tok/s (512 tokens)")):
+        medians = [r[key]["median"] for r in rows]
+        errors = [[r[key]["median"] - r[key]["min"] for r in rows], [r[key]["max"] - r[key]["median"] for r in rows]]
+        ax.bar(range(len(rows)), medians, yerr=errors, capsize=3, color=[colors[r["impl"]] for r in rows])
+        if key == "decode_tok_s":  # the bandwidth ceiling of each bar's dtype, as a tick above it
+            ax.scatter(range(len(rows)), [r["ceiling_tok_s"] for r in rows], marker="_", s=600, color="black",
+                       label="bandwidth ceiling", zorder=3)
+            ax.legend(loc="upper left")
+        ax.set_xticks(range(len(rows)), labels, fontsize=7)
+        ax.set_ylabel(name)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=SHAPES, default="1b")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    parser.add_argument("--impls", nargs="+", default=["ours", "meta", "hf", "ours-int8"], choices=list(IMPL_NAMES))
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for every run (default: all cores)")
+    parser.add_argument("--short-prompt", type=int, default=17, help=argparse.SUPPRESS)
+    parser.add_argument("--long-prompt", type=int, default=512)
+    parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "out")
+    args = parser.parse_args()
+    if args.reps < 1 or args.threads < 1 or args.long_prompt < 2 or args.decode_steps < 1:
+        print("error: --reps, --threads and --decode-steps must be at least 1 and --long-prompt at least 2.", file=sys.stderr)
+        raise SystemExit(2)
+
+    t0 = time.perf_counter()
+    ckpt = write_random_checkpoint(args.out / f"ckpt-{args.shape}", args.shape)
+    print(f"checkpoint {ckpt} ready in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+    bandwidths = [read_bandwidth(args.threads)]
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for rep in range(args.reps):
+        for dtype in args.dtypes:
+            for impl in args.impls:
+                if impl == "ours-int8" and dtype != "bfloat16":
+                    continue  # int8 weights with bf16 activations
+                result = run_worker(impl, dtype, ckpt, args.threads, args)
+                runs.setdefault((impl, dtype), []).append(result)
+                print(f"rep {rep + 1}: {impl} {dtype}: decode {result['decode_tok_s']:.2f} tok/s, prefill "
+                      f"{result['prefill_long_tok_s']:.1f} tok/s, peak RSS {result['peak_rss_bytes'] / 1e9:.2f} GB "
+                      f"[{time.perf_counter() - t0:.0f}s]", file=sys.stderr)
+    bandwidths.append(read_bandwidth(args.threads))  # before and after: the higher one sets the ceiling
+    bandwidth = max(bandwidths)
+
+    rows = [summarise(r, bandwidth) for r in runs.values()]
+    markdown = markdown_table(rows, args, bandwidth, args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"bench-{args.shape}.md").write_text(markdown + "\n")
+    (args.out / f"bench-{args.shape}.json").write_text(json.dumps(
+        {"shape": args.shape, "threads": args.threads, "bandwidth_bytes_per_s": bandwidths, "rows": rows,
+         "runs": [run for group in runs.values() for run in group]}, indent=1))
+    bar_chart(rows, args.out / f"bench-{args.shape}.png",
+              f"Llama 3 {args.shape.upper()} shape on {args.threads} CPU threads, median of {args.reps}")
+    print(markdown)
+    print(f"total {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
