@@ -12,7 +12,6 @@ comparison is about the forward pass. Each one decodes greedily with its own KV 
 
 import argparse
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,11 @@ WARMUP_PROMPT = [128000, 1, 2, 3, 4]  # first calls pay one-off costs (page faul
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """This process's peak RSS. VmHWM, not getrusage's ru_maxrss: that one keeps the parent's peak across exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def bytes_read_per_token(weights: dict) -> int:

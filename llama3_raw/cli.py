@@ -21,6 +21,7 @@ from .loading import (
     cast_weights, checkpoint_params, count_parameters, default_tokenizer_path, is_checkpoint_dir, load_checkpoint,
 )
 from .prompts_file import read_prompts_file
+from .quantize import quantize_weights
 from .tokenizer import TextStream, load_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -156,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=non_negative_int, help="sample only from the k most likely tokens; 0: all (default)")
     parser.add_argument("--seed", type=int, help="random seed for sampling; the same seed repeats the same text")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--quantize", choices=["none", "int8"], default="none",
+                        help="int8: store each weight matrix as int8 with one scale per output row (made at load "
+                        "time), computing in bfloat16; half the bytes of bf16 per token")
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                         help="compute dtype (default auto: float32 on the CPU when it fits in memory, else bfloat16)")
     parser.add_argument("--json", action="store_true", help="print one JSON object with tokens, text and timings, nothing "
@@ -174,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_mode_flags(args: argparse.Namespace) -> None:
+    if args.quantize == "int8" and args.dtype == "float32":
+        raise UserError("--quantize int8 computes in bfloat16 (int8 weights, bf16 activations); drop --dtype float32.")
     if not args.chat:
         used = [flag for flag, value in (("--system", args.system), ("--message", args.message),
                                          ("--chat-file", args.chat_file)) if value is not None]
@@ -220,15 +226,18 @@ def open_checkpoint(args: argparse.Namespace):
 def load_weights(args: argparse.Namespace, ckpt_dir: Path, params, start: float):
     """The weights in the compute dtype on the compute device: (weights, dtype, load seconds)."""
     checkpoint = load_checkpoint(ckpt_dir, show_progress=not args.json)
-    dtype = choose_dtype(args.dtype, args.device, checkpoint.weights)
+    dtype = torch.bfloat16 if args.quantize == "int8" else choose_dtype(args.dtype, args.device, checkpoint.weights)
     weights = cast_weights(checkpoint.weights, dtype, args.device, show_progress=not args.json)
     del checkpoint  # when the dtype changed, this lets the memory-mapped file go
     n_parameters = count_parameters(weights)
+    if args.quantize == "int8":
+        weights = quantize_weights(weights, dtype)  # matrices as int8 + per-row scales, activations in bf16
     if args.device == "cuda":
         torch.cuda.synchronize()
     load_s = time.perf_counter() - start
     log(f"loaded {ckpt_dir} ({n_parameters / 1e6:.1f}M parameters, {params.n_layers} layers) "
-        f"as {str(dtype).removeprefix('torch.')} on {args.device} in {load_s:.1f}s")
+        f"as {str(dtype).removeprefix('torch.')}{' with int8 weights' if args.quantize == 'int8' else ''} "
+        f"on {args.device} in {load_s:.1f}s")
     return weights, dtype, load_s
 
 

@@ -1,0 +1,174 @@
+"""The fast paths do the same math: bf16 vs fp32 block by block, int8 vs bf16, zero-copy bf16 loading, CUDA.
+
+Tolerances, stated once:
+- bf16 vs fp32: every block's output within 3 % of that block's largest fp32 value (bf16 keeps 8 bits of
+  mantissa, a relative step of 0.4 %; two tiny blocks of random weights accumulate a few steps).
+- int8 vs bf16: logits within 5 % of the largest bf16 logit, and the same top-1 token at >= 90 % of positions.
+- int8 round trip: |W - values * scale| <= scale / 2 for every element (computed in float32).
+"""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import TINY_GQA, write_random_checkpoint
+from llama3_raw import cast_weights, load_checkpoint
+from llama3_raw.generate import generate
+from llama3_raw.model import forward, new_kv_cache
+from llama3_raw.quantize import Int8Weight, dequantize, int8_matmul, quantize_int8, quantize_weights
+
+REPO = Path(__file__).resolve().parent.parent
+BF16_BLOCK_TOLERANCE = 0.03
+INT8_LOGIT_TOLERANCE = 0.05
+INT8_TOP1_AGREEMENT = 0.9
+
+
+def tokens_for(seed: int, length: int) -> torch.Tensor:
+    return torch.randint(0, 128256, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_bf16_blocks_within_tolerance_of_fp32(gqa_checkpoint):
+    ckpt_dir, _, _ = gqa_checkpoint
+    ckpt = load_checkpoint(ckpt_dir, show_progress=False)
+    tokens = tokens_for(0, 24)
+    fp32_record, bf16_record = {}, {}
+    forward(cast_weights(ckpt.weights, torch.float32, "cpu"), ckpt.params, tokens, record=fp32_record)
+    forward(ckpt.weights, ckpt.params, tokens, record=bf16_record)  # the file's bf16 tensors, as they are
+    block_outputs = [f"layers.{i}.output" for i in range(ckpt.params.n_layers)] + ["logits"]
+    for name in block_outputs:
+        reference, ours = fp32_record[name], bf16_record[name].float()
+        assert bf16_record[name].dtype == (torch.float32 if name == "logits" else torch.bfloat16)
+        error = (ours - reference).abs().max() / reference.abs().max()
+        assert error < BF16_BLOCK_TOLERANCE, f"{name}: {error:.4f}"
+
+
+def test_last_only_logits_are_the_last_row_of_all_logits(gqa_checkpoint):
+    ckpt_dir, _, _ = gqa_checkpoint
+    ckpt = load_checkpoint(ckpt_dir, show_progress=False)
+    weights = cast_weights(ckpt.weights, torch.float32, "cpu")
+    tokens = tokens_for(1, 9)
+    every, _ = forward(weights, ckpt.params, tokens)
+    last, _ = forward(weights, ckpt.params, tokens, last_only=True)
+    assert last.shape == (1, 1, ckpt.params.vocab_size)
+    torch.testing.assert_close(last[:, 0], every[:, -1], rtol=0, atol=1e-5)
+
+
+def test_int8_round_trip_is_within_half_a_scale_step():
+    w = torch.randn(300, 96, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    w[7] = 0.0  # an all-zero row must not divide by zero
+    w[8, 3] = 40.0  # an outlier widens only its own row's step
+    q = quantize_int8(w, torch.bfloat16)
+    assert q.values.dtype == torch.int8 and q.scales.dtype == torch.bfloat16 and q.values.abs().max() <= 127
+    restored = q.values.float() * q.scales.float()[:, None]
+    error = (restored - w.float()).abs()
+    assert (error <= q.scales.float()[:, None] / 2 * (1 + 1e-6)).all()
+    assert error[8, :3].max() > error[9].max()  # the outlier's row is coarser than its neighbours
+    assert torch.equal(restored[7], torch.zeros(96))
+
+
+def test_int8_matmul_kernel_and_dequantized_formula_agree():
+    w = quantize_int8(torch.randn(64, 128, generator=torch.Generator().manual_seed(1)), torch.bfloat16)
+    x = torch.randn(1, 1, 128, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    one_row = int8_matmul(x, w)  # the int8 kernel (decode)
+    expected = x.float() @ dequantize(w).float().T
+    tolerance = 0.01 * expected.abs().max().item()  # a bf16 result: a few rounding steps of the largest output
+    torch.testing.assert_close(one_row.float(), expected, rtol=0, atol=tolerance)
+    many_rows = int8_matmul(x.expand(1, 3, 128), w)  # the dequantize-once path (prefill)
+    torch.testing.assert_close(many_rows[:, 1:2].float(), one_row.float(), rtol=0, atol=tolerance)
+
+
+def test_int8_model_within_tolerance_of_bf16(gqa_checkpoint):
+    ckpt_dir, _, _ = gqa_checkpoint
+    ckpt = load_checkpoint(ckpt_dir, show_progress=False)
+    quantized = quantize_weights(ckpt.weights, torch.bfloat16)
+    assert isinstance(quantized["layers.0.attention.wq.weight"], Int8Weight)
+    assert quantized["tok_embeddings.weight"] is ckpt.weights["tok_embeddings.weight"]  # looked up, not multiplied
+    tokens = tokens_for(2, 40)
+    bf16_logits, _ = forward(ckpt.weights, ckpt.params, tokens)
+    int8_logits, _ = forward(quantized, ckpt.params, tokens)
+    assert (int8_logits - bf16_logits).abs().max() < INT8_LOGIT_TOLERANCE * bf16_logits.abs().max()
+    agreement = (int8_logits.argmax(-1) == bf16_logits.argmax(-1)).float().mean()
+    assert agreement >= INT8_TOP1_AGREEMENT
+    # and decoding through the cache (one row per call: the int8 kernel) gives the prefill's logits
+    cache = new_kv_cache(ckpt.params, 1, 40, torch.bfloat16)
+    _, cache = forward(quantized, ckpt.params, tokens[:, :39], cache)
+    step, _ = forward(quantized, ckpt.params, tokens[:, 39:], cache)
+    torch.testing.assert_close(step[:, 0], int8_logits[:, -1], rtol=0.02, atol=0.05 * int8_logits.abs().max().item())
+
+
+# A few hundred MB: big enough that a second copy of the weights would stand out from the interpreter's noise.
+ZERO_COPY_SHAPE = dict(TINY_GQA, dim=1024, n_layers=4, n_heads=16, n_kv_heads=4, multiple_of=256)
+RSS_PROBE = textwrap.dedent("""
+    import json, sys
+    import torch
+    from llama3_raw import load_checkpoint, cast_weights
+    from llama3_raw.generate import generate
+    torch.ones(1) @ torch.ones(1, 1)  # torch's own start-up allocations happen before the baseline
+    def status(field):  # VmHWM, unlike getrusage's ru_maxrss, does not inherit the parent's peak across exec
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    before = status("VmRSS")
+    ckpt = load_checkpoint(sys.argv[1], show_progress=False)
+    weights = cast_weights(ckpt.weights, torch.bfloat16, "cpu")
+    tokens = list(generate(weights, ckpt.params, [128000, 5, 6, 7], 4, stop_ids=()))
+    print(json.dumps({"before": before, "after": status("VmRSS"), "peak": status("VmHWM"),
+                      "tokens": len(tokens)}))
+""")
+
+
+def test_bf16_generation_adds_no_second_copy_of_the_weights(tmp_path):
+    ckpt_dir = write_random_checkpoint(tmp_path / "ckpt", ZERO_COPY_SHAPE, seed=5)
+    file_bytes = (ckpt_dir / "consolidated.00.pth").stat().st_size
+    assert file_bytes > 200e6
+    result = subprocess.run([sys.executable, "-c", RSS_PROBE, str(ckpt_dir)], capture_output=True, text=True,
+                            cwd=REPO, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rss = json.loads(result.stdout)
+    assert rss["tokens"] == 4
+    # Everything the process gained: the file's mapped pages (once), the tiny cache and activations,
+    # a fraction of the largest matrix's logits. A copy of the weights would add another file_bytes.
+    grown = rss["after"] - rss["before"]
+    assert grown <= 1.1 * file_bytes + 60e6, f"grew by {grown / 1e6:.0f} MB for a {file_bytes / 1e6:.0f} MB file"
+    assert rss["peak"] <= rss["before"] + 1.1 * file_bytes + 60e6 + 50e6  # torch's start-up peak is below `before`
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_cuda_generation_matches_cpu(gqa_checkpoint):
+    ckpt_dir, _, _ = gqa_checkpoint
+    ckpt = load_checkpoint(ckpt_dir, show_progress=False)
+    cpu = cast_weights(ckpt.weights, torch.float32, "cpu")
+    cuda = cast_weights(ckpt.weights, torch.float32, "cuda")
+    assert all(t.is_cuda for t in cuda.values())
+    tokens = tokens_for(3, 12)
+    cpu_logits, _ = forward(cpu, ckpt.params, tokens)
+    cuda_logits, _ = forward(cuda, ckpt.params, tokens.cuda())
+    torch.testing.assert_close(cuda_logits.cpu(), cpu_logits, rtol=1e-3, atol=1e-3)
+    prompt = tokens[0].tolist()
+    assert (list(generate(cuda, ckpt.params, prompt, 8, (), device="cuda"))
+            == list(generate(cpu, ckpt.params, prompt, 8, ())))
+    quantized = quantize_weights(cast_weights(ckpt.weights, torch.bfloat16, "cuda"), torch.bfloat16)
+    assert len(list(generate(quantized, ckpt.params, prompt, 4, (), device="cuda"))) == 4
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(REPO / "run.py"), *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, timeout=300)
+
+
+def test_cli_quantize_int8_generates_and_refuses_float32(gqa_checkpoint):
+    ckpt_dir, _, _ = gqa_checkpoint
+    result = run_cli("--ckpt-dir", ckpt_dir, "--quantize", "int8", "--max-new-tokens", 5, "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["dtype"] == "bfloat16" and len(out["tokens"]) == 5
+    assert "with int8 weights" in result.stderr
+    refused = run_cli("--ckpt-dir", ckpt_dir, "--quantize", "int8", "--dtype", "float32")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert [line for line in refused.stderr.splitlines() if "error:" in line] == [
+        "error: --quantize int8 computes in bfloat16 (int8 weights, bf16 activations); drop --dtype float32."]
