@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .loading import cast_weights, load_checkpoint
-from .params import ModelParams, load_params
+from .loading import cast_weights, checkpoint_params, default_tokenizer_path, load_checkpoint
+from .params import ModelParams
 from .tokenizer import Tokenizer, load_tokenizer
 
 
@@ -29,11 +29,11 @@ def open_tokenizer(ckpt_dir: Path, params: ModelParams, tokenizer_path: str | No
     """The tokenizer beside the checkpoint (or the given one), checked against the weights' vocabulary."""
     if tokenizer_path is not None and "://" not in tokenizer_path and not Path(tokenizer_path).is_file():
         raise UserError(f"--tokenizer {tokenizer_path} does not exist; pass the path of a tokenizer.model file.")
-    path = tokenizer_path or str(ckpt_dir / "tokenizer.model")
+    path = tokenizer_path or str(default_tokenizer_path(ckpt_dir))
     tokenizer = load_tokenizer(path)
     if tokenizer.n_words != params.vocab_size:
         raise UserError(
-            f"tokenizer {path} has {tokenizer.n_words} tokens but {ckpt_dir / 'params.json'} says vocab_size "
+            f"tokenizer {path} has {tokenizer.n_words} tokens but the checkpoint in {ckpt_dir} says vocab_size "
             f"{params.vocab_size}; use the tokenizer.model that came with these weights."
         )
     return tokenizer
@@ -48,7 +48,7 @@ def open_params(ckpt_dir: Path) -> ModelParams:
     if not ckpt_dir.is_dir():
         raise UserError(f"checkpoint directory {ckpt_dir} does not exist; pass --ckpt-dir with the folder holding "
                         f"params.json and consolidated.00.pth.")
-    return load_params(ckpt_dir / "params.json")
+    return checkpoint_params(ckpt_dir)
 
 
 def open_session(ckpt_dir: Path, tokenizer_path: str | None, dtype: torch.dtype | str, device: str,
