@@ -1,0 +1,72 @@
+"""How much int8 weights change the model, against the same weights in bf16.
+
+    python -m bench.int8_accuracy --ckpt-dir weights/shakespeare --text data/tinyshakespeare.txt
+    python -m bench.int8_accuracy --ckpt-dir bench/out/ckpt-1b
+
+Greedy-decodes --steps tokens with the bf16 weights, then feeds that same sequence to both models
+(teacher forcing, so one early difference does not derail the rest) and reports the top-1 agreement
+and the largest logit difference over those positions. With --text, also the validation nats/char of
+both (the last 10 % of the file by characters, as the training split holds it out).
+"""
+
+import argparse
+import json
+import time
+
+import torch
+
+from llama3_raw.generate import generate
+from llama3_raw.loading import cast_weights, load_checkpoint
+from llama3_raw.model import forward
+from llama3_raw.quantize import quantize_weights
+from llama3_raw.score import score_text
+from llama3_raw.tokenizer import load_tokenizer
+from llama3_raw.loading import default_tokenizer_path
+
+VALIDATION_FRACTION = 0.1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt-dir", required=True)
+    parser.add_argument("--text", help="text file whose last 10%% is scored (nats/char)")
+    parser.add_argument("--steps", type=int, default=128)
+    parser.add_argument("--prompt", default="ROMEO:\n")
+    parser.add_argument("--window", type=int, default=256, help="scoring window in tokens")
+    args = parser.parse_args()
+
+    checkpoint = load_checkpoint(args.ckpt_dir, show_progress=False)
+    params = checkpoint.params
+    bf16 = cast_weights(checkpoint.weights, torch.bfloat16, "cpu")
+    start = time.perf_counter()
+    int8 = quantize_weights(bf16, torch.bfloat16)
+    quantize_s = time.perf_counter() - start
+    tokenizer = load_tokenizer(str(default_tokenizer_path(checkpoint.directory)))
+
+    prompt = tokenizer.encode(args.prompt, bos=True)
+    greedy = list(generate(bf16, params, prompt, args.steps, stop_ids=()))
+    sequence = torch.tensor([prompt + greedy])  # (1, L)
+    with torch.inference_mode():
+        bf16_logits, _ = forward(bf16, params, sequence)  # (1, L, V)
+        int8_logits, _ = forward(int8, params, sequence)
+    predicted = slice(len(prompt) - 1, sequence.shape[1] - 1)  # the positions that chose the greedy tokens
+    agreement = (bf16_logits[0, predicted].argmax(-1) == int8_logits[0, predicted].argmax(-1)).float().mean().item()
+    diff = (bf16_logits[0, predicted] - int8_logits[0, predicted]).abs()
+    result = {
+        "checkpoint": str(args.ckpt_dir), "positions": len(greedy), "top1_agreement": agreement,
+        "max_logit_diff": diff.max().item(), "max_abs_logit_bf16": bf16_logits[0, predicted].abs().max().item(),
+        "mean_logit_diff": diff.mean().item(), "quantize_s": quantize_s,
+    }
+    if args.text:
+        text = open(args.text, encoding="utf-8").read()
+        validation = text[int(len(text) * (1 - VALIDATION_FRACTION)):]
+        window = min(args.window, params.context_len)
+        for name, weights in (("bf16", bf16), ("int8", int8)):
+            with torch.inference_mode():
+                score = score_text(weights, params, tokenizer, validation, window, window // 2)
+            result[f"nats_per_char_{name}"] = score.nats_per_char
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
