@@ -157,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=non_negative_int, help="sample only from the k most likely tokens; 0: all (default)")
     parser.add_argument("--seed", type=int, help="random seed for sampling; the same seed repeats the same text")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads for the matrix kernels (default: one per "
+                        "core); on a machine shared with other work, fewer threads than cores is faster")
     parser.add_argument("--quantize", choices=["none", "int8"], default="none",
                         help="int8: store each weight matrix as int8 with one scale per output row (made at load "
                         "time), computing in bfloat16; half the bytes of bf16 per token")
@@ -252,6 +254,8 @@ def sampling_from(args: argparse.Namespace, defaults: dict) -> Sampling:
 
 def run(args: argparse.Namespace) -> dict | list[dict] | None:
     check_mode_flags(args)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.chat:
         return run_chat(args)
     if args.prompts_file is not None:
