@@ -153,21 +153,30 @@ def test_export_loads_strictly_in_meta_transformer(tiny_run):
 
 @pytest.mark.skipif(not (SHIPPED / "consolidated.00.pth").is_file(), reason="the shipped model is not trained yet")
 def test_shipped_model_matches_meta_and_has_low_validation_loss():
-    """Validation nats/char on a slice of the held-out 10 %, from Meta's reference logits (independent code)."""
+    """Validation nats/char on slices of the held-out last 10 %, from Meta's reference logits (independent code)."""
     tokenizer = load_tokenizer(SHIPPED / "tokenizer.model")
     text = CORPUS.read_text(encoding="utf-8")
     val_text = text[int(len(text) * 0.9):]
-    val_slice = val_text[5000:5600]
-    ids = tokenizer.encode(val_slice, bos=True)
-    assert len(ids) <= 256 and tokenizer.decode(ids[1:]) == val_slice
-    tokens = torch.tensor([ids])
-    meta_logits = assert_meta_format_and_logits(SHIPPED, tokens)
-    nll = F.cross_entropy(meta_logits[0, :-1].float(), tokens[0, 1:], reduction="sum").item()
-    nats_per_char = nll / len(val_slice)
-    assert nats_per_char < SHIPPED_SLICE_BOUND, nats_per_char
+    slices = [val_text[start:start + 600] for start in range(5000, 7400, 600)]  # 4 slices, 2400 characters
+    nll, chars = 0.0, 0
+    for i, val_slice in enumerate(slices):
+        ids = tokenizer.encode(val_slice, bos=True)  # BOS first, as in training and in run.py
+        assert len(ids) <= 256 and tokenizer.decode(ids[1:]) == val_slice
+        tokens = torch.tensor([ids])
+        if i == 0:
+            meta_logits = assert_meta_format_and_logits(SHIPPED, tokens)
+        else:
+            meta_logits = meta_transformer(json.loads((SHIPPED / "params.json").read_text()), {
+                k: t.float() for k, t in torch.load(SHIPPED / "consolidated.00.pth", weights_only=True).items()},
+                max_seq_len=len(ids)).forward(tokens, 0)
+        nll += F.cross_entropy(meta_logits[0, :-1].float(), tokens[0, 1:], reduction="sum").item()
+        chars += len(val_slice)
+    assert nll / chars < SHIPPED_SLICE_BOUND, nll / chars
 
 
-SHIPPED_SLICE_BOUND = 1.75  # measured on this slice after training; untrained would be ~log(1280)/2.6 ≈ 2.75
+# The issue's target for the whole validation split is 1.60 nats/char; these 2400 characters, each predicted
+# with at most 255 characters of context, are allowed a little more. An untrained model scores ~2.7 here.
+SHIPPED_SLICE_BOUND = 1.75
 
 
 def run_train_cli(*args, timeout=120):
