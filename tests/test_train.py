@@ -104,7 +104,7 @@ def test_gradcheck_float64():
                    1 + 0.1 * torch.randn(s, generator=gen, dtype=torch.float64)) for k, s in params.weight_shapes().items()}
     tokens = torch.randint(0, 16, (2, 5), generator=gen)
     targets = torch.randint(0, 16, (2, 5), generator=gen)
-    names = ("layers.0.attention.wq.weight", "layers.0.feed_forward.w2.weight", "layers.0.attention_norm.weight")
+    names = ("layers.0.attention.wq.weight", "layers.0.attention_norm.weight", "norm.weight")  # 80 inputs keep it fast
 
     def loss_of(*tensors):
         return batch_loss({**weights, **dict(zip(names, tensors))}, params, tokens, targets)
@@ -157,7 +157,7 @@ def test_shipped_model_matches_meta_and_has_low_validation_loss():
     tokenizer = load_tokenizer(SHIPPED / "tokenizer.model")
     text = CORPUS.read_text(encoding="utf-8")
     val_text = text[int(len(text) * 0.9):]
-    slices = [val_text[start:start + 600] for start in range(5000, 7400, 600)]  # 4 slices, 2400 characters
+    slices = [val_text[start:start + 500] for start in range(5000, 7000, 500)]  # 4 slices, 2000 characters
     nll, chars = 0.0, 0
     for i, val_slice in enumerate(slices):
         ids = tokenizer.encode(val_slice, bos=True)  # BOS first, as in training and in run.py
@@ -174,9 +174,9 @@ def test_shipped_model_matches_meta_and_has_low_validation_loss():
     assert nll / chars < SHIPPED_SLICE_BOUND, nll / chars
 
 
-# The target for the whole validation split is 1.60 nats/char; these 2400 characters, each predicted
-# with at most 255 characters of context, are allowed a little more. An untrained model scores ~2.7 here.
-SHIPPED_SLICE_BOUND = 1.75
+# The bound is the target for the validation split, 1.60 nats/char (the shipped model scores 1.41 on
+# these 2000 characters and 1.538 on the whole split); an untrained model scores ~2.7 (log(1280) / 2.6 chars per token).
+SHIPPED_SLICE_BOUND = 1.60
 
 
 def run_train_cli(*args, timeout=120):
