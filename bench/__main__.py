@@ -114,6 +114,7 @@ def summarise(runs: list[dict], bandwidth: float) -> dict:
         "impl": first["impl"], "dtype": first["dtype"], "reps": len(runs),
         "load_s": summary([r["load_s"] for r in runs]),
         "peak_rss_gb": summary([r["peak_rss_bytes"] / 1e9 for r in runs]),
+        "baseline_rss_gb": summary([r.get("baseline_rss_bytes", 0) / 1e9 for r in runs]),
         "file_gb": first["file_bytes"] / 1e9, "kv_cache_gb": first["kv_cache_bytes"] / 1e9,
         "prefill_short_tok_s": summary([r["prefill_short_tok_s"] for r in runs]),
         "prefill_long_tok_s": summary([r["prefill_long_tok_s"] for r in runs]),
@@ -152,7 +153,8 @@ def bar_chart(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    labels = [f"{IMPL_NAMES[r['impl']]}\n{r['dtype']}" for r in rows]
+    short_names = {"ours": "ours", "ours-int8": "ours int8", "meta": "Meta", "hf": "HF"}
+    labels = [f"{short_names[r['impl']]}\n{r['dtype'].replace('bfloat16', 'bf16').replace('float32', 'fp32')}" for r in rows]
     colors = {"ours": "tab:blue", "ours-int8": "tab:cyan", "meta": "tab:orange", "hf": "tab:green"}
     for ax, key, name in ((axes[0], "decode_tok_s", "decode tok/s"), (axes[1], "prefill_long_tok_s", "prefill tok/s (512 tokens)")):
         medians = [r[key]["median"] for r in rows]
@@ -162,7 +164,7 @@ def bar_chart(rows: list[dict], path: Path, title: str) -> None:
             ax.scatter(range(len(rows)), [r["ceiling_tok_s"] for r in rows], marker="_", s=600, color="black",
                        label="bandwidth ceiling", zorder=3)
             ax.legend(loc="upper left")
-        ax.set_xticks(range(len(rows)), labels, fontsize=7)
+        ax.set_xticks(range(len(rows)), labels, fontsize=8)
         ax.set_ylabel(name)
     fig.suptitle(title)
     fig.tight_layout()
@@ -213,7 +215,8 @@ def main() -> None:
         {"shape": args.shape, "threads": args.threads, "bandwidth_bytes_per_s": bandwidths, "rows": rows,
          "runs": [run for group in runs.values() for run in group]}, indent=1))
     bar_chart(rows, args.out / f"bench-{args.shape}.png",
-              f"Llama 3 {args.shape.upper()} shape on {args.threads} CPU threads, median of {args.reps}")
+              f"Llama 3 {args.shape.upper()} shape, {args.threads} CPU thread{'s' if args.threads > 1 else ''}, "
+              f"median and range of {args.reps} runs")
     print(markdown)
     print(f"total {time.perf_counter() - t0:.0f}s", file=sys.stderr)
 

@@ -27,12 +27,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 WARMUP_PROMPT = [128000, 1, 2, 3, 4]  # first calls pay one-off costs (page faults, kernel set-up): not timed
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak RSS. VmHWM, not getrusage's ru_maxrss: that one keeps the parent's peak across exec."""
+def memory_status(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak) of this process in bytes. VmHWM, not getrusage's ru_maxrss: that one
+    keeps the parent's peak across exec."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def bytes_read_per_token(weights: dict) -> int:
@@ -166,6 +167,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
 
+    baseline_rss = memory_status("VmRSS")  # the interpreter with torch: what every implementation pays anyway
     start = time.perf_counter()
     checkpoint = load_checkpoint(args.ckpt, show_progress=False)
     params = checkpoint.params
@@ -197,7 +199,7 @@ def main() -> None:
 
     result = {
         "impl": args.impl, "dtype": args.dtype, "threads": args.threads, "load_s": load_s,
-        "peak_rss_bytes": peak_rss_bytes(), "file_bytes": checkpoint.file_bytes,
+        "peak_rss_bytes": memory_status("VmHWM"), "baseline_rss_bytes": baseline_rss, "file_bytes": checkpoint.file_bytes,
         "bytes_per_token": bytes_read_per_token(weights),
         "prefill_short_tok_s": args.short_prompt / short_prefill_s,
         "prefill_long_tok_s": args.long_prompt / long_prefill_s,
