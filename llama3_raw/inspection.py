@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = inspect_prompt(session.weights, session.params, session.tokenizer, prompt, args.out, layers)
         print(f"next-token guess at the last position, block by block ({ckpt_dir}):")
         for layer, (token, prob) in enumerate(zip(summary["last_position_top_tokens"], summary["last_position_top_probs"])):
-            print(f"  block {layer:2d}: {token!r:>16} {prob:.3f}")
+            print(f"  block {layer:2d}: {token:>16} {prob:.3f}")
         print(f"wrote {', '.join(summary['files'][:4])}{' ...' if len(summary['files']) > 4 else ''} to {args.out}/")
 
     return run_tool(work)
