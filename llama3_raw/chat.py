@@ -140,10 +140,10 @@ class ChatSession:
         self.add("assistant", self.tokenizer.decode(reply), [*encode_header(self.tokenizer, "assistant"), *reply, eot])
 
     def feed(self, ids: list[int]) -> torch.Tensor:
-        """Run new tokens through the model on top of the cache; logits (1, S, V)."""
+        """Run new tokens through the model on top of the cache; the last position's logits (1, 1, V)."""
         tokens = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, S)
         with torch.inference_mode():
-            logits, self.cache = forward(self.weights, self.params, tokens, self.cache_at(len(self.fed)))
+            logits, self.cache = forward(self.weights, self.params, tokens, self.cache_at(len(self.fed)), last_only=True)
         self.fed = self.fed + ids
         return logits
 

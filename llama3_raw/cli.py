@@ -67,7 +67,8 @@ def generation_defaults(ckpt_dir: Path) -> dict:
     if not path.is_file():
         return defaults
     checks = {"prompt": str, "max_new_tokens": positive_int, "temperature": non_negative_float,
-              "top_p": probability, "top_k": non_negative_int}
+              "top_p": probability, "top_k": non_negative_int,
+              "context_len": positive_int}  # the context the model was trained for, if shorter than its family's
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(raw, dict) or set(raw) - set(checks):
@@ -210,7 +211,9 @@ def open_checkpoint(args: argparse.Namespace):
                         f"params.json and consolidated.00.pth.")
     defaults = generation_defaults(ckpt_dir)
     params = checkpoint_params(ckpt_dir)
-    if args.context_len is not None:
+    if args.context_len is None and "context_len" in defaults:
+        params = replace(params, max_seq_len=min(defaults["context_len"], params.context_len))
+    elif args.context_len is not None:
         if args.context_len > params.context_len:
             raise UserError(f"--context-len {args.context_len} exceeds this model's maximum of {params.context_len} "
                             f"tokens; pass at most {params.context_len}.")

@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--window", type=int, help="tokens per window including BOS (default: the model's "
                         "trained context from generation.json, else min(context, 2048))")
     parser.add_argument("--stride", type=int, help="new tokens scored per window after the first (default window/2)")
+    parser.add_argument("--tail", type=float, metavar="FRACTION", help="score only the last FRACTION of the file's "
+                        "characters, e.g. 0.1 for Tiny Shakespeare's validation split")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -112,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def work():
         text = read_text(args.file)
+        if args.tail is not None:
+            if not 0 < args.tail <= 1:
+                raise UserError(f"--tail {args.tail} must be a fraction in (0, 1], e.g. 0.1 for the last 10 %.")
+            text = text[len(text) - int(len(text) * args.tail):]  # the split training uses: last 10 % by characters
         ckpt_dir = args.ckpt_dir or find_default_checkpoint()
         session = open_session(ckpt_dir, args.tokenizer, args.dtype, args.device, show_progress=not args.json)
         trained = generation_defaults(ckpt_dir).get("context_len")

@@ -183,7 +183,8 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, stop_after: int |
             bar.write(f"step {done}: validation {last_val['nats_per_char']:.4f} nats/char "
                       f"({last_val['nats_per_token']:.4f} nats/token)", file=sys.stderr)
             save_state(done)
-            export_checkpoint(out_dir, weights, params, tokenizer_bytes, recipe.generation or None)
+            generation = {**recipe.generation, "context_len": recipe.train.context}  # run.py and score stay within it
+            export_checkpoint(out_dir, weights, params, tokenizer_bytes, generation)
             plot_loss_curve(records, out_dir / CURVE_FILE, f"Llama 3 on {recipe.corpus.name}: "
                             f"{params.parameter_count() / 1e6:.1f}M parameters")
         elif done == end_step:
