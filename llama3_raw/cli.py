@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .chat import ChatSession, check_messages, interactive_chat, read_chat_file, stream_reply
-from .errors import UserError
+from .errors import UserError, run_tool
 from .generate import Sampling, generate, generate_batch
 from .loading import (
     cast_weights, checkpoint_params, count_parameters, default_tokenizer_path, is_checkpoint_dir, load_checkpoint,
@@ -393,17 +393,13 @@ def run_chat(args: argparse.Namespace) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def work():
         result = run(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    if args.json and isinstance(result, list):  # --prompts-file: JSON lines, one object per prompt
-        for item in result:
-            print(json.dumps(item))
-    elif args.json:
-        print(json.dumps(result))
-    return 0
+        if args.json and isinstance(result, list):  # --prompts-file: JSON lines, one object per prompt
+            for item in result:
+                print(json.dumps(item))
+        elif args.json:
+            print(json.dumps(result))
+
+    return run_tool(work)

@@ -18,6 +18,7 @@ from .errors import UserError, run_tool
 from .model import forward
 from .params import ModelParams
 from .reference import meta_block_outputs, meta_transformer
+from .session import open_session, tool_parser
 
 # Relative to the largest reference value. Two float32 implementations of the same math differ by
 # rounding (about 1e-8 here); bfloat16 keeps 8 mantissa bits.
@@ -89,11 +90,7 @@ def report_text(comparison: Comparison) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m llama3_raw compare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("prompt", nargs="?", help="text to run (default: the model's default prompt)")
-    parser.add_argument("--ckpt-dir", type=Path, help="checkpoint folder (default: as run.py chooses)")
-    parser.add_argument("--tokenizer", help="tokenizer.model (default: the one beside the checkpoint)")
+    parser = tool_parser("python -m llama3_raw compare", __doc__)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--tolerance", type=float, help="relative tolerance per block (default 1e-5 fp32, 2e-2 bf16)")
     parser.add_argument("--perturb", metavar="KEY", help="add 5%% noise to this weight on our side, e.g. "
@@ -105,7 +102,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .cli import DTYPES, find_default_checkpoint, generation_defaults
     from .reference import import_reference
-    from .session import open_session
 
     args = build_parser().parse_args(argv)
     outcome = {}

@@ -18,6 +18,7 @@ import torch
 from .errors import UserError
 from .model import at_least_fp32, forward, rms_norm
 from .params import ModelParams
+from .session import open_session, tool_parser
 from .tokenizer import Tokenizer
 
 Tensor = torch.Tensor
@@ -163,11 +164,7 @@ def inspect_prompt(weights, params: ModelParams, tokenizer: Tokenizer, prompt: s
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m llama3_raw inspect", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("prompt", nargs="?", help="text to run (default: the model's default prompt)")
-    parser.add_argument("--ckpt-dir", type=Path, help="checkpoint folder (default: as run.py chooses)")
-    parser.add_argument("--tokenizer", help="tokenizer.model (default: the one beside the checkpoint)")
+    parser = tool_parser("python -m llama3_raw inspect", __doc__)
     parser.add_argument("--out", type=Path, default=Path("inspect_out"), help="output folder (default inspect_out/)")
     parser.add_argument("--layers", default="all", help="layers to draw attention maps for: 'all' or e.g. 0,3-5")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -178,7 +175,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .cli import find_default_checkpoint, generation_defaults
     from .errors import run_tool
-    from .session import open_session
 
     args = build_parser().parse_args(argv)
 

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from .errors import UserError, run_tool
 from .model import forward
 from .params import ModelParams
+from .session import open_session, tool_parser
 
 
 @dataclass(frozen=True)
@@ -90,11 +91,8 @@ def read_text(path: Path) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m llama3_raw score", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser("python -m llama3_raw score", __doc__, with_prompt=False)
     parser.add_argument("file", type=Path, help="UTF-8 text file to score")
-    parser.add_argument("--ckpt-dir", type=Path, help="checkpoint folder (default: as run.py chooses)")
-    parser.add_argument("--tokenizer", help="tokenizer.model (default: the one beside the checkpoint)")
     parser.add_argument("--window", type=int, help="tokens per window including BOS (default: the model's "
                         "trained context from generation.json, else min(context, 2048))")
     parser.add_argument("--stride", type=int, help="new tokens scored per window after the first (default window/2)")
@@ -108,7 +106,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .cli import find_default_checkpoint, generation_defaults
-    from .session import open_session
 
     args = build_parser().parse_args(argv)
 

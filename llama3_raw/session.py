@@ -4,6 +4,7 @@ The command-line tools (run, inspect, compare, score) all start here, so they ch
 in the same order: cheap files first (params.json, tokenizer, vocabulary), the weights last.
 """
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,16 @@ class Session:
     weights: dict[str, torch.Tensor]  # in `dtype`, on `device`
     dtype: torch.dtype
     device: str
+
+
+def tool_parser(prog: str, description: str, with_prompt: bool = True) -> argparse.ArgumentParser:
+    """The arguments every tool shares: an optional prompt, --ckpt-dir and --tokenizer."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if with_prompt:
+        parser.add_argument("prompt", nargs="?", help="text to run (default: the model's default prompt)")
+    parser.add_argument("--ckpt-dir", type=Path, help="checkpoint folder (default: as run.py chooses)")
+    parser.add_argument("--tokenizer", help="tokenizer.model (default: the one beside the checkpoint)")
+    return parser
 
 
 def open_tokenizer(ckpt_dir: Path, params: ModelParams, tokenizer_path: str | None) -> Tokenizer:

@@ -5,8 +5,6 @@ is the oracle; it is a test-only dependency.
 """
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import torch
@@ -79,26 +77,11 @@ def write_random_checkpoint(ckpt_dir: Path, p: dict, seed: int = 0, dtype=torch.
     return write_checkpoint(ckpt_dir, p, random_state_dict(p, seed, dtype, with_output), tokenizer)
 
 
-_model_parallel_ready = False
-
-
 def init_meta_model_parallel() -> None:
-    """fairscale wants a process group even for one process: world size 1 on gloo."""
-    global _model_parallel_ready
-    if _model_parallel_ready:
-        return
-    import fairscale.nn.model_parallel.initialize as fs_init
+    """fairscale wants a process group even for one process: world size 1 on gloo (the project's own set-up)."""
+    from llama3_raw.reference import init_model_parallel
 
-    if not torch.distributed.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(port)
-        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
-    if not fs_init.model_parallel_is_initialized():
-        fs_init.initialize_model_parallel(1)
-    _model_parallel_ready = True
+    init_model_parallel()
 
 
 def meta_transformer(p: dict, state: dict, max_seq_len: int = 512, max_batch_size: int = 1, dtype=torch.float32):
@@ -121,38 +104,6 @@ def meta_transformer(p: dict, state: dict, max_seq_len: int = 512, max_batch_siz
 
 def meta_layer_outputs(model, tokens: torch.Tensor, start_pos: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Run Meta's forward once; return every block's output (via hooks) and the logits."""
-    outputs = []
-    hooks = [layer.register_forward_hook(lambda _m, _i, out: outputs.append(out.clone())) for layer in model.layers]
-    try:
-        logits = model.forward(tokens, start_pos)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return outputs, logits
+    from llama3_raw.reference import meta_block_outputs
 
-
-def split_like_meta(key: str) -> int | None:
-    """Meta's model-parallel split dimension, written out from fairscale's layer types (not from llama3_raw):
-    ColumnParallelLinear and VocabParallelEmbedding split dim 0, RowParallelLinear dim 1, norms are copied."""
-    if key.endswith("norm.weight"):
-        return None
-    if ".attention.wo." in key or ".feed_forward.w2." in key:
-        return 1
-    return 0
-
-
-def write_sharded_checkpoint(ckpt_dir: Path, p: dict, state: dict, n_shards: int,
-                             tokenizer: Path | None = OFFICIAL_TOKENIZER) -> Path:
-    """Meta's model-parallel layout: consolidated.00.pth ... with each tensor cut into n_shards slices."""
-    ckpt_dir = Path(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    for rank in range(n_shards):
-        shard = {}
-        for key, tensor in state.items():
-            dim = split_like_meta(key)
-            shard[key] = tensor.clone() if dim is None else tensor.chunk(n_shards, dim)[rank].clone()
-        torch.save(shard, ckpt_dir / f"consolidated.{rank:02d}.pth")
-    (ckpt_dir / "params.json").write_text(json.dumps(p))
-    if tokenizer is not None:
-        (ckpt_dir / "tokenizer.model").write_bytes(Path(tokenizer).read_bytes())
-    return ckpt_dir
+    return meta_block_outputs(model, tokens, start_pos)
