@@ -17,12 +17,11 @@ import torch
 from .chat import ChatSession, check_messages, interactive_chat, read_chat_file, stream_reply
 from .errors import UserError, run_tool
 from .generate import Sampling, generate, generate_batch
-from .loading import (
-    cast_weights, checkpoint_params, count_parameters, default_tokenizer_path, is_checkpoint_dir, load_checkpoint,
-)
+from .loading import cast_weights, count_parameters, is_checkpoint_dir, load_checkpoint
 from .prompts_file import read_prompts_file
 from .quantize import quantize_weights
-from .tokenizer import TextStream, load_tokenizer
+from .session import check_device, open_params, open_tokenizer
+from .tokenizer import TextStream
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS_DIR = REPO_ROOT / "weights"
@@ -201,16 +200,10 @@ def check_mode_flags(args: argparse.Namespace) -> None:
 
 def open_checkpoint(args: argparse.Namespace):
     """The cheap part of opening a checkpoint: its folder, generation defaults, params and tokenizer."""
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but PyTorch sees no CUDA GPU here; use --device cpu.")
-    if args.tokenizer is not None and "://" not in args.tokenizer and not Path(args.tokenizer).is_file():
-        raise UserError(f"--tokenizer {args.tokenizer} does not exist; pass the path of a tokenizer.model file.")
+    check_device(args.device)
     ckpt_dir = args.ckpt_dir if args.ckpt_dir is not None else find_default_checkpoint()
-    if not ckpt_dir.is_dir():
-        raise UserError(f"checkpoint directory {ckpt_dir} does not exist; pass --ckpt-dir with the folder holding "
-                        f"params.json and consolidated.00.pth.")
+    params = open_params(ckpt_dir)
     defaults = generation_defaults(ckpt_dir)
-    params = checkpoint_params(ckpt_dir)
     if args.context_len is None and "context_len" in defaults:
         params = replace(params, max_seq_len=min(defaults["context_len"], params.context_len))
     elif args.context_len is not None:
@@ -218,14 +211,7 @@ def open_checkpoint(args: argparse.Namespace):
             raise UserError(f"--context-len {args.context_len} exceeds this model's maximum of {params.context_len} "
                             f"tokens; pass at most {params.context_len}.")
         params = replace(params, max_seq_len=args.context_len)
-    tokenizer_path = args.tokenizer or str(default_tokenizer_path(ckpt_dir))
-    tokenizer = load_tokenizer(tokenizer_path)
-    if tokenizer.n_words != params.vocab_size:
-        raise UserError(
-            f"tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but the checkpoint in {ckpt_dir} says vocab_size "
-            f"{params.vocab_size}; use the tokenizer.model that came with these weights."
-        )
-    return ckpt_dir, defaults, params, tokenizer
+    return ckpt_dir, defaults, params, open_tokenizer(ckpt_dir, params, args.tokenizer)
 
 
 def load_weights(args: argparse.Namespace, ckpt_dir: Path, params, start: float):

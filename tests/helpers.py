@@ -107,3 +107,31 @@ def meta_layer_outputs(model, tokens: torch.Tensor, start_pos: int = 0) -> tuple
     from llama3_raw.reference import meta_block_outputs
 
     return meta_block_outputs(model, tokens, start_pos)
+
+
+
+def split_like_meta(key: str) -> int | None:
+    """Meta's model-parallel split dimension, written out from fairscale's layer types (not from llama3_raw):
+    ColumnParallelLinear and VocabParallelEmbedding split dim 0, RowParallelLinear dim 1, norms are copied."""
+    if key.endswith("norm.weight"):
+        return None
+    if ".attention.wo." in key or ".feed_forward.w2." in key:
+        return 1
+    return 0
+
+
+def write_sharded_checkpoint(ckpt_dir: Path, p: dict, state: dict, n_shards: int,
+                             tokenizer: Path | None = OFFICIAL_TOKENIZER) -> Path:
+    """Meta's model-parallel layout: consolidated.00.pth ... with each tensor cut into n_shards slices."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    for rank in range(n_shards):
+        shard = {}
+        for key, tensor in state.items():
+            dim = split_like_meta(key)
+            shard[key] = tensor.clone() if dim is None else tensor.chunk(n_shards, dim)[rank].clone()
+        torch.save(shard, ckpt_dir / f"consolidated.{rank:02d}.pth")
+    (ckpt_dir / "params.json").write_text(json.dumps(p))
+    if tokenizer is not None:
+        (ckpt_dir / "tokenizer.model").write_bytes(Path(tokenizer).read_bytes())
+    return ckpt_dir
