@@ -152,10 +152,8 @@ def load_checkpoint(ckpt_dir: str | Path, show_progress: bool = True) -> Checkpo
     if is_hf_format(ckpt_dir):
         params, weights, file_bytes, tied_output = read_hf_checkpoint(ckpt_dir)
         check_weights(weights, params, ckpt_dir)
-        weights = {key: weights[key] for key in params.weight_shapes() if key in weights}  # Meta's key order
-        if tied_output:
-            weights["output.weight"] = weights["tok_embeddings.weight"]  # the same tensor, not a copy
-        return Checkpoint(ckpt_dir, params, weights, file_bytes, tied_output, source_format="huggingface")
+        return Checkpoint(ckpt_dir, params, in_meta_order(weights, params, tied_output), file_bytes, tied_output,
+                          source_format="huggingface")
     params = load_params(ckpt_dir / "params.json")
     files = checkpoint_files(ckpt_dir)
     if not files:
@@ -171,10 +169,15 @@ def load_checkpoint(ckpt_dir: str | Path, show_progress: bool = True) -> Checkpo
         warm_page_cache(path, show_progress)
         weights = read_state_dict(path)
         tied_output = check_weights(weights, params, path)
-    weights = {key: weights[key] for key in params.weight_shapes() if key in weights}  # Meta's key order
+    return Checkpoint(ckpt_dir, params, in_meta_order(weights, params, tied_output), file_bytes, tied_output)
+
+
+def in_meta_order(weights: dict[str, torch.Tensor], params: ModelParams, tied_output: bool) -> dict[str, torch.Tensor]:
+    """The verified weights in Meta's key order; a tied output is the embedding tensor itself, not a copy."""
+    ordered = {key: weights[key] for key in params.weight_shapes() if key in weights}
     if tied_output:
-        weights["output.weight"] = weights["tok_embeddings.weight"]  # the same tensor, not a copy
-    return Checkpoint(ckpt_dir, params, weights, file_bytes, tied_output)
+        ordered["output.weight"] = ordered["tok_embeddings.weight"]
+    return ordered
 
 
 def count_parameters(weights: dict[str, torch.Tensor]) -> int:

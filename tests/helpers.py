@@ -135,3 +135,24 @@ def write_sharded_checkpoint(ckpt_dir: Path, p: dict, state: dict, n_shards: int
     if tokenizer is not None:
         (ckpt_dir / "tokenizer.model").write_bytes(Path(tokenizer).read_bytes())
     return ckpt_dir
+
+
+def fp32_model(ckpt_dir: Path):
+    """(weights in float32, params, official tokenizer) for a checkpoint written by these helpers."""
+    from llama3_raw import cast_weights, load_checkpoint, load_tokenizer
+
+    ckpt = load_checkpoint(ckpt_dir, show_progress=False)
+    return cast_weights(ckpt.weights, torch.float32, "cpu"), ckpt.params, load_tokenizer(OFFICIAL_TOKENIZER)
+
+
+def spy_on_forward(monkeypatch, module) -> list[torch.Size]:
+    """Make `module.forward` record the shape (B, S) of the tokens of every call; returns the list it fills."""
+    shapes = []
+    real_forward = module.forward
+
+    def recording_forward(weights, params, tokens, cache=None, **kwargs):
+        shapes.append(tokens.shape)
+        return real_forward(weights, params, tokens, cache, **kwargs)
+
+    monkeypatch.setattr(module, "forward", recording_forward)
+    return shapes

@@ -9,8 +9,8 @@ import importlib
 import pytest
 import torch
 
-from helpers import OFFICIAL_TOKENIZER
-from llama3_raw import cast_weights, forward, generate, load_checkpoint, load_tokenizer
+from helpers import fp32_model, spy_on_forward
+from llama3_raw import forward, generate
 from llama3_raw.generate import generate_batch
 
 generation = importlib.import_module("llama3_raw.generate")  # the module (the package exports a function of that name)
@@ -24,9 +24,7 @@ TEXTS = ["Hi", "the answer to the ultimate question of life, the universe, and e
 @pytest.fixture(params=["gqa_checkpoint", "scaled_tied_checkpoint"])
 def model(request):
     ckpt_dir, _, _ = request.getfixturevalue(request.param)
-    ckpt = load_checkpoint(ckpt_dir, show_progress=False)
-    tokenizer = load_tokenizer(OFFICIAL_TOKENIZER)
-    return cast_weights(ckpt.weights, torch.float32, "cpu"), ckpt.params, tokenizer
+    return fp32_model(ckpt_dir)
 
 
 def test_padded_rows_have_the_logits_of_each_prompt_alone(model):
@@ -55,15 +53,9 @@ def test_batch_gives_each_prompt_its_own_tokens_and_finished_rows_leave(model, m
     alone = stopped
     assert min(map(len, alone)) < max(map(len, alone))
 
-    batch_sizes = []
-    real_forward = generation.forward
-
-    def recording_forward(weights, params, tokens, cache=None, **kwargs):
-        batch_sizes.append(tokens.shape[0])
-        return real_forward(weights, params, tokens, cache, **kwargs)
-
-    monkeypatch.setattr(generation, "forward", recording_forward)
+    shapes = spy_on_forward(monkeypatch, generation)
     batched = generate_batch(weights, params, prompts, 12, stop_ids)
+    batch_sizes = [shape[0] for shape in shapes]
     assert batched == alone
     assert batch_sizes[0] == len(prompts) and batch_sizes[-1] < len(prompts)  # finished rows stopped early
     assert batch_sizes == sorted(batch_sizes, reverse=True) and len(batch_sizes) <= 12

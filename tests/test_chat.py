@@ -8,14 +8,13 @@ reference in test_reference.py) for what a session that reuses its KV cache must
 from dataclasses import replace
 
 import pytest
-import torch
 from llama_models.datatypes import RawMessage, StopReason
 from llama_models.llama3.chat_format import ChatFormat
 from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
 
 import llama3_raw.chat as chat
-from helpers import OFFICIAL_TOKENIZER
-from llama3_raw import cast_weights, generate, load_checkpoint, load_tokenizer
+from helpers import OFFICIAL_TOKENIZER, fp32_model, spy_on_forward
+from llama3_raw import generate, load_tokenizer
 from llama3_raw.chat import ChatSession, encode_dialog
 
 DIALOGS = [
@@ -43,21 +42,7 @@ def test_dialog_ids_equal_metas_chat_format(dialog):
 @pytest.fixture(scope="module")
 def model(gqa_checkpoint):
     ckpt_dir, _, _ = gqa_checkpoint
-    ckpt = load_checkpoint(ckpt_dir, show_progress=False)
-    return cast_weights(ckpt.weights, torch.float32, "cpu"), ckpt.params, load_tokenizer(OFFICIAL_TOKENIZER)
-
-
-def count_fed_tokens(monkeypatch) -> list[int]:
-    """Record how many tokens each forward call of the chat session feeds."""
-    fed = []
-    real_forward = chat.forward
-
-    def counting_forward(weights, params, tokens, cache=None, **kwargs):
-        fed.append(tokens.shape[1])
-        return real_forward(weights, params, tokens, cache, **kwargs)
-
-    monkeypatch.setattr(chat, "forward", counting_forward)
-    return fed
+    return fp32_model(ckpt_dir)
 
 
 def test_second_turn_feeds_only_new_tokens_and_equals_one_shot_prefill(model, monkeypatch):
@@ -68,8 +53,9 @@ def test_second_turn_feeds_only_new_tokens_and_equals_one_shot_prefill(model, mo
     fed_after_first = len(session.fed)
     session.add("user", "Tell me more")
     prompt = session.dialog_ids()  # the whole dialog so far, as one prompt
-    calls = count_fed_tokens(monkeypatch)
+    shapes = spy_on_forward(monkeypatch, chat)
     second = list(session.respond())
+    calls = [shape[1] for shape in shapes]  # tokens fed per forward call
 
     assert calls[0] == len(prompt) - fed_after_first < len(prompt) // 2  # no re-prefill of the history
     assert prompt[:fed_after_first] == session.fed[:fed_after_first]

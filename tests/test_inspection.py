@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import OFFICIAL_TOKENIZER
-from llama3_raw import cast_weights, forward, load_checkpoint, load_tokenizer
+from helpers import fp32_model
+from llama3_raw import forward
 from llama3_raw.compare import compare_with_reference, perturbed
 from llama3_raw.inspection import inspect_prompt, logit_lens
 from llama3_raw.score import score_text, sequence_nll, window_spans
@@ -24,8 +24,7 @@ PROMPT = "The quick brown fox jumps over the lazy dog because"
 @pytest.fixture(scope="module")
 def model(gqa_checkpoint):
     ckpt_dir, _, _ = gqa_checkpoint
-    ckpt = load_checkpoint(ckpt_dir, show_progress=False)
-    return cast_weights(ckpt.weights, torch.float32, "cpu"), ckpt.params, load_tokenizer(OFFICIAL_TOKENIZER)
+    return fp32_model(ckpt_dir)
 
 
 def test_logit_lens_at_the_last_block_equals_the_logits(model):
