@@ -28,7 +28,25 @@ def matmul(x: Tensor, w: Weight) -> Tensor:
     """x @ w.T for a weight matrix w (out, in): (..., in) -> (..., out). Int8 weights multiply from their int8 bytes."""
     if isinstance(w, Int8Weight):
         return int8_matmul(x, w)
+    if x.numel() == x.shape[-1] and x.dtype == torch.float32 and x.device.type == "cpu":
+        return fp32_row_times_matrix(x, w)
     return x @ w.T
+
+
+def fp32_row_times_matrix(x: Tensor, w: Tensor) -> Tensor:
+    """x @ w.T for one row of float32 activations (decoding one token), spread over every CPU thread.
+
+    PyTorch hands a float32 matrix-vector product to MKL's GEMV, which runs on one core however many
+    threads torch has (18 GB/s at 2 threads on the bench machine). Seen as a batch of row blocks
+    (blocks, out/blocks, in) -- a view, no copy -- the blocks are shared out among the threads (29 GB/s).
+    Each output is still the dot product of one weight row with x.
+    """
+    threads = torch.get_num_threads()
+    blocks = math.gcd(w.shape[0], 4 * threads) if threads > 1 and w.is_contiguous() else 1
+    if blocks == 1:
+        return x @ w.T
+    out = x.reshape(1, -1) @ w.view(blocks, -1, w.shape[1]).mT  # (blocks, 1, out/blocks)
+    return out.view(*x.shape[:-1], -1)  # the blocks are consecutive rows: (..., out)
 
 
 @dataclass(frozen=True)

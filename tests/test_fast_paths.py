@@ -19,7 +19,7 @@ import torch
 from helpers import TINY_GQA, write_random_checkpoint
 from llama3_raw import cast_weights, load_checkpoint
 from llama3_raw.generate import generate
-from llama3_raw.model import forward, new_kv_cache
+from llama3_raw.model import forward, fp32_row_times_matrix, matmul, new_kv_cache
 from llama3_raw.quantize import Int8Weight, dequantize, int8_matmul, quantize_int8, quantize_weights
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,6 +56,25 @@ def test_last_only_logits_are_the_last_row_of_all_logits(gqa_checkpoint):
     last, _ = forward(weights, ckpt.params, tokens, last_only=True)
     assert last.shape == (1, 1, ckpt.params.vocab_size)
     torch.testing.assert_close(last[:, 0], every[:, -1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [96, 90, 7])  # blocks of 8 rows; blocks of 2; a prime: one block
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fp32_decode_row_blocks_give_the_plain_product(rows, threads):
+    w = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows))
+    x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(3))
+    expected = (x.double() @ w.double().T).float()  # float64 product: independent of how fp32 is blocked
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        blocked = fp32_row_times_matrix(x, w)
+        through_matmul = matmul(x, w)
+        strided = fp32_row_times_matrix(x, torch.randn(64, rows).T)  # not contiguous: no view, plain product
+    finally:
+        torch.set_num_threads(previous)
+    assert blocked.shape == (1, 1, rows) and strided.shape == (1, 1, rows)
+    torch.testing.assert_close(blocked, expected, rtol=0, atol=1e-5)
+    assert torch.equal(through_matmul, blocked)
 
 
 def test_int8_round_trip_is_within_half_a_scale_step():
