@@ -2,8 +2,8 @@
 
     python -m bench.worker --impl ours|ours-int8|meta|hf --dtype bfloat16 --ckpt DIR --threads 2
 
-Prints one JSON object: load seconds, peak RSS, prefill seconds for a short and a long prompt, decode
-tokens/s, and the bytes of weights one decoded token reads. Every implementation gets the same
+Prints one JSON object: load seconds, peak RSS, prefill seconds for a long and a short prompt, decode
+tokens/s, the bytes of weights one decoded token reads, and the read bandwidth measured right after decoding. Every implementation gets the same
 memory-mapped tensors from this project's loader (bf16 used as they are; fp32 converted once), and
 Meta's and Hugging Face's models are built on the meta device and handed those tensors with
 `assign=True`, so their load time and memory measure the same zero-copy loading as ours and the
@@ -45,6 +45,22 @@ def bytes_read_per_token(weights: dict) -> int:
             continue
         distinct[id(w)] = w.nbytes
     return sum(distinct.values())
+
+
+def read_bandwidth(threads: int, gib: float = 0.5, repeats: int = 7) -> float:
+    """Bytes/s of the fastest of several sums over a float32 tensor far larger than the caches (32 MB L3).
+
+    A sum reads every byte once and writes nothing, as decoding reads its weights; the best repeat
+    is the machine's reachable read bandwidth at this thread count.
+    """
+    torch.set_num_threads(threads)
+    data = torch.ones(int(gib * (1 << 30)) // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return data.nbytes / best
 
 
 def time_generation(prefill, decode_step, prompt: list[int], decode_steps: int) -> tuple[float, float]:
@@ -192,14 +208,19 @@ def main() -> None:
     long = [128000] + [2000 + i % 5000 for i in range(args.long_prompt - 1)]
     state["steps"] = 2
     time_generation(prefill, decode_step, WARMUP_PROMPT, 2)
-    state["steps"] = args.decode_steps
-    short_prefill_s, decode_s = time_generation(prefill, decode_step, short, args.decode_steps)
     state["steps"] = 0
     long_prefill_s, _ = time_generation(prefill, decode_step, long, 0)
+    state["steps"] = args.decode_steps
+    short_prefill_s, decode_s = time_generation(prefill, decode_step, short, args.decode_steps)
+    peak_rss = memory_status("VmHWM")  # before the bandwidth probe allocates its buffer
+    # The machine's bandwidth drifts by 2x within a minute (other guests on the host), so it is read
+    # again right after the decode it is compared with (when cpu, where a sum is the read probe).
+    bandwidth = read_bandwidth(args.threads) if args.device == "cpu" else None
 
     result = {
         "impl": args.impl, "dtype": args.dtype, "threads": args.threads, "load_s": load_s,
-        "peak_rss_bytes": memory_status("VmHWM"), "baseline_rss_bytes": baseline_rss, "file_bytes": checkpoint.file_bytes,
+        "peak_rss_bytes": peak_rss, "baseline_rss_bytes": baseline_rss, "file_bytes": checkpoint.file_bytes,
+        "bandwidth_after_decode": bandwidth,
         "bytes_per_token": bytes_read_per_token(weights),
         "prefill_short_tok_s": args.short_prompt / short_prefill_s,
         "prefill_long_tok_s": args.long_prompt / long_prefill_s,
