@@ -17,7 +17,8 @@ import torch
 from .chat import ChatSession, check_messages, interactive_chat, read_chat_file, stream_reply
 from .errors import UserError, run_tool
 from .generate import Sampling, generate, generate_batch
-from .loading import cast_weights, count_parameters, is_checkpoint_dir, load_checkpoint
+from .loading import (cast_weights, check_new_folder, count_parameters, is_checkpoint_dir, is_int8, load_checkpoint,
+                      save_int8_checkpoint)
 from .prompts_file import read_prompts_file
 from .quantize import quantize_weights
 from .session import check_device, open_params, open_tokenizer
@@ -162,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quantize", choices=["none", "int8"], default="none",
                         help="int8: store each weight matrix as int8 with one scale per output row (made at load "
                         "time), computing in bfloat16; half the bytes of bf16 per token")
+    parser.add_argument("--save-quantized", type=Path, metavar="DIR",
+                        help="with --quantize int8: also write the int8 weights to the new folder DIR as a checkpoint "
+                        "that later runs load directly (--ckpt-dir DIR), without quantizing again")
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                         help="compute dtype (default auto: float32 on the CPU when it fits in memory, else bfloat16)")
     parser.add_argument("--json", action="store_true", help="print one JSON object with tokens, text and timings, nothing "
@@ -182,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
 def check_mode_flags(args: argparse.Namespace) -> None:
     if args.quantize == "int8" and args.dtype == "float32":
         raise UserError("--quantize int8 computes in bfloat16 (int8 weights, bf16 activations); drop --dtype float32.")
+    if args.save_quantized is not None:
+        if args.quantize != "int8":
+            raise UserError("--save-quantized writes int8 weights; add --quantize int8.")
+        check_new_folder(args.save_quantized, "--save-quantized")
     if not args.chat:
         used = [flag for flag, value in (("--system", args.system), ("--message", args.message),
                                          ("--chat-file", args.chat_file)) if value is not None]
@@ -217,17 +225,23 @@ def open_checkpoint(args: argparse.Namespace):
 def load_weights(args: argparse.Namespace, ckpt_dir: Path, params, start: float):
     """The weights in the compute dtype on the compute device: (weights, dtype, load seconds)."""
     checkpoint = load_checkpoint(ckpt_dir, show_progress=not args.json)
-    dtype = torch.bfloat16 if args.quantize == "int8" else choose_dtype(args.dtype, args.device, checkpoint.weights)
+    int8 = args.quantize == "int8" or is_int8(checkpoint.weights)
+    if int8 and args.dtype == "float32":
+        raise UserError(f"{ckpt_dir} holds int8 weights, which compute in bfloat16; drop --dtype float32.")
+    dtype = torch.bfloat16 if int8 else choose_dtype(args.dtype, args.device, checkpoint.weights)
     weights = cast_weights(checkpoint.weights, dtype, args.device, show_progress=not args.json)
     del checkpoint  # when the dtype changed, this lets the memory-mapped file go
     n_parameters = count_parameters(weights)
     if args.quantize == "int8":
         weights = quantize_weights(weights, dtype)  # matrices as int8 + per-row scales, activations in bf16
+    if args.save_quantized is not None:
+        save_int8_checkpoint(weights, ckpt_dir, args.save_quantized, extra_files=(GENERATION_DEFAULTS_FILE,))
+        log(f"saved the int8 weights to {args.save_quantized}; run them with --ckpt-dir {args.save_quantized}")
     if args.device == "cuda":
         torch.cuda.synchronize()
     load_s = time.perf_counter() - start
     log(f"loaded {ckpt_dir} ({n_parameters / 1e6:.1f}M parameters, {params.n_layers} layers) "
-        f"as {str(dtype).removeprefix('torch.')}{' with int8 weights' if args.quantize == 'int8' else ''} "
+        f"as {str(dtype).removeprefix('torch.')}{' with int8 weights' if int8 else ''} "
         f"on {args.device} in {load_s:.1f}s")
     return weights, dtype, load_s
 

@@ -16,6 +16,7 @@ import torch
 from .errors import UserError, run_tool
 from .model import forward
 from .params import ModelParams
+from .quantize import INT8_CHECKPOINT_FILE
 from .reference import meta_block_outputs, meta_transformer
 from .session import open_session, tool_parser
 
@@ -109,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         import_reference()  # say how to install it before any slow work
         ckpt_dir = args.ckpt_dir or find_default_checkpoint()
         prompt = args.prompt if args.prompt is not None else generation_defaults(ckpt_dir)["prompt"]
+        if (ckpt_dir / INT8_CHECKPOINT_FILE).is_file():
+            raise UserError(f"{ckpt_dir} holds int8 weights, which Meta's reference cannot run; compare the checkpoint "
+                            f"they were quantized from.")
         dtype = DTYPES[args.dtype]
         session = open_session(ckpt_dir, args.tokenizer, dtype, "cpu", show_progress=not args.json)
         prompt_ids = session.tokenizer.encode(prompt, bos=True)

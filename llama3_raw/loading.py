@@ -4,10 +4,15 @@ Meta's checkpoint directory holds `params.json`, `consolidated.00.pth` (or sever
 shards, see shards.py) and usually `tokenizer.model`. A single .pth file is opened memory-mapped with
 `weights_only=True`: no pickled code can run, and the tensors are views of the file's pages, so the
 weights live in memory once (as page cache) and a bf16 checkpoint computed in bf16 is never copied.
-A Hugging Face directory (config.json + model*.safetensors) is handled by hf_checkpoint.py.
+A Hugging Face directory (config.json + model*.safetensors) is handled by hf_checkpoint.py, and a folder
+of int8 weights saved by `run.py --quantize int8 --save-quantized DIR` (model.int8.pth) is read the same
+memory-mapped way into Int8Weight matrices (quantize.py).
 """
 
+import json
+import os
 import pickle
+import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +23,8 @@ from tqdm import tqdm
 from .errors import UserError
 from .hf_checkpoint import is_hf_checkpoint_dir, params_from_hf_config, read_config, read_hf_checkpoint
 from .params import ModelParams, load_params
+from .quantize import (INT8_CHECKPOINT_FILE, SCALES_SUFFIX, Int8Weight, int8_state_dict, is_quantized_key,
+                       weights_from_int8_state)
 from .shards import merge_shards, numbered_shards
 
 READ_CHUNK_BYTES = 64 << 20
@@ -32,7 +39,7 @@ class Checkpoint:
     weights: dict[str, torch.Tensor]
     file_bytes: int
     tied_output: bool  # True when the file had no output.weight and the embeddings serve as output
-    source_format: str = "meta"  # "meta" (consolidated.*.pth) or "huggingface" (config.json + safetensors)
+    source_format: str = "meta"  # "meta" (consolidated.*.pth), "huggingface" (config.json + safetensors) or "int8"
 
 
 def checkpoint_files(ckpt_dir: Path) -> list[Path]:
@@ -41,7 +48,8 @@ def checkpoint_files(ckpt_dir: Path) -> list[Path]:
 
 def is_checkpoint_dir(path: Path) -> bool:
     return path.is_dir() and (
-        ((path / "params.json").is_file() and bool(checkpoint_files(path))) or is_hf_checkpoint_dir(path))
+        ((path / "params.json").is_file() and (bool(checkpoint_files(path)) or (path / INT8_CHECKPOINT_FILE).is_file()))
+        or is_hf_checkpoint_dir(path))
 
 
 def is_hf_format(ckpt_dir: Path) -> bool:
@@ -143,6 +151,29 @@ def check_weights(state: dict[str, torch.Tensor], params: ModelParams, path: Pat
     return tied_output
 
 
+def int8_weights(state: dict[str, torch.Tensor], params: ModelParams, path: Path) -> dict:
+    """A saved int8 state dict (quantize.int8_state_dict) checked key by key, as Int8Weight matrices."""
+    expected = {}
+    for key, shape in params.weight_shapes().items():
+        expected[key] = (shape, torch.int8 if is_quantized_key(key) else None)
+        if is_quantized_key(key):
+            expected[key + SCALES_SUFFIX] = ((shape[0],), None)
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    if missing or extra:
+        example = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
+        raise UserError(f"{path} does not match its params.json ({example}); save the int8 weights again with "
+                        f"run.py --quantize int8 --save-quantized.")
+    for key, (shape, dtype) in expected.items():
+        tensor = state[key]
+        right_dtype = tensor.dtype == dtype if dtype is not None else tensor.is_floating_point()
+        if tuple(tensor.shape) != shape or not right_dtype:
+            raise UserError(f"{path}: {key} is {tuple(tensor.shape)} {tensor.dtype} where params.json implies "
+                            f"{shape} {dtype or 'floating point'}; save the int8 weights again with run.py --quantize "
+                            f"int8 --save-quantized.")
+    return weights_from_int8_state(state)
+
+
 def load_checkpoint(ckpt_dir: str | Path, show_progress: bool = True) -> Checkpoint:
     """Read a checkpoint directory in Meta's or Hugging Face's format, verify every key and shape,
     return the flat weight dict with Meta's names."""
@@ -155,6 +186,11 @@ def load_checkpoint(ckpt_dir: str | Path, show_progress: bool = True) -> Checkpo
         return Checkpoint(ckpt_dir, params, in_meta_order(weights, params, tied_output), file_bytes, tied_output,
                           source_format="huggingface")
     params = load_params(ckpt_dir / "params.json")
+    if (ckpt_dir / INT8_CHECKPOINT_FILE).is_file():
+        path = ckpt_dir / INT8_CHECKPOINT_FILE
+        warm_page_cache(path, show_progress)
+        weights = int8_weights(read_state_dict(path), params, path)
+        return Checkpoint(ckpt_dir, params, in_meta_order(weights, params, False), path.stat().st_size, False, "int8")
     files = checkpoint_files(ckpt_dir)
     if not files:
         raise UserError(f"{ckpt_dir} has no consolidated.00.pth; put Meta's checkpoint file there or pass the right --ckpt-dir.")
@@ -180,6 +216,10 @@ def in_meta_order(weights: dict[str, torch.Tensor], params: ModelParams, tied_ou
     return ordered
 
 
+def is_int8(weights: dict) -> bool:
+    return any(isinstance(w, Int8Weight) for w in weights.values())
+
+
 def count_parameters(weights: dict[str, torch.Tensor]) -> int:
     """Distinct parameters: a tied output matrix is counted once."""
     return sum(t.numel() for t in {id(t): t for t in weights.values()}.values())
@@ -189,7 +229,8 @@ def cast_weights(weights: dict[str, torch.Tensor], dtype: torch.dtype, device: s
                  show_progress: bool = False) -> dict[str, torch.Tensor]:
     """Weights in the compute dtype on the compute device; tensors already there are kept as they are.
 
-    Tied tensors stay tied: each distinct tensor is converted once.
+    Tied tensors stay tied: each distinct tensor is converted once. Int8 matrices stay int8; their
+    scales take the compute dtype.
     """
     converted: dict[int, torch.Tensor] = {}
     out = {}
@@ -200,3 +241,26 @@ def cast_weights(weights: dict[str, torch.Tensor], dtype: torch.dtype, device: s
             converted[id(tensor)] = tensor.to(device=device, dtype=dtype)
         out[key] = converted[id(tensor)]
     return out
+
+
+def check_new_folder(out_dir: Path, flag: str) -> None:
+    """A folder about to be written must not hold anything yet: nothing already on disk is overwritten."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UserError(f"{flag} {out_dir} already exists and is not an empty folder; choose a new folder name.")
+
+
+def save_int8_checkpoint(weights: dict, source_dir: Path, out_dir: Path, extra_files: tuple[str, ...] = ()) -> Path:
+    """Write int8 weights as a checkpoint folder that run.py loads directly: params.json, tokenizer.model, the
+    source's `extra_files` (e.g. generation.json) and model.int8.pth (written under a temporary name first)."""
+    check_new_folder(out_dir, "--save-quantized")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    params = checkpoint_params(source_dir)
+    (out_dir / "params.json").write_text(json.dumps(params.to_json_dict(), indent=2) + "\n")
+    shutil.copyfile(default_tokenizer_path(source_dir), out_dir / "tokenizer.model")
+    for name in extra_files:
+        if (source_dir / name).is_file():
+            shutil.copyfile(source_dir / name, out_dir / name)
+    temporary = out_dir / (INT8_CHECKPOINT_FILE + ".partial")
+    torch.save(int8_state_dict(weights), temporary)
+    os.replace(temporary, out_dir / INT8_CHECKPOINT_FILE)
+    return out_dir

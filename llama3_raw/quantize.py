@@ -26,6 +26,10 @@ QUANTIZED_SUFFIXES = (  # the matrices that are multiplied; embeddings are looke
 )
 
 
+def is_quantized_key(key: str) -> bool:
+    return key == "output.weight" or key.endswith(QUANTIZED_SUFFIXES)
+
+
 @dataclass(frozen=True)
 class Int8Weight:
     """A weight matrix (out, in) as int8 values (out, in) and per-row scales (out,) in the compute dtype."""
@@ -48,6 +52,13 @@ class Int8Weight:
     @property
     def nbytes(self) -> int:
         return self.values.nbytes + self.scales.nbytes
+
+    def numel(self) -> int:
+        return self.values.numel()  # the parameters it stands for
+
+    def to(self, device=None, dtype=None) -> "Int8Weight":
+        """On `device`, with scales (and so the compute) in `dtype`; the int8 values stay int8."""
+        return Int8Weight(self.values.to(device=device), self.scales.to(device=device, dtype=dtype))
 
 
 def row_scales(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -93,8 +104,34 @@ def quantize_weights(weights: dict[str, torch.Tensor], dtype: torch.dtype = torc
     """
     out = {}
     for key, tensor in weights.items():
-        if key == "output.weight" or key.endswith(QUANTIZED_SUFFIXES):
+        if isinstance(tensor, Int8Weight):  # read from an int8 checkpoint: already done
+            out[key] = tensor.to(dtype=dtype)
+        elif is_quantized_key(key):
             out[key] = quantize_int8(tensor, dtype)
         else:
             out[key] = tensor.to(dtype)
     return out
+
+
+# Saved int8 weights: one torch.save'd dict of plain tensors beside params.json and tokenizer.model, so that
+# it loads as Meta's files do (memory-mapped, weights_only=True). A quantized matrix KEY is stored as KEY
+# (int8 values) and KEY + ".scales" (one per row); every other tensor under its own name.
+INT8_CHECKPOINT_FILE = "model.int8.pth"
+SCALES_SUFFIX = ".scales"
+
+
+def int8_state_dict(weights: dict) -> dict[str, torch.Tensor]:
+    """The weight dict flattened to plain tensors for torch.save (see INT8_CHECKPOINT_FILE)."""
+    state = {}
+    for key, w in weights.items():
+        if isinstance(w, Int8Weight):
+            state[key], state[key + SCALES_SUFFIX] = w.values.cpu(), w.scales.cpu()
+        else:
+            state[key] = w.cpu()
+    return state
+
+
+def weights_from_int8_state(state: dict[str, torch.Tensor]) -> dict:
+    """The inverse of int8_state_dict: KEY + KEY.scales become one Int8Weight; shapes are checked by the loader."""
+    return {key: Int8Weight(tensor, state[key + SCALES_SUFFIX]) if is_quantized_key(key) else tensor
+            for key, tensor in state.items() if not key.endswith(SCALES_SUFFIX)}

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .loading import cast_weights, checkpoint_params, default_tokenizer_path, load_checkpoint
+from .loading import cast_weights, checkpoint_params, default_tokenizer_path, is_int8, load_checkpoint
 from .params import ModelParams
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -71,6 +71,10 @@ def open_session(ckpt_dir: Path, tokenizer_path: str | None, dtype: torch.dtype 
     params = open_params(ckpt_dir)
     tokenizer = open_tokenizer(ckpt_dir, params, tokenizer_path)
     checkpoint = load_checkpoint(ckpt_dir, show_progress=show_progress)
+    if is_int8(checkpoint.weights):  # saved by --save-quantized: int8 matrices compute with bf16 activations
+        if dtype not in ("auto", torch.bfloat16, "bfloat16"):
+            raise UserError(f"{ckpt_dir} holds int8 weights, which compute in bfloat16; pass --dtype bfloat16.")
+        dtype = torch.bfloat16
     if isinstance(dtype, str):
         dtype = choose_dtype(dtype, device, checkpoint.weights)
     weights = cast_weights(checkpoint.weights, dtype, device, show_progress=show_progress)

@@ -191,3 +191,89 @@ def test_cli_quantize_int8_generates_and_refuses_float32(gqa_checkpoint):
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert [line for line in refused.stderr.splitlines() if "error:" in line] == [
         "error: --quantize int8 computes in bfloat16 (int8 weights, bf16 activations); drop --dtype float32."]
+
+
+def test_saved_int8_checkpoint_loads_as_the_same_int8_model(gqa_checkpoint, tmp_path):
+    ckpt_dir, _, _ = gqa_checkpoint
+    saved = tmp_path / "int8"
+    first = run_cli("--ckpt-dir", ckpt_dir, "--quantize", "int8", "--save-quantized", saved, "--max-new-tokens", 6, "--json")
+    assert first.returncode == 0, first.stderr
+    assert sorted(p.name for p in saved.iterdir()) == ["model.int8.pth", "params.json", "tokenizer.model"]
+    assert json.loads((saved / "params.json").read_text()) == json.loads((ckpt_dir / "params.json").read_text())
+
+    # In this process: the same int8 values and scales that quantizing at load time makes, memory-mapped.
+    loaded = load_checkpoint(saved, show_progress=False)
+    made_now = quantize_weights(load_checkpoint(ckpt_dir, show_progress=False).weights, torch.bfloat16)
+    assert loaded.source_format == "int8" and list(loaded.weights) == list(made_now)
+    for key, w in made_now.items():
+        if isinstance(w, Int8Weight):
+            assert torch.equal(loaded.weights[key].values, w.values) and torch.equal(loaded.weights[key].scales, w.scales)
+        else:
+            assert torch.equal(loaded.weights[key], w)
+    # One byte per quantized weight plus its scales, the rest (embeddings, norms) in bf16: nothing else stored.
+    payload = sum(w.values.numel() + 2 * w.scales.numel() if isinstance(w, Int8Weight) else 2 * w.numel()
+                  for w in made_now.values())
+    assert payload <= (saved / "model.int8.pth").stat().st_size < payload + 200_000
+
+    # A later run loads the folder directly (no --quantize) and generates the same tokens.
+    second = run_cli("--ckpt-dir", saved, "--max-new-tokens", 6, "--json")
+    assert second.returncode == 0, second.stderr
+    assert "with int8 weights" in second.stderr
+    assert json.loads(second.stdout)["tokens"] == json.loads(first.stdout)["tokens"]
+    assert json.loads(second.stdout)["dtype"] == "bfloat16"
+
+
+def error_lines(result) -> list[str]:
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    return [line for line in result.stderr.splitlines() if "error:" in line]
+
+
+def test_save_quantized_refuses_bad_requests_and_leaves_files_alone(gqa_checkpoint, tmp_path):
+    ckpt_dir, _, _ = gqa_checkpoint
+    assert error_lines(run_cli("--ckpt-dir", ckpt_dir, "--save-quantized", tmp_path / "new")) == [
+        "error: --save-quantized writes int8 weights; add --quantize int8."]
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("keep me")
+    assert error_lines(run_cli("--ckpt-dir", ckpt_dir, "--quantize", "int8", "--save-quantized", occupied)) == [
+        f"error: --save-quantized {occupied} already exists and is not an empty folder; choose a new folder name."]
+    assert [p.name for p in occupied.iterdir()] == ["notes.txt"] and (occupied / "notes.txt").read_text() == "keep me"
+
+
+def test_damaged_int8_checkpoints_are_refused_in_one_sentence(gqa_checkpoint, tmp_path):
+    ckpt_dir, _, _ = gqa_checkpoint
+    good = tmp_path / "good"
+    assert run_cli("--ckpt-dir", ckpt_dir, "--quantize", "int8", "--save-quantized", good, "--max-new-tokens", 1).returncode == 0
+    state = torch.load(good / "model.int8.pth", weights_only=True)
+
+    def variant(name, change):
+        folder = tmp_path / name
+        folder.mkdir()
+        for file in ("params.json", "tokenizer.model"):
+            (folder / file).write_bytes((good / file).read_bytes())
+        changed = dict(state)
+        change(changed)
+        torch.save(changed, folder / "model.int8.pth")
+        return folder
+
+    no_scales = variant("no_scales", lambda s: s.pop("layers.0.attention.wq.weight.scales"))
+    assert error_lines(run_cli("--ckpt-dir", no_scales)) == [
+        f"error: {no_scales / 'model.int8.pth'} does not match its params.json (missing "
+        f"layers.0.attention.wq.weight.scales); save the int8 weights again with run.py --quantize int8 --save-quantized."]
+    not_int8 = variant("not_int8", lambda s: s.update({"layers.1.feed_forward.w2.weight":
+                                                       s["layers.1.feed_forward.w2.weight"].to(torch.bfloat16)}))
+    [line] = error_lines(run_cli("--ckpt-dir", not_int8))
+    assert "layers.1.feed_forward.w2.weight is" in line and "torch.int8" in line
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    for file in ("params.json", "tokenizer.model"):
+        (truncated / file).write_bytes((good / file).read_bytes())
+    (truncated / "model.int8.pth").write_bytes((good / "model.int8.pth").read_bytes()[:5000])
+    [line] = error_lines(run_cli("--ckpt-dir", truncated))
+    assert "model.int8.pth is truncated or corrupt" in line
+    [line] = error_lines(run_cli("--ckpt-dir", good, "--dtype", "float32"))
+    assert line == f"error: {good} holds int8 weights, which compute in bfloat16; drop --dtype float32."
+    compare = subprocess.run([sys.executable, "-m", "llama3_raw", "compare", "--ckpt-dir", str(good)], capture_output=True,
+                             text=True, cwd=REPO, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert error_lines(compare) == [f"error: {good} holds int8 weights, which Meta's reference cannot run; compare "
+                                    f"the checkpoint they were quantized from."]
