@@ -28,25 +28,44 @@ def matmul(x: Tensor, w: Weight) -> Tensor:
     """x @ w.T for a weight matrix w (out, in): (..., in) -> (..., out). Int8 weights multiply from their int8 bytes."""
     if isinstance(w, Int8Weight):
         return int8_matmul(x, w)
-    if x.numel() == x.shape[-1] and x.dtype == torch.float32 and x.device.type == "cpu":
-        return fp32_row_times_matrix(x, w)
+    if x.numel() == x.shape[-1] and x.device.type == "cpu":
+        return row_times_matrix(x, w)  # decoding one token: a matrix-vector product
     return x @ w.T
 
 
-def fp32_row_times_matrix(x: Tensor, w: Tensor) -> Tensor:
-    """x @ w.T for one row of float32 activations (decoding one token), spread over every CPU thread.
+def row_times_matrix(x: Tensor, w: Tensor) -> Tensor:
+    """x @ w.T for a single row of activations on the CPU, with the kernels that stream weights fastest.
 
-    PyTorch hands a float32 matrix-vector product to MKL's GEMV, which runs on one core however many
-    threads torch has (18 GB/s at 2 threads on the bench machine). Seen as a batch of row blocks
-    (blocks, out/blocks, in) -- a view, no copy -- the blocks are shared out among the threads (29 GB/s).
-    Each output is still the dot product of one weight row with x.
+    Decoding reads every weight once per token, so this product's read speed sets decode speed.
+    bf16: PyTorch hands it to oneDNN, which streams ~11 GB/s per core here; PyTorch's own matrix-vector
+    kernel (used while oneDNN is switched off) ~25 GB/s. Only these products switch it off: oneDNN stays
+    the faster choice for everything with many rows (prompts, and attention over the cache).
+    float32: MKL's matrix-vector product runs on one core however many threads torch has. Seen as a
+    batch of row blocks (blocks, out/blocks, in) -- a view, no copy -- it is shared out among the
+    threads. Each output is still the dot product of one weight row with x.
     """
     threads = torch.get_num_threads()
-    blocks = math.gcd(w.shape[0], 4 * threads) if threads > 1 and w.is_contiguous() else 1
-    if blocks == 1:
-        return x @ w.T
-    out = x.reshape(1, -1) @ w.view(blocks, -1, w.shape[1]).mT  # (blocks, 1, out/blocks)
+    blocks = 1
+    if x.dtype == torch.float32 and threads > 1 and w.is_contiguous():
+        blocks = math.gcd(w.shape[0], 4 * threads)
+    with oneDNN_switched_off():
+        if blocks == 1:
+            return x @ w.T
+        out = x.reshape(1, -1) @ w.view(blocks, -1, w.shape[1]).mT  # (blocks, 1, out/blocks)
     return out.view(*x.shape[:-1], -1)  # the blocks are consecutive rows: (..., out)
+
+
+@contextlib.contextmanager
+def oneDNN_switched_off():
+    """PyTorch's own CPU kernels instead of oneDNN's for the calls inside (same math, other code)."""
+    if not torch.backends.mkldnn.enabled:
+        yield
+        return
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = True
 
 
 @dataclass(frozen=True)
@@ -258,36 +277,16 @@ def forward(
         mask = causal_mask(seq_len, start_pos, h.dtype, h.device)  # (S, T) or None
     else:
         mask = padded_causal_mask(padding, seq_len, start_pos, h.dtype, h.device)  # (B, 1, S, T)
-    with fastest_matmul_kernels(rows=batch * seq_len, device=h.device):
-        for layer in range(params.n_layers):
-            h = transformer_block(h, weights, layer, params, rotations, mask, cache, start_pos, record)
-        if last_only:
-            h = h[:, -1:]  # (B, 1, D)
-        h = rms_norm(h, weights["norm.weight"], params.norm_eps)
-        keep(record, "norm", h)
-        logits = at_least_fp32(matmul(h, weights["output.weight"]))  # (B, S, V), or (B, 1, V)
+    for layer in range(params.n_layers):
+        h = transformer_block(h, weights, layer, params, rotations, mask, cache, start_pos, record)
+    if last_only:
+        h = h[:, -1:]  # (B, 1, D)
+    h = rms_norm(h, weights["norm.weight"], params.norm_eps)
+    keep(record, "norm", h)
+    logits = at_least_fp32(matmul(h, weights["output.weight"]))  # (B, S, V), or (B, 1, V)
     keep(record, "logits", logits)
     new_cache = None if cache is None else replace(cache, length=start_pos + seq_len)
     return logits, new_cache
-
-
-@contextlib.contextmanager
-def fastest_matmul_kernels(rows: int, device: torch.device):
-    """Pick the CPU matrix kernels for this call's shape.
-
-    Decoding one token multiplies a single row of activations by every weight matrix. For that
-    matrix-vector case PyTorch's own bf16 kernel streams the weights about twice as fast as oneDNN's
-    (22 vs 11 GB/s on one AVX-512 core; fp32 is the same either way), while for many rows (a prompt)
-    oneDNN's blocked matrix multiply is the faster one. The math is identical; only the kernel changes.
-    """
-    if rows != 1 or device.type != "cpu" or not torch.backends.mkldnn.enabled:
-        yield
-        return
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = True
 
 
 def keep(record: dict | None, name: str, tensor: Tensor) -> None:

@@ -19,7 +19,7 @@ import torch
 from helpers import TINY_GQA, write_random_checkpoint
 from llama3_raw import cast_weights, load_checkpoint
 from llama3_raw.generate import generate
-from llama3_raw.model import forward, fp32_row_times_matrix, matmul, new_kv_cache
+from llama3_raw.model import forward, row_times_matrix, matmul, new_kv_cache
 from llama3_raw.quantize import Int8Weight, dequantize, int8_matmul, quantize_int8, quantize_weights
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,22 +58,27 @@ def test_last_only_logits_are_the_last_row_of_all_logits(gqa_checkpoint):
     torch.testing.assert_close(last[:, 0], every[:, -1], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [96, 90, 7])  # blocks of 8 rows; blocks of 2; a prime: one block
+@pytest.mark.parametrize("rows", [96, 90, 7])  # fp32: blocks of 8 rows; blocks of 2; a prime: one block
 @pytest.mark.parametrize("threads", [1, 2])
-def test_fp32_decode_row_blocks_give_the_plain_product(rows, threads):
-    w = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows))
-    x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(3))
-    expected = (x.double() @ w.double().T).float()  # float64 product: independent of how fp32 is blocked
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_row_products_give_the_plain_product(rows, threads, dtype):
+    w = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows)).to(dtype)
+    x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(3)).to(dtype)
+    expected = x.double() @ w.double().T  # float64 product: independent of the kernel and its blocking
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        blocked = fp32_row_times_matrix(x, w)
+        blocked = row_times_matrix(x, w)
         through_matmul = matmul(x, w)
-        strided = fp32_row_times_matrix(x, torch.randn(64, rows).T)  # not contiguous: no view, plain product
+        strided = row_times_matrix(x, w.T.contiguous().T)  # not contiguous: no view, plain product
     finally:
         torch.set_num_threads(previous)
-    assert blocked.shape == (1, 1, rows) and strided.shape == (1, 1, rows)
-    torch.testing.assert_close(blocked, expected, rtol=0, atol=1e-5)
+    assert torch.backends.mkldnn.enabled  # switched off only inside the product
+    assert blocked.shape == (1, 1, rows) and strided.shape == (1, 1, rows) and blocked.dtype == dtype
+    # fp32: summation order only. bf16: the fp32 sum rounded once to bf16 (8 bits: a relative step of 2^-8).
+    atol, rtol = (1e-5, 0) if dtype == torch.float32 else (1e-3, 2 ** -8)
+    torch.testing.assert_close(blocked.double(), expected, rtol=rtol, atol=atol)
+    torch.testing.assert_close(strided.double(), expected, rtol=rtol, atol=atol)
     assert torch.equal(through_matmul, blocked)
 
 
