@@ -10,8 +10,9 @@ Activations stay in the compute dtype (bf16); only the stored weights are int8.
 
 `int8_matmul` computes x @ (values * scale[:, None]).T without building that bf16 matrix: for a single
 row of activations (decoding) PyTorch's `_weight_int8pack_mm` CPU kernel reads the int8 bytes and
-converts them in registers; for many rows (a prompt) it is faster to dequantize the matrix once and use
-the ordinary matrix multiply, because there the arithmetic, not the memory traffic, sets the time.
+converts them in registers; for many rows (a prompt) it is faster to dequantize the matrix and use
+the ordinary matrix multiply (block by block), because there the arithmetic, not the memory traffic,
+sets the time.
 """
 
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 QUANTIZE_ROWS = 4096  # rows converted at a time
+DEQUANTIZE_ELEMENTS = 1 << 22  # weights converted to bf16 at a time in a many-row product: 8 MB
 INT8_MAX = 127  # symmetric: -127..127, so that negating a weight never overflows
 QUANTIZED_SUFFIXES = (  # the matrices that are multiplied; embeddings are looked up row by row and stay as they are
     "attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "attention.wo.weight",
@@ -92,7 +94,15 @@ def int8_matmul(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
         # values.T converted one tile at a time inside the kernel, then each output column times its scale.
         out = torch._weight_int8pack_mm(rows, w.values, w.scales)  # (1, out)
     else:
-        out = (rows @ w.values.T.to(x.dtype)) * w.scales  # (N, out): the conversion is paid once for N rows
+        # Many rows: convert a block of weight rows to the compute dtype, multiply, next block. Each conversion
+        # is paid once for all N rows; a block of DEQUANTIZE_ELEMENTS is reused by the allocator, where a whole
+        # converted matrix (up to 500 MB) would be fresh memory, page-faulted in on every call.
+        out = torch.empty(rows.shape[0], w.shape[0], dtype=x.dtype, device=x.device)  # (N, out)
+        block_rows = max(1, DEQUANTIZE_ELEMENTS // w.shape[1])
+        for start in range(0, w.shape[0], block_rows):
+            block = slice(start, start + block_rows)
+            out[:, block] = rows @ w.values[block].to(x.dtype).T
+        out *= w.scales
     return out.view(*x.shape[:-1], -1)
 
 

@@ -20,6 +20,7 @@ from helpers import TINY_GQA, write_random_checkpoint
 from llama3_raw import cast_weights, load_checkpoint
 from llama3_raw.generate import generate
 from llama3_raw.model import forward, row_times_matrix, matmul, new_kv_cache
+from llama3_raw import quantize
 from llama3_raw.quantize import Int8Weight, dequantize, int8_matmul, quantize_int8, quantize_weights
 
 REPO = Path(__file__).resolve().parent.parent
@@ -95,15 +96,18 @@ def test_int8_round_trip_is_within_half_a_scale_step():
     assert torch.equal(restored[7], torch.zeros(96))
 
 
-def test_int8_matmul_kernel_and_dequantized_formula_agree():
+def test_int8_matmul_kernel_and_dequantized_formula_agree(monkeypatch):
     w = quantize_int8(torch.randn(64, 128, generator=torch.Generator().manual_seed(1)), torch.bfloat16)
     x = torch.randn(1, 1, 128, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     one_row = int8_matmul(x, w)  # the int8 kernel (decode)
     expected = x.float() @ dequantize(w).float().T
     tolerance = 0.01 * expected.abs().max().item()  # a bf16 result: a few rounding steps of the largest output
     torch.testing.assert_close(one_row.float(), expected, rtol=0, atol=tolerance)
-    many_rows = int8_matmul(x.expand(1, 3, 128), w)  # the dequantize-once path (prefill)
+    many_rows = int8_matmul(x.expand(1, 3, 128), w)  # the dequantizing path (prefill), one block here
     torch.testing.assert_close(many_rows[:, 1:2].float(), one_row.float(), rtol=0, atol=tolerance)
+    monkeypatch.setattr(quantize, "DEQUANTIZE_ELEMENTS", 10 * 128)  # blocks of 10 rows: 6 full, one of 4
+    in_blocks = int8_matmul(x.expand(1, 3, 128), w)
+    torch.testing.assert_close(in_blocks.float(), many_rows.float(), rtol=0, atol=tolerance)
 
 
 def test_int8_model_within_tolerance_of_bf16(gqa_checkpoint):
