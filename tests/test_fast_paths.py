@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import TINY_GQA, write_random_checkpoint
+from helpers import TINY_GQA, random_state_dict, write_random_checkpoint
 from llama3_raw import cast_weights, load_checkpoint
 from llama3_raw.generate import generate
+from llama3_raw.params import params_from_dict
 from llama3_raw.model import forward, row_times_matrix, matmul, new_kv_cache
 from llama3_raw import quantize
 from llama3_raw.quantize import Int8Weight, dequantize, int8_matmul, quantize_int8, quantize_weights
@@ -136,6 +137,7 @@ RSS_PROBE = textwrap.dedent("""
     import torch
     from llama3_raw import load_checkpoint, cast_weights
     from llama3_raw.generate import generate
+from llama3_raw.params import params_from_dict
     torch.ones(1) @ torch.ones(1, 1)  # torch's own start-up allocations happen before the baseline
     def status(field):  # VmHWM, unlike getrusage's ru_maxrss, does not inherit the parent's peak across exec
         for line in open("/proc/self/status"):
@@ -164,6 +166,25 @@ def test_bf16_generation_adds_no_second_copy_of_the_weights(tmp_path):
     grown = rss["after"] - rss["before"]
     assert grown <= 1.1 * file_bytes + 60e6, f"grew by {grown / 1e6:.0f} MB for a {file_bytes / 1e6:.0f} MB file"
     assert rss["peak"] <= rss["before"] + 1.1 * file_bytes + 60e6 + 50e6  # torch's start-up peak is below `before`
+
+
+def test_forward_keeps_every_tensor_on_the_weights_device():
+    """What `--device cuda` needs, checked without a GPU: on PyTorch's `meta` device (shapes, no data), an
+    elementwise op that meets a CPU tensor fails, so a mask, rotation or cache left on the CPU would raise."""
+    params = params_from_dict(TINY_GQA)
+    weights = {key: t.to("meta") for key, t in random_state_dict(TINY_GQA, seed=1).items()}
+    for weights_now in (weights, quantize_weights(weights, torch.bfloat16)):
+        cache = new_kv_cache(params, 1, 12, torch.bfloat16, device="meta")
+        logits, cache = forward(weights_now, params, torch.zeros(1, 7, dtype=torch.long, device="meta"), cache)
+        step, cache = forward(weights_now, params, torch.zeros(1, 1, dtype=torch.long, device="meta"), cache,
+                              last_only=True)
+        assert logits.device.type == step.device.type == cache.keys[0].device.type == "meta"
+        assert (logits.shape, step.shape, cache.length) == ((1, 7, 128256), (1, 1, 128256), 8)
+    batch_cache = new_kv_cache(params, 2, 12, torch.bfloat16, device="meta")
+    padding = torch.tensor([0, 3])  # (meta tensors hold no values to read the padding from)
+    logits, _ = forward(weights, params, torch.zeros(2, 7, dtype=torch.long, device="meta"), batch_cache,
+                        padding=padding)
+    assert logits.device.type == "meta" and logits.shape == (2, 7, 128256)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
