@@ -10,7 +10,8 @@ median and range of load seconds, peak RSS against the file size, prefill tokens
 512-token prompt, decode tokens/s over 32 steps, and decode's fraction of the bandwidth ceiling
 (bandwidth / bytes of weights read per token): against the bandwidth each worker reads right after its
 own decode (the VM's bandwidth drifts by 2x within a minute), and against the highest reading of the
-run. Output: bench/out/bench-SHAPE.{md,json,png}.
+run. "ours-int8" runs the int8 weights saved as `run.py --quantize int8 --save-quantized` saves them
+(bench/out/ckpt-SHAPE-int8, written once). Output: bench/out/bench-SHAPE.{md,json,png}.
 """
 
 import argparse
@@ -79,6 +80,25 @@ def write_random_checkpoint(folder: Path, shape: str) -> Path:
     return folder
 
 
+def write_int8_checkpoint(ckpt: Path) -> tuple[Path, float | None]:
+    """The checkpoint's int8 weights saved as run.py saves them (`--quantize int8 --save-quantized`), once.
+
+    "ours int8" loads this file, as a user with a 24 GiB machine would for the 8B shape: quantizing at load
+    maps the 16 GB bf16 file and builds the 8 GB of int8 beside it. Returns (folder, seconds to quantize
+    and save, or None when the folder was already there).
+    """
+    from llama3_raw.loading import load_checkpoint, save_int8_checkpoint
+    from llama3_raw.quantize import INT8_CHECKPOINT_FILE, quantize_weights
+
+    folder = ckpt.with_name(ckpt.name + "-int8")
+    if (folder / INT8_CHECKPOINT_FILE).is_file():
+        return folder, None
+    start = time.perf_counter()
+    checkpoint = load_checkpoint(ckpt, show_progress=False)
+    save_int8_checkpoint(quantize_weights(checkpoint.weights, torch.bfloat16), ckpt, folder)
+    return folder, time.perf_counter() - start
+
+
 def run_worker(impl: str, dtype: str, ckpt: Path, threads: int, args) -> dict:
     command = [sys.executable, "-m", "bench.worker", "--impl", impl, "--dtype", dtype, "--ckpt", str(ckpt),
                "--threads", str(threads), "--long-prompt", str(args.long_prompt),
@@ -96,8 +116,8 @@ def summary(values: list[float]) -> dict:
 def summarise(runs: list[dict], bandwidth: float) -> dict:
     """Medians and ranges over the repetitions of one (implementation, dtype).
 
-    Two ceilings: one from the run's overall bandwidth (the highest of the readings before and after all
-    runs), and each run's own, from the bandwidth read right after its decode; "of ceiling" divides
+    Two ceilings: one from the run's overall bandwidth (the highest of all readings: before and after all
+    runs and each worker's), and each run's own, from the bandwidth read right after its decode; "of ceiling" divides
     each run's decode speed by its own ceiling and takes the median.
     """
     first = runs[0]
@@ -120,26 +140,32 @@ def summarise(runs: list[dict], bandwidth: float) -> dict:
     }
 
 
+def shape_parameters(shape: str) -> int:
+    """Parameters of a shape; a tied output matrix is the embeddings, counted once."""
+    shapes = params_from_dict(SHAPES[shape]).weight_shapes()
+    return sum(math.prod(dims) for key, dims in shapes.items() if not (key == "output.weight" and TIED[shape]))
+
+
 def cell(s: dict, fmt: str) -> str:
     return f"{s['median']:{fmt}} ({s['min']:{fmt}}–{s['max']:{fmt}})"
 
 
 def markdown_table(rows: list[dict], args, bandwidth: float, threads: int) -> str:
     lines = [
-        f"Random-weight Llama 3 {args.shape.upper()} shape, file {rows[0]['file_gb']:.2f} GB (bf16); "
+        f"Random-weight Llama 3 {args.shape.upper()} shape, {shape_parameters(args.shape) / 1e9:.2f} B parameters; "
         f"{threads} threads; read bandwidth {bandwidth / 1e9:.1f} GB/s (highest reading); median (min–max) of "
         f"{args.reps} runs, each in its own process",
         "",
-        f"| implementation | dtype | load s | peak RSS GB | prefill tok/s ({args.short_prompt} tok) | "
+        f"| implementation | dtype | file GB | load s | peak RSS GB | prefill tok/s ({args.short_prompt} tok) | "
         f"prefill tok/s ({args.long_prompt} tok) | decode tok/s ({args.decode_steps} steps) | "
         f"read GB/s after decode | of that ceiling | of highest ceiling ({bandwidth / 1e9:.0f} GB/s) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         adjacent = (f"{cell(r['bandwidth_after_decode_gb_s'], '.1f')} | {percent_cell(r['fraction_of_ceiling'])}"
                     if r["fraction_of_ceiling"] else "– | –")
         lines.append(
-            f"| {IMPL_NAMES[r['impl']]} | {r['dtype']} | {cell(r['load_s'], '.1f')} | {cell(r['peak_rss_gb'], '.2f')} | "
+            f"| {IMPL_NAMES[r['impl']]} | {r['dtype']} | {r['file_gb']:.2f} | {cell(r['load_s'], '.1f')} | {cell(r['peak_rss_gb'], '.2f')} | "
             f"{cell(r['prefill_short_tok_s'], '.1f')} | {cell(r['prefill_long_tok_s'], '.1f')} | "
             f"{cell(r['decode_tok_s'], '.2f')} | {adjacent} | {r['fraction_of_overall_ceiling']:.0%} "
             f"(ceiling {r['ceiling_tok_s']:.2f} tok/s) |")
@@ -196,6 +222,11 @@ def main() -> None:
     t0 = time.perf_counter()
     ckpt = write_random_checkpoint(args.out / f"ckpt-{args.shape}", args.shape)
     print(f"checkpoint {ckpt} ready in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+    int8_ckpt, quantize_s = None, None
+    if "ours-int8" in args.impls and "bfloat16" in args.dtypes:
+        int8_ckpt, quantize_s = write_int8_checkpoint(ckpt)
+        print(f"int8 checkpoint {int8_ckpt} ready" + (f", quantized and saved in {quantize_s:.0f}s" if quantize_s else ""),
+              file=sys.stderr)
     bandwidths = [read_bandwidth(args.threads)]
     runs: dict[tuple[str, str], list[dict]] = {}
     for rep in range(args.reps):
@@ -203,20 +234,22 @@ def main() -> None:
             for impl in args.impls:
                 if impl == "ours-int8" and dtype != "bfloat16":
                     continue  # int8 weights with bf16 activations
-                result = run_worker(impl, dtype, ckpt, args.threads, args)
+                result = run_worker(impl, dtype, int8_ckpt if impl == "ours-int8" else ckpt, args.threads, args)
                 runs.setdefault((impl, dtype), []).append(result)
                 print(f"rep {rep + 1}: {impl} {dtype}: decode {result['decode_tok_s']:.2f} tok/s, prefill "
                       f"{result['prefill_long_tok_s']:.1f} tok/s, peak RSS {result['peak_rss_bytes'] / 1e9:.2f} GB "
                       f"[{time.perf_counter() - t0:.0f}s]", file=sys.stderr)
-    bandwidths.append(read_bandwidth(args.threads))  # before and after: the higher one sets the ceiling
-    bandwidth = max(bandwidths)
+    bandwidths.append(read_bandwidth(args.threads))  # before and after, and each worker's after its decode:
+    bandwidths += [r["bandwidth_after_decode"] for group in runs.values() for r in group if r["bandwidth_after_decode"]]
+    bandwidth = max(bandwidths)  # the highest reading sets the run's overall ceiling
 
     rows = [summarise(r, bandwidth) for r in runs.values()]
     markdown = markdown_table(rows, args, bandwidth, args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"bench-{args.shape}.md").write_text(markdown + "\n")
     (args.out / f"bench-{args.shape}.json").write_text(json.dumps(
-        {"shape": args.shape, "threads": args.threads, "bandwidth_bytes_per_s": bandwidths, "rows": rows,
+        {"shape": args.shape, "threads": args.threads, "bandwidth_bytes_per_s": bandwidths, "int8_quantize_s": quantize_s,
+         "rows": rows,
          "runs": [run for group in runs.values() for run in group]}, indent=1))
     bar_chart(rows, args.out / f"bench-{args.shape}.png",
               f"Llama 3 {args.shape.upper()} shape, {args.threads} CPU thread{'s' if args.threads > 1 else ''}, "
