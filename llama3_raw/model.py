@@ -37,8 +37,8 @@ def row_times_matrix(x: Tensor, w: Tensor) -> Tensor:
     """x @ w.T for a single row of activations on the CPU, with the kernels that stream weights fastest.
 
     Decoding reads every weight once per token, so this product's read speed sets decode speed.
-    bf16: PyTorch hands it to oneDNN, which streams ~11 GB/s per core here; PyTorch's own matrix-vector
-    kernel (used while oneDNN is switched off) ~25 GB/s. Only these products switch it off: oneDNN stays
+    bf16: PyTorch hands it to oneDNN, which streams 11-18 GB/s per core here; PyTorch's own matrix-vector
+    kernel (used while oneDNN is switched off) ~28 GB/s. Only these products switch it off: oneDNN stays
     the faster choice for everything with many rows (prompts, and attention over the cache).
     float32: MKL's matrix-vector product runs on one core however many threads torch has. Seen as a
     batch of row blocks (blocks, out/blocks, in) -- a view, no copy -- it is shared out among the

@@ -137,7 +137,6 @@ RSS_PROBE = textwrap.dedent("""
     import torch
     from llama3_raw import load_checkpoint, cast_weights
     from llama3_raw.generate import generate
-from llama3_raw.params import params_from_dict
     torch.ones(1) @ torch.ones(1, 1)  # torch's own start-up allocations happen before the baseline
     def status(field):  # VmHWM, unlike getrusage's ru_maxrss, does not inherit the parent's peak across exec
         for line in open("/proc/self/status"):
