@@ -48,7 +48,7 @@ def row_times_matrix(x: Tensor, w: Tensor) -> Tensor:
     blocks = 1
     if x.dtype == torch.float32 and threads > 1 and w.is_contiguous():
         blocks = math.gcd(w.shape[0], 4 * threads)
-    with oneDNN_switched_off():
+    with without_onednn():
         if blocks == 1:
             return x @ w.T
         out = x.reshape(1, -1) @ w.view(blocks, -1, w.shape[1]).mT  # (blocks, 1, out/blocks)
@@ -56,7 +56,7 @@ def row_times_matrix(x: Tensor, w: Tensor) -> Tensor:
 
 
 @contextlib.contextmanager
-def oneDNN_switched_off():
+def without_onednn():
     """PyTorch's own CPU kernels instead of oneDNN's for the calls inside (same math, other code)."""
     if not torch.backends.mkldnn.enabled:
         yield
