@@ -117,8 +117,8 @@ def summarise(runs: list[dict], bandwidth: float) -> dict:
     """Medians and ranges over the repetitions of one (implementation, dtype).
 
     Two ceilings: one from the run's overall bandwidth (the highest of all readings: before and after all
-    runs and each worker's), and each run's own, from the bandwidth read right after its decode; "of ceiling" divides
-    each run's decode speed by its own ceiling and takes the median.
+    runs and each worker's), and each run's own, from the bandwidth read right after its decode; "of
+    ceiling" divides each run's decode speed by its own ceiling and takes the median.
     """
     first = runs[0]
     ceiling = bandwidth / first["bytes_per_token"]  # tokens/s if decode did nothing but read the weights

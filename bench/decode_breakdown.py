@@ -4,7 +4,7 @@
 
 Each round times, back to back: a read of a 512 MiB float32 tensor (`sum`, the bandwidth probe the bench
 uses), the matrix products of one decode step alone (every weight matrix times one activation row, in the
-model's order and through the model's own `matmul`), and one whole `forward` step. The products' share of
+checkpoint's order and through the model's own `matmul`), and one whole `forward` step. The products' share of
 the step is the kernels; the rest is everything else (norms, RoPE, attention, Python). Per-shape read speeds
 come from the last round. Prints one JSON object per round, then a summary.
 """
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
+from bench.worker import DTYPES
 from llama3_raw.loading import cast_weights, load_checkpoint
 from llama3_raw.model import forward, matmul, new_kv_cache
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from llama3_raw.quantize import is_quantized_key
 
 
 def main() -> None:
@@ -36,9 +36,7 @@ def main() -> None:
     dtype = DTYPES[args.dtype]
     checkpoint = load_checkpoint(args.ckpt, show_progress=False)
     params, weights = checkpoint.params, cast_weights(checkpoint.weights, dtype, "cpu")
-    matrices = [weights[f"layers.{i}.{name}.weight"] for i in range(params.n_layers)
-                for name in ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
-                             "feed_forward.w1", "feed_forward.w3", "feed_forward.w2")] + [weights["output.weight"]]
+    matrices = [w for key, w in weights.items() if is_quantized_key(key)]  # every multiplied matrix, in Meta's order
     rows = {n: torch.randn(1, n).to(dtype) for n in {m.shape[1] for m in matrices}}
     weight_bytes = sum(m.nbytes for m in matrices)
     cache = new_kv_cache(params, 1, args.context + 8, dtype)

@@ -58,14 +58,12 @@ def row_times_matrix(x: Tensor, w: Tensor) -> Tensor:
 @contextlib.contextmanager
 def without_onednn():
     """PyTorch's own CPU kernels instead of oneDNN's for the calls inside (same math, other code)."""
-    if not torch.backends.mkldnn.enabled:
-        yield
-        return
+    was_enabled = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = False
     try:
         yield
     finally:
-        torch.backends.mkldnn.enabled = True
+        torch.backends.mkldnn.enabled = was_enabled
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,10 @@ import pytest
 import torch
 
 from helpers import TINY_GQA, random_state_dict, write_random_checkpoint
-from llama3_raw import cast_weights, load_checkpoint
+from llama3_raw import cast_weights, load_checkpoint, quantize
 from llama3_raw.generate import generate
+from llama3_raw.model import forward, matmul, new_kv_cache, row_times_matrix
 from llama3_raw.params import params_from_dict
-from llama3_raw.model import forward, row_times_matrix, matmul, new_kv_cache
-from llama3_raw import quantize
 from llama3_raw.quantize import Int8Weight, dequantize, int8_matmul, quantize_int8, quantize_weights
 
 REPO = Path(__file__).resolve().parent.parent
