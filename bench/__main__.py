@@ -87,15 +87,17 @@ def write_int8_checkpoint(ckpt: Path) -> tuple[Path, float | None]:
     maps the 16 GB bf16 file and builds the 8 GB of int8 beside it. Returns (folder, seconds to quantize
     and save, or None when the folder was already there).
     """
-    from llama3_raw.loading import load_checkpoint, save_int8_checkpoint
-    from llama3_raw.quantize import INT8_CHECKPOINT_FILE, quantize_weights
+    from llama3_raw.checkpoints import default_tokenizer_path, load_checkpoint
+    from llama3_raw.checkpoints.int8 import INT8_CHECKPOINT_FILE, save_int8_checkpoint
+    from llama3_raw.quantize import quantize_weights
 
     folder = ckpt.with_name(ckpt.name + "-int8")
     if (folder / INT8_CHECKPOINT_FILE).is_file():
         return folder, None
     start = time.perf_counter()
     checkpoint = load_checkpoint(ckpt, show_progress=False)
-    save_int8_checkpoint(quantize_weights(checkpoint.weights, torch.bfloat16), ckpt, folder)
+    save_int8_checkpoint(quantize_weights(checkpoint.weights, torch.bfloat16), checkpoint.params,
+                         default_tokenizer_path(ckpt), folder)
     return folder, time.perf_counter() - start
 
 

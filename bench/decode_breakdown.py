@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from bench.worker import DTYPES
-from llama3_raw.loading import cast_weights, load_checkpoint
-from llama3_raw.model import forward, matmul, new_kv_cache
+from llama3_raw.checkpoints import cast_weights, load_checkpoint
+from llama3_raw.kernels import matmul
+from llama3_raw.model import forward, new_kv_cache
 from llama3_raw.quantize import is_quantized_key
 
 

@@ -16,12 +16,12 @@ import time
 import torch
 
 from llama3_raw.generate import generate
-from llama3_raw.loading import cast_weights, load_checkpoint
+from llama3_raw.checkpoints import cast_weights, load_checkpoint
 from llama3_raw.model import forward
 from llama3_raw.quantize import quantize_weights
-from llama3_raw.score import score_text
+from llama3_raw.tools.score import score_text
 from llama3_raw.tokenizer import load_tokenizer
-from llama3_raw.loading import default_tokenizer_path
+from llama3_raw.checkpoints import default_tokenizer_path
 
 VALIDATION_FRACTION = 0.1
 

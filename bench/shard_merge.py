@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from llama3_raw.params import params_from_dict  # noqa: E402
-from llama3_raw.shards import split_dim  # noqa: E402
+from llama3_raw.checkpoints.shards import split_dim  # noqa: E402
 
 SHAPES = {
     # Meta's params.json for Llama 3.2 1B (written here with an untied output) and Llama 3 8B.

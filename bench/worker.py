@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from llama3_raw.generate import generate
-from llama3_raw.loading import cast_weights, load_checkpoint
+from llama3_raw.checkpoints import cast_weights, load_checkpoint
 from llama3_raw.params import ModelParams
 from llama3_raw.quantize import quantize_weights
 
@@ -90,7 +90,7 @@ def ours(weights: dict, params: ModelParams, dtype: torch.dtype, device: str):
 
 
 def meta_reference(weights: dict, params: ModelParams, max_seq_len: int):
-    from llama3_raw.reference import meta_transformer
+    from llama3_raw.tools.reference import meta_transformer
 
     model = meta_transformer(params, weights, max_seq_len=max_seq_len)
 

@@ -1,8 +1,13 @@
-"""Llama 3 with raw tensors: Meta's checkpoint in a flat dict, a forward pass of small pure functions."""
+"""Llama 3 with raw tensors: Meta's checkpoint in a flat dict, a forward pass of small pure functions.
 
+Read in this order: params.py (the config), model.py (the forward pass), tokenizer.py, generate.py (the
+decode loop). Around them: kernels.py and quantize.py (how the matrix products run), checkpoints/ (a
+folder in, verified weights out), chat.py, training/, tools/ (inspect, compare, score), cli.py.
+"""
+
+from .checkpoints import Checkpoint, cast_weights, load_checkpoint
 from .errors import UserError
 from .generate import Sampling, generate, sample_next_token
-from .loading import Checkpoint, cast_weights, load_checkpoint
 from .model import KVCache, forward, new_kv_cache
 from .params import ModelParams, load_params, params_from_dict
 from .tokenizer import Tokenizer, load_tokenizer

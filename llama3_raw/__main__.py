@@ -4,7 +4,7 @@
 
 import sys
 
-TOOLS = {"inspect": "inspection", "compare": "compare", "score": "score"}
+TOOLS = {"inspect": "tools.inspection", "compare": "tools.compare", "score": "tools.score"}
 
 
 def dispatch(argv: list[str]) -> int:

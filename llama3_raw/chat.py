@@ -14,17 +14,17 @@ feeds only what is new (the end of the last reply, the new message, the assistan
 dialog outgrows the context, the oldest turns are dropped and the shortened dialog is fed again.
 """
 
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
 from .errors import UserError
-from .generate import Sampling, sample_next_token
-from .model import KVCache, Weights, forward, new_kv_cache
+from .files import read_json
+from .generate import Sampling, decode, new_generator
+from .model import KVCache, Weights, new_kv_cache
 from .params import ModelParams
-from .tokenizer import Tokenizer
+from .tokenizer import TextStream, Tokenizer
 
 ROLES = ("system", "user", "assistant")
 
@@ -51,12 +51,7 @@ def encode_dialog(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
 def read_chat_file(path: Path) -> list[dict]:
     """A JSON list of {"role": "system"|"user"|"assistant", "content": "..."} messages."""
     fix = 'write a JSON list of {"role": "system"|"user"|"assistant", "content": "..."} objects'
-    try:
-        messages = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"--chat-file {path} does not exist; {fix} there.") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"--chat-file {path} is not valid JSON ({err}); {fix}.") from None
+    messages = read_json(path, fix, what="--chat-file")
     check_messages(messages, f"--chat-file {path}", fix)
     return messages
 
@@ -78,7 +73,7 @@ class ChatSession:
 
     Each message keeps its token ids next to its text: a reply is kept as the ids the model chose
     (decoding and re-encoding them need not give the same ids back). Invariant: the cache holds the
-    keys and values of exactly `self.fed`, always a prefix of the dialog's ids, so a turn feeds only
+    keys and values of (at least) `self.fed`, always a prefix of the dialog's ids, so a turn feeds only
     `dialog_ids()[len(self.fed):]`. Iterate a reply to its end: the reply joins the dialog then.
     """
 
@@ -92,9 +87,7 @@ class ChatSession:
         self.messages: list[dict] = []  # {"role", "content", "ids": the whole message's token ids}
         self.fed: list[int] = []
         self.cache: KVCache | None = None
-        self.generator = None
-        if sampling.temperature > 0:
-            self.generator = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+        self.generator = new_generator(sampling)  # one for the whole conversation: a seed repeats all of it
 
     def add(self, role: str, content: str, ids: list[int] | None = None) -> None:
         if ids is None:
@@ -120,32 +113,20 @@ class ChatSession:
     def respond(self) -> Iterator[int]:
         """Stream the assistant's reply to the dialog as it stands; the reply joins the dialog at the end."""
         prompt = self.fit_to_context(self.dialog_ids())
-        n_new = min(self.max_new_tokens, self.params.context_len - len(prompt))
+        n_new = min(self.max_new_tokens, self.params.context_len - len(prompt))  # >= 1: fit_to_context saw to it
         if self.fed != prompt[:len(self.fed)]:  # earlier turns were dropped: the cache no longer matches
             self.fed = []
         self.reserve(len(prompt) + n_new)
-        logits = self.feed(prompt[len(self.fed):])
+        new = torch.tensor([prompt[len(self.fed):]], dtype=torch.long, device=self.device)  # (1, S): what the cache lacks
         reply: list[int] = []
-        stop_ids = self.tokenizer.stop_ids
-        with torch.inference_mode():
-            for step in range(n_new):
-                token = int(sample_next_token(logits[:, -1], self.sampling, self.generator).item())
-                if token in stop_ids:
-                    break
-                reply.append(token)
-                yield token
-                if step + 1 < n_new:
-                    logits = self.feed([token])
+        steps = decode(self.weights, self.params, new, self.cache_at(len(self.fed)), n_new, self.tokenizer.stop_ids,
+                       self.sampling, self.generator)
+        for _rows, (token,) in steps:
+            reply.append(token)
+            yield token
+        self.fed = prompt + reply[:-1]  # decode feeds each token it yields before the next; the last maybe not yet
         eot = self.tokenizer.special_tokens["<|eot_id|>"]
         self.add("assistant", self.tokenizer.decode(reply), [*encode_header(self.tokenizer, "assistant"), *reply, eot])
-
-    def feed(self, ids: list[int]) -> torch.Tensor:
-        """Run new tokens through the model on top of the cache; the last position's logits (1, 1, V)."""
-        tokens = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, S)
-        with torch.inference_mode():
-            logits, self.cache = forward(self.weights, self.params, tokens, self.cache_at(len(self.fed)), last_only=True)
-        self.fed = self.fed + ids
-        return logits
 
     def cache_at(self, length: int) -> KVCache:
         return KVCache(self.cache.keys, self.cache.values, length)
@@ -192,8 +173,6 @@ class ChatSession:
 
 def stream_reply(session: ChatSession, replies: Iterator[int], write: Callable[[str], None]) -> list[int]:
     """Write a reply's text as its tokens come (never splitting a UTF-8 character); return its ids."""
-    from .tokenizer import TextStream
-
     stream = TextStream(session.tokenizer)
     ids = []
     for token in replies:

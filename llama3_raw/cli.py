@@ -1,7 +1,8 @@
 """Command line: `python run.py [PROMPT] [--ckpt-dir DIR] ...` completes a prompt with a Llama 3 checkpoint.
 
-Three modes share the checks and the loading: completing one prompt (the default), a batch of
-prompts (`--prompts-file`), and a chat with an Instruct model (`--chat`, see chat.py).
+Three modes: completing one prompt (the default), a batch of prompts (`--prompts-file`), and a chat with
+an Instruct model (`--chat`, see chat.py). This file only parses flags and prints: which checkpoint,
+which defaults and which dtype are the library's rules (checkpoints/), generation is generate.py's.
 """
 
 import argparse
@@ -9,97 +10,18 @@ import json
 import resource
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from .chat import ChatSession, check_messages, interactive_chat, read_chat_file, stream_reply
+from .checkpoints import DTYPES, Model, check_quantize_request, load_model, open_folder
+from .checkpoints.defaults import (CHAT_MAX_NEW_TOKENS, non_negative_float, non_negative_int, positive_int,
+                                   probability)
 from .errors import UserError, run_tool
 from .generate import Sampling, generate, generate_batch
-from .loading import (cast_weights, check_new_folder, count_parameters, is_checkpoint_dir, is_int8, load_checkpoint,
-                      save_int8_checkpoint)
 from .prompts_file import read_prompts_file
-from .quantize import quantize_weights
-from .session import check_device, open_params, open_tokenizer
 from .tokenizer import TextStream
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-WEIGHTS_DIR = REPO_ROOT / "weights"
-SHIPPED_MODEL_NAME = "shakespeare"  # weights/shakespeare: the small model this project trains and ships
-FORTY_TWO_PROMPT = "the answer to the ultimate question of life, the universe, and everything is "
-GENERATION_DEFAULTS_FILE = "generation.json"  # a checkpoint may carry its own defaults for the flags below
-BUILTIN_DEFAULTS = {"prompt": FORTY_TWO_PROMPT, "max_new_tokens": 32, "temperature": 0.0, "top_p": 0.9, "top_k": 0}
-CHAT_MAX_NEW_TOKENS = 1024  # a chat reply's default limit; the reply normally ends at <|eot_id|> long before
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-DOWNLOAD_HELP = (
-    "no checkpoint found under {weights}; download Meta-Llama-3-8B (from llama.meta.com, or the 'original/' folder "
-    "of meta-llama/Meta-Llama-3-8B on Hugging Face: consolidated.00.pth, params.json, tokenizer.model) into "
-    "{weights}/Meta-Llama-3-8B/, or pass --ckpt-dir DIR."
-)
-
-
-def find_default_checkpoint(weights_dir: Path | None = None) -> Path:
-    """An official checkpoint under weights/ (or its original/ subfolder) first, then the shipped model."""
-    weights_dir = weights_dir or WEIGHTS_DIR
-    shipped = weights_dir / SHIPPED_MODEL_NAME
-    candidates = []
-    if weights_dir.is_dir():
-        for folder in sorted(weights_dir.iterdir()):
-            if folder == shipped:
-                continue
-            for candidate in (folder, folder / "original"):
-                if is_checkpoint_dir(candidate):
-                    candidates.append(candidate)
-                    break
-    if candidates:
-        return candidates[0]
-    if is_checkpoint_dir(shipped):
-        return shipped
-    raise UserError(DOWNLOAD_HELP.format(weights=weights_dir))
-
-
-def generation_defaults(ckpt_dir: Path) -> dict:
-    """Built-in defaults, overridden by the checkpoint's generation.json (e.g. a Shakespeare prompt)."""
-    defaults = dict(BUILTIN_DEFAULTS)
-    path = ckpt_dir / GENERATION_DEFAULTS_FILE
-    if not path.is_file():
-        return defaults
-    checks = {"prompt": str, "max_new_tokens": positive_int, "temperature": non_negative_float,
-              "top_p": probability, "top_k": non_negative_int,
-              "context_len": positive_int}  # the context the model was trained for, if shorter than its family's
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(raw, dict) or set(raw) - set(checks):
-            raise ValueError
-        for key, value in raw.items():
-            if isinstance(value, bool) or checks[key](str(value)) != value:
-                raise ValueError
-    except (ValueError, UnicodeDecodeError):
-        raise UserError(f"{path} is not a valid generation.json (an object with only {', '.join(checks)}); "
-                        f"fix or delete it.") from None
-    return defaults | raw
-
-
-def choose_dtype(requested: str, device: str, weights: dict[str, torch.Tensor]) -> torch.dtype:
-    """float32 on the CPU when a float32 copy fits comfortably in memory (Meta's reference computes in
-    float32 there); otherwise, and on CUDA, bfloat16, computed straight from the checkpoint's tensors."""
-    if requested != "auto":
-        return DTYPES[requested]
-    if device == "cuda":
-        return torch.bfloat16
-    return torch.float32 if 4 * count_parameters(weights) < 0.5 * available_memory_bytes() else torch.bfloat16
-
-
-def available_memory_bytes() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30
 
 
 def log(message: str) -> None:
@@ -108,40 +30,6 @@ def log(message: str) -> None:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0 or value == float("inf"):
-        raise ValueError
-    return value
-
-
-def probability(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise ValueError
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError
-    return value
-
-
-positive_int.__name__ = "positive integer"
-non_negative_float.__name__ = "non-negative number"
-probability.__name__ = "probability in (0, 1]"
-non_negative_int.__name__ = "non-negative integer"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,12 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_mode_flags(args: argparse.Namespace) -> None:
-    if args.quantize == "int8" and args.dtype == "float32":
-        raise UserError("--quantize int8 computes in bfloat16 (int8 weights, bf16 activations); drop --dtype float32.")
-    if args.save_quantized is not None:
-        if args.quantize != "int8":
-            raise UserError("--save-quantized writes int8 weights; add --quantize int8.")
-        check_new_folder(args.save_quantized, "--save-quantized")
+    check_quantize_request(args.quantize, args.dtype, args.save_quantized)
     if not args.chat:
         used = [flag for flag, value in (("--system", args.system), ("--message", args.message),
                                          ("--chat-file", args.chat_file)) if value is not None]
@@ -207,43 +90,22 @@ def check_mode_flags(args: argparse.Namespace) -> None:
 
 
 def open_checkpoint(args: argparse.Namespace):
-    """The cheap part of opening a checkpoint: its folder, generation defaults, params and tokenizer."""
-    check_device(args.device)
-    ckpt_dir = args.ckpt_dir if args.ckpt_dir is not None else find_default_checkpoint()
-    params = open_params(ckpt_dir)
-    defaults = generation_defaults(ckpt_dir)
-    if args.context_len is None and "context_len" in defaults:
-        params = replace(params, max_seq_len=min(defaults["context_len"], params.context_len))
-    elif args.context_len is not None:
-        if args.context_len > params.context_len:
-            raise UserError(f"--context-len {args.context_len} exceeds this model's maximum of {params.context_len} "
-                            f"tokens; pass at most {params.context_len}.")
-        params = replace(params, max_seq_len=args.context_len)
-    return ckpt_dir, defaults, params, open_tokenizer(ckpt_dir, params, args.tokenizer)
+    """The cheap part of opening a checkpoint: the folder, its generation defaults, params and tokenizer."""
+    folder = open_folder(args.ckpt_dir, args.tokenizer, args.device)
+    return folder, folder.params_for_generation(args.context_len)
 
 
-def load_weights(args: argparse.Namespace, ckpt_dir: Path, params, start: float):
-    """The weights in the compute dtype on the compute device: (weights, dtype, load seconds)."""
-    checkpoint = load_checkpoint(ckpt_dir, show_progress=not args.json)
-    int8 = args.quantize == "int8" or is_int8(checkpoint.weights)
-    if int8 and args.dtype == "float32":
-        raise UserError(f"{ckpt_dir} holds int8 weights, which compute in bfloat16; drop --dtype float32.")
-    dtype = torch.bfloat16 if int8 else choose_dtype(args.dtype, args.device, checkpoint.weights)
-    weights = cast_weights(checkpoint.weights, dtype, args.device, show_progress=not args.json)
-    del checkpoint  # when the dtype changed, this lets the memory-mapped file go
-    n_parameters = count_parameters(weights)
-    if args.quantize == "int8":
-        weights = quantize_weights(weights, dtype)  # matrices as int8 + per-row scales, activations in bf16
+def load_weights(args: argparse.Namespace, folder, params, start: float) -> tuple[Model, float]:
+    """The model in the compute dtype on the compute device, and the seconds since `start`."""
+    model = load_model(folder, params, args.dtype, args.device, args.quantize, args.save_quantized,
+                       show_progress=not args.json)
     if args.save_quantized is not None:
-        save_int8_checkpoint(weights, ckpt_dir, args.save_quantized, extra_files=(GENERATION_DEFAULTS_FILE,))
         log(f"saved the int8 weights to {args.save_quantized}; run them with --ckpt-dir {args.save_quantized}")
-    if args.device == "cuda":
-        torch.cuda.synchronize()
     load_s = time.perf_counter() - start
-    log(f"loaded {ckpt_dir} ({n_parameters / 1e6:.1f}M parameters, {params.n_layers} layers) "
-        f"as {str(dtype).removeprefix('torch.')}{' with int8 weights' if int8 else ''} "
+    log(f"loaded {model.directory} ({model.n_parameters / 1e6:.1f}M parameters, {params.n_layers} layers) "
+        f"as {str(model.dtype).removeprefix('torch.')}{' with int8 weights' if model.is_int8 else ''} "
         f"on {args.device} in {load_s:.1f}s")
-    return weights, dtype, load_s
+    return model, load_s
 
 
 def setting(args: argparse.Namespace, defaults: dict, key: str):
@@ -269,7 +131,8 @@ def run(args: argparse.Namespace) -> dict | list[dict] | None:
 def run_completion(args: argparse.Namespace) -> dict:
     # Everything cheap is checked before the weights are read: a bad prompt should not cost a 16 GB load.
     start = time.perf_counter()
-    ckpt_dir, defaults, params, tokenizer = open_checkpoint(args)
+    folder, params = open_checkpoint(args)
+    defaults, tokenizer = folder.defaults, folder.tokenizer
     prompt, max_new_tokens = setting(args, defaults, "prompt"), setting(args, defaults, "max_new_tokens")
     prompt_ids = tokenizer.encode(prompt, bos=True)
     if len(prompt_ids) >= params.context_len:
@@ -278,7 +141,8 @@ def run_completion(args: argparse.Namespace) -> dict:
             f"shorten the prompt to leave room for new tokens."
         )
 
-    weights, dtype, load_s = load_weights(args, ckpt_dir, params, start)
+    model, load_s = load_weights(args, folder, params, start)
+    weights, dtype = model.weights, model.dtype
     if len(prompt_ids) + max_new_tokens > params.context_len:
         log(f"note: generation stops at the context's end, after {params.context_len - len(prompt_ids)} new tokens")
 
@@ -312,7 +176,7 @@ def run_completion(args: argparse.Namespace) -> dict:
     if not args.json:
         log(f"[{len(prompt_ids)} prompt tokens, prefill {prefill_s:.2f}s; {len(new_ids)} new tokens, "
             f"{decode_tok_per_s:.2f} tok/s; peak RSS {stats['peak_rss_mb']:.0f} MB]")
-    return {"model": str(ckpt_dir), "dtype": str(dtype).removeprefix("torch."), "prompt": prompt,
+    return {"model": str(folder.directory), "dtype": str(dtype).removeprefix("torch."), "prompt": prompt,
             "prompt_tokens": prompt_ids, "tokens": new_ids, "text": "".join(text_parts), "stats": stats}
 
 
@@ -320,13 +184,15 @@ def run_batch(args: argparse.Namespace) -> list[dict]:
     """Every prompt of --prompts-file in one batch; returns one result per prompt, in file order."""
     start = time.perf_counter()
     prompts = read_prompts_file(args.prompts_file)
-    ckpt_dir, defaults, params, tokenizer = open_checkpoint(args)
+    folder, params = open_checkpoint(args)
+    defaults, tokenizer = folder.defaults, folder.tokenizer
     prompt_ids = [tokenizer.encode(prompt, bos=True) for prompt in prompts]
     for number, ids in enumerate(prompt_ids, start=1):
         if len(ids) >= params.context_len:
             raise UserError(f"prompt {number} of --prompts-file {args.prompts_file} is {len(ids)} tokens but the "
                             f"model's context holds {params.context_len}; shorten it to leave room for new tokens.")
-    weights, dtype, load_s = load_weights(args, ckpt_dir, params, start)
+    model, load_s = load_weights(args, folder, params, start)
+    weights, dtype = model.weights, model.dtype
     max_new_tokens = setting(args, defaults, "max_new_tokens")
     t_start = time.perf_counter()
     outputs = generate_batch(weights, params, prompt_ids, max_new_tokens, tokenizer.stop_ids,
@@ -360,9 +226,11 @@ def run_chat(args: argparse.Namespace) -> dict | None:
     if one_shot and (not messages or messages[-1]["role"] != "user"):
         raise UserError(f"--chat-file {args.chat_file} does not end with a user message; add one, or pass --message.")
     check_messages(messages, "the conversation", "check --chat-file")
-    ckpt_dir, defaults, params, tokenizer = open_checkpoint(args)
+    folder, params = open_checkpoint(args)
+    defaults, tokenizer = folder.defaults, folder.tokenizer
     max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else CHAT_MAX_NEW_TOKENS
-    weights, dtype, load_s = load_weights(args, ckpt_dir, params, start)
+    model, load_s = load_weights(args, folder, params, start)
+    weights, dtype = model.weights, model.dtype
     session = ChatSession(weights, params, tokenizer, max_new_tokens, sampling_from(args, defaults), dtype,
                           args.device, notice=log)
     for message in messages:
@@ -387,7 +255,7 @@ def run_chat(args: argparse.Namespace) -> dict | None:
     if not args.json:
         print(flush=True)
     stats = {"load_s": round(load_s, 4), "generate_s": round(generate_s, 4), "peak_rss_mb": round(peak_rss_mb(), 1)}
-    return {"model": str(ckpt_dir), "dtype": str(dtype).removeprefix("torch."), "messages": session.dialog(),
+    return {"model": str(folder.directory), "dtype": str(dtype).removeprefix("torch."), "messages": session.dialog(),
             "prompt_tokens": prompt_ids, "tokens": reply_ids, "text": session.messages[-1]["content"], "stats": stats}
 
 

@@ -4,21 +4,22 @@ Anything raised as `UserError` is shown by the command line as a single sentence
 without a traceback: its message must name the file or flag at fault and say how to fix it.
 """
 
+import sys
+
 
 class UserError(Exception):
     """Bad input from the user (a file, a flag, a prompt); the message says what to do about it."""
 
 
-def run_tool(work) -> int:
-    """Run a command-line tool's body: a UserError becomes one line on stderr and exit code 2."""
-    import sys
-
+def run_tool(work, interrupted: str = "interrupted") -> int:
+    """Run a command-line tool's body: a UserError becomes one line on stderr and exit code 2;
+    Ctrl-C prints `interrupted` (what happens now) and exit code 130."""
     try:
         work()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+        print(f"\n{interrupted}", file=sys.stderr)
         return 130
     return 0

@@ -1,7 +1,8 @@
 """Text generation: prefill the prompt once, then one token at a time through the KV cache.
 
-`generate` streams one prompt's tokens; `generate_batch` runs several prompts of different lengths as
-one batch (left-padded, see model.forward's `padding`) and gives each the tokens it would get alone.
+`decode` is the one loop; `generate` streams one prompt's tokens through it; `generate_batch` runs several
+prompts of different lengths as one batch (left-padded, see model.forward's `padding`) and gives each the
+tokens it would get alone; a chat (chat.py) runs it on top of the cache its earlier turns filled.
 """
 
 from collections.abc import Iterator
@@ -37,6 +38,45 @@ def sample_next_token(logits: torch.Tensor, sampling: Sampling, generator: torch
     return sorted_ids.gather(-1, choice).squeeze(-1)
 
 
+def new_generator(sampling: Sampling) -> torch.Generator | None:
+    """The random generator sampling draws from (the one place it is seeded); None for greedy decoding."""
+    if sampling.temperature == 0:
+        return None
+    return torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+
+
+PAD_ID = 0  # any id works: pad slots are masked out of every real token's attention
+
+
+def decode(
+    weights: Weights, params: ModelParams, tokens: torch.Tensor, cache: KVCache, n_new: int,
+    stop_ids: tuple[int, ...], sampling: Sampling, generator: torch.Generator | None, padding: torch.Tensor | None = None,
+) -> Iterator[tuple[list[int], list[int]]]:
+    """The decode loop every kind of generation runs: feed, pick a next token per row, feed those, ...
+
+    `tokens` (B, S) continue the positions already in `cache` (the prefill: a prompt, or what is new in a
+    chat). Each step yields (rows, ids): the batch rows still going and the token each picked. A row that
+    picks a stop token is done and leaves the batch (its token is not yielded); the loop ends when no row
+    is left or after `n_new` steps. Every yielded token is fed to the model before the next step's pick,
+    except the last step's, which nothing reads.
+    """
+    rows = list(range(tokens.shape[0]))  # the batch row each remaining row started as
+    with torch.inference_mode():
+        for step in range(n_new):
+            logits, cache = forward(weights, params, tokens, cache, padding=padding, last_only=True)  # (B, 1, V)
+            next_ids = sample_next_token(logits[:, -1], sampling, generator)  # (B,)
+            going = [i for i, token in enumerate(next_ids.tolist()) if token not in stop_ids]
+            if not going:
+                return
+            if len(going) < len(rows):  # finished rows leave the batch, and their part of the cache with them
+                keep = torch.tensor(going, device=next_ids.device)
+                cache, next_ids = select_cache_rows(cache, keep), next_ids[keep]
+                padding = None if padding is None else padding[keep]
+                rows = [rows[i] for i in going]
+            yield rows, next_ids.tolist()
+            tokens = next_ids.view(-1, 1)  # (B, 1): from now on one token per row per step
+
+
 def generate(
     weights: Weights, params: ModelParams, prompt_ids: list[int], max_new_tokens: int, stop_ids: tuple[int, ...],
     sampling: Sampling = Sampling(), cache_dtype: torch.dtype | None = None, device="cpu",
@@ -46,24 +86,11 @@ def generate(
     n_new = min(max_new_tokens, params.context_len - len(prompt_ids))
     if n_new <= 0:
         return
-    generator = None
-    if sampling.temperature > 0:
-        generator = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
     dtype = cache_dtype or weights["tok_embeddings.weight"].dtype
     cache = new_kv_cache(params, batch_size=1, capacity=len(prompt_ids) + n_new, dtype=dtype, device=device)
     tokens = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, prompt_len): the prefill
-    with torch.inference_mode():
-        for _ in range(n_new):
-            logits, cache = forward(weights, params, tokens, cache, last_only=True)  # (1, 1, V)
-            next_id = sample_next_token(logits[:, -1], sampling, generator)  # (1,)
-            token = int(next_id.item())
-            if token in stop_ids:
-                return
-            yield token
-            tokens = next_id.view(1, 1)  # (1, 1): from now on one token per step
-
-
-PAD_ID = 0  # any id works: pad slots are masked out of every real token's attention
+    for _rows, (token,) in decode(weights, params, tokens, cache, n_new, stop_ids, sampling, new_generator(sampling)):
+        yield token
 
 
 def select_cache_rows(cache: KVCache, rows: torch.Tensor) -> KVCache:
@@ -78,7 +105,6 @@ def generate_batch(
     """New token ids for each prompt, all generated in one batch.
 
     Prompts are left-padded to the longest one, so every row's next token sits in the same column.
-    A row that picks a stop token is done and leaves the batch; the loop ends when no row is left.
     Every row gets at most min(max_new_tokens, context - longest prompt) tokens, so that all rows fit
     one cache. Greedy decoding gives each prompt the tokens it gets alone.
     """
@@ -87,28 +113,12 @@ def generate_batch(
     n_new = min(max_new_tokens, params.context_len - longest)
     if n_new <= 0:
         return outputs
-    generator = None
-    if sampling.temperature > 0:
-        generator = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
     dtype = cache_dtype or weights["tok_embeddings.weight"].dtype
     cache = new_kv_cache(params, batch_size=len(prompts), capacity=longest + n_new, dtype=dtype, device=device)
     padding = torch.tensor([longest - len(ids) for ids in prompts], device=device)  # (B,)
     tokens = torch.tensor([[PAD_ID] * (longest - len(ids)) + ids for ids in prompts], device=device)  # (B, longest)
-    rows = list(range(len(prompts)))  # the prompt each batch row belongs to
-    with torch.inference_mode():
-        for _ in range(n_new):
-            logits, cache = forward(weights, params, tokens, cache, padding=padding, last_only=True)  # (B, 1, V)
-            next_ids = sample_next_token(logits[:, -1], sampling, generator)  # (B,)
-            going = []  # batch rows that did not stop
-            for row_index, (row, token) in enumerate(zip(rows, next_ids.tolist())):
-                if token not in stop_ids:
-                    outputs[row].append(token)
-                    going.append(row_index)
-            if not going:
-                break
-            if len(going) < len(rows):
-                keep = torch.tensor(going, device=device)
-                cache, padding, next_ids = select_cache_rows(cache, keep), padding[keep], next_ids[keep]
-                rows = [rows[i] for i in going]
-            tokens = next_ids.view(-1, 1)  # (B, 1): one new token per remaining row
+    steps = decode(weights, params, tokens, cache, n_new, stop_ids, sampling, new_generator(sampling), padding)
+    for rows, ids in steps:
+        for row, token in zip(rows, ids):
+            outputs[row].append(token)
     return outputs

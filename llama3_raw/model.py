@@ -8,7 +8,6 @@ The arithmetic follows Meta's reference (llama_models/llama3/model.py) step for 
 where it goes to float32 (RMSNorm statistics, RoPE, softmax), so fp32 and bf16 runs match it.
 """
 
-import contextlib
 import functools
 import math
 from dataclasses import dataclass, replace
@@ -16,54 +15,11 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from .kernels import Weight, matmul  # x @ w.T, by the fastest kernel for the case (kernels.py)
 from .params import ModelParams
-from .quantize import Int8Weight, int8_matmul
 
 Tensor = torch.Tensor
-Weight = Tensor | Int8Weight  # a matrix (out, in) as stored, or its int8 form (quantize.py)
-Weights = dict[str, Weight]
-
-
-def matmul(x: Tensor, w: Weight) -> Tensor:
-    """x @ w.T for a weight matrix w (out, in): (..., in) -> (..., out). Int8 weights multiply from their int8 bytes."""
-    if isinstance(w, Int8Weight):
-        return int8_matmul(x, w)
-    if x.numel() == x.shape[-1] and x.device.type == "cpu":
-        return row_times_matrix(x, w)  # decoding one token: a matrix-vector product
-    return x @ w.T
-
-
-def row_times_matrix(x: Tensor, w: Tensor) -> Tensor:
-    """x @ w.T for a single row of activations on the CPU, with the kernels that stream weights fastest.
-
-    Decoding reads every weight once per token, so this product's read speed sets decode speed.
-    bf16: PyTorch hands it to oneDNN, which streams 11-18 GB/s per core here; PyTorch's own matrix-vector
-    kernel (used while oneDNN is switched off) ~28 GB/s. Only these products switch it off: oneDNN stays
-    the faster choice for everything with many rows (prompts, and attention over the cache).
-    float32: MKL's matrix-vector product runs on one core however many threads torch has. Seen as a
-    batch of row blocks (blocks, out/blocks, in) -- a view, no copy -- it is shared out among the
-    threads. Each output is still the dot product of one weight row with x.
-    """
-    threads = torch.get_num_threads()
-    blocks = 1
-    if x.dtype == torch.float32 and threads > 1 and w.is_contiguous():
-        blocks = math.gcd(w.shape[0], 4 * threads)
-    with without_onednn():
-        if blocks == 1:
-            return x @ w.T
-        out = x.reshape(1, -1) @ w.view(blocks, -1, w.shape[1]).mT  # (blocks, 1, out/blocks)
-    return out.view(*x.shape[:-1], -1)  # the blocks are consecutive rows: (..., out)
-
-
-@contextlib.contextmanager
-def without_onednn():
-    """PyTorch's own CPU kernels instead of oneDNN's for the calls inside (same math, other code)."""
-    was_enabled = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = was_enabled
+Weights = dict[str, Weight]  # Meta's key names -> tensors (or int8 matrices, see quantize.py)
 
 
 @dataclass(frozen=True)

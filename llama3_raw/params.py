@@ -1,11 +1,11 @@
 """Model hyper-parameters: Meta's `params.json` as a frozen dataclass, with every derived size in one place."""
 
-import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from .errors import UserError
+from .files import read_json
 
 # Llama 3 was trained with an 8K context; Llama 3.1 and later (the ones with `use_scaled_rope`) with 128K.
 LLAMA3_CONTEXT = 8192
@@ -151,10 +151,7 @@ def load_params(path: str | Path) -> ModelParams:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} does not exist; every checkpoint directory needs Meta's params.json beside its .pth files.")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{path} is not valid JSON ({err}); restore the params.json that came with the checkpoint.") from None
+    raw = read_json(path, "restore the params.json that came with the checkpoint")
     try:
         return params_from_dict(raw)
     except ValueError as err:

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 from .errors import UserError
+from .files import read_text
 
 FORMAT_HELP = 'write one prompt per line, or one JSON object per line such as {"prompt": "Once upon a time"}'
 
@@ -11,12 +12,7 @@ FORMAT_HELP = 'write one prompt per line, or one JSON object per line such as {"
 def read_prompts_file(path: Path) -> list[str]:
     """The prompts, in file order; blank lines are skipped. A file whose first non-blank line starts
     with `{` is read as JSON lines (so a prompt may hold newlines), any other as plain lines."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"--prompts-file {path} does not exist; {FORMAT_HELP}.") from None
-    except (UnicodeDecodeError, IsADirectoryError, OSError) as err:
-        raise UserError(f"--prompts-file {path} cannot be read as UTF-8 text ({type(err).__name__}); {FORMAT_HELP}.") from None
+    text = read_text(path, "--prompts-file", FORMAT_HELP)
     lines = [(number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
     if not lines:
         raise UserError(f"--prompts-file {path} holds no prompts; {FORMAT_HELP}.")

@@ -8,7 +8,7 @@ token. Int8 halves that against bf16. Row r of a matrix W (out, in) becomes
 and W[r, j] is approximately values[r, j] * scale[r], off by at most half a step, scale[r] / 2.
 Activations stay in the compute dtype (bf16); only the stored weights are int8.
 
-`int8_matmul` computes x @ (values * scale[:, None]).T without building that bf16 matrix: for a single
+`kernels.int8_matmul` computes x @ (values * scale[:, None]).T without building that bf16 matrix: for a single
 row of activations (decoding) PyTorch's `_weight_int8pack_mm` CPU kernel reads the int8 bytes and
 converts them in registers; for many rows (a prompt) it is faster to dequantize the matrix and use
 the ordinary matrix multiply (block by block), because there the arithmetic, not the memory traffic,
@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 
 QUANTIZE_ROWS = 4096  # rows converted at a time
-DEQUANTIZE_ELEMENTS = 1 << 22  # weights converted to bf16 at a time in a many-row product: 8 MB
 INT8_MAX = 127  # symmetric: -127..127, so that negating a weight never overflows
 QUANTIZED_SUFFIXES = (  # the matrices that are multiplied; embeddings are looked up row by row and stay as they are
     "attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "attention.wo.weight",
@@ -87,25 +86,6 @@ def dequantize(w: Int8Weight) -> torch.Tensor:
     return (w.values.float() * w.scales.float()[:, None]).to(w.dtype)
 
 
-def int8_matmul(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
-    """x @ dequantize(w).T: (..., in) -> (..., out), with x in the weight's compute dtype."""
-    rows = x.reshape(-1, x.shape[-1])  # (N, in)
-    if rows.shape[0] == 1 and x.device.type == "cpu":
-        # values.T converted one tile at a time inside the kernel, then each output column times its scale.
-        out = torch._weight_int8pack_mm(rows, w.values, w.scales)  # (1, out)
-    else:
-        # Many rows: convert a block of weight rows to the compute dtype, multiply, next block. Each conversion
-        # is paid once for all N rows; a block of DEQUANTIZE_ELEMENTS is reused by the allocator, where a whole
-        # converted matrix (up to 500 MB) would be fresh memory, page-faulted in on every call.
-        out = torch.empty(rows.shape[0], w.shape[0], dtype=x.dtype, device=x.device)  # (N, out)
-        block_rows = max(1, DEQUANTIZE_ELEMENTS // w.shape[1])
-        for start in range(0, w.shape[0], block_rows):
-            block = slice(start, start + block_rows)
-            out[:, block] = rows @ w.values[block].to(x.dtype).T
-        out *= w.scales
-    return out.view(*x.shape[:-1], -1)
-
-
 def quantize_weights(weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.bfloat16) -> dict:
     """The weight dict with every attention/feed-forward matrix and the output matrix as Int8Weight.
 
@@ -121,27 +101,3 @@ def quantize_weights(weights: dict[str, torch.Tensor], dtype: torch.dtype = torc
         else:
             out[key] = tensor.to(dtype)
     return out
-
-
-# Saved int8 weights: one torch.save'd dict of plain tensors beside params.json and tokenizer.model, so that
-# it loads as Meta's files do (memory-mapped, weights_only=True). A quantized matrix KEY is stored as KEY
-# (int8 values) and KEY + ".scales" (one per row); every other tensor under its own name.
-INT8_CHECKPOINT_FILE = "model.int8.pth"
-SCALES_SUFFIX = ".scales"
-
-
-def int8_state_dict(weights: dict) -> dict[str, torch.Tensor]:
-    """The weight dict flattened to plain tensors for torch.save (see INT8_CHECKPOINT_FILE)."""
-    state = {}
-    for key, w in weights.items():
-        if isinstance(w, Int8Weight):
-            state[key], state[key + SCALES_SUFFIX] = w.values.cpu(), w.scales.cpu()
-        else:
-            state[key] = w.cpu()
-    return state
-
-
-def weights_from_int8_state(state: dict[str, torch.Tensor]) -> dict:
-    """The inverse of int8_state_dict: KEY + KEY.scales become one Int8Weight; shapes are checked by the loader."""
-    return {key: Int8Weight(tensor, state[key + SCALES_SUFFIX]) if is_quantized_key(key) else tensor
-            for key, tensor in state.items() if not key.endswith(SCALES_SUFFIX)}

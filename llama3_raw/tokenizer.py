@@ -4,14 +4,12 @@ The file is tiktoken's BPE format, one `base64(token_bytes) rank` per line. The 
 come right after the base vocabulary (ids 128000..128255 for Meta's 128,000 ranks), in Meta's order.
 """
 
-import base64
-import binascii
 import codecs
 from dataclasses import dataclass
 from pathlib import Path
 
-import blobfile
 import tiktoken
+from tiktoken.load import load_tiktoken_bpe
 
 from .errors import UserError
 
@@ -45,30 +43,18 @@ TIKTOKEN_MAX_ENCODE_CHARS = 400_000
 MAX_NO_WHITESPACE_CHARS = 25_000
 
 
-class TokenizerFileError(ValueError):
-    """The file is not a tiktoken BPE file."""
-
-
 def read_bpe_ranks(path: str) -> dict[bytes, int]:
-    """Parse a tiktoken BPE file (local path or blobfile URL); ranks must be 0..n-1, each once."""
-    with blobfile.BlobFile(str(path), "rb") as f:
-        data = f.read()
-    ranks: dict[bytes, int] = {}
-    for line_no, line in enumerate(data.splitlines(), start=1):
-        if not line.strip():
-            continue
-        parts = line.split()
-        try:
-            if len(parts) != 2:
-                raise ValueError
-            token, rank = base64.b64decode(parts[0], validate=True), int(parts[1])
-        except (ValueError, binascii.Error):
-            raise TokenizerFileError(f"line {line_no} is not 'base64-token rank'") from None
-        ranks[token] = rank
+    """tiktoken's own reader (`load_tiktoken_bpe`, as Meta and gpt-fast use), plus the checks it leaves out:
+    at least one rank, and ranks 0..n-1 each used once (tiktoken silently keeps the last of two lines for
+    the same token). Raises ValueError saying what is wrong."""
+    try:
+        ranks = load_tiktoken_bpe(path)
+    except ValueError as err:  # a line that is not `base64(token) rank` (binascii.Error is a ValueError)
+        raise ValueError(f"a line is not 'base64-token rank': {err}") from None
     if not ranks:
-        raise TokenizerFileError("it holds no BPE ranks")
+        raise ValueError("it holds no BPE ranks")
     if sorted(ranks.values()) != list(range(len(ranks))):
-        raise TokenizerFileError("its ranks are not 0..n-1, each used once")
+        raise ValueError("its ranks are not 0..n-1, each used once")
     return ranks
 
 
@@ -137,7 +123,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise UserError(f"tokenizer file {path} does not exist; put Meta's tokenizer.model beside the checkpoint or pass --tokenizer FILE.")
     try:
         ranks = read_bpe_ranks(path)
-    except TokenizerFileError as err:
+    except ValueError as err:
         raise UserError(f"{path} is not a tiktoken BPE tokenizer file ({err}); use the tokenizer.model that came with the weights.") from None
     except OSError as err:
         raise UserError(f"cannot read tokenizer file {path} ({err}); check the path or pass --tokenizer FILE.") from None

@@ -79,7 +79,7 @@ def write_random_checkpoint(ckpt_dir: Path, p: dict, seed: int = 0, dtype=torch.
 
 def init_meta_model_parallel() -> None:
     """fairscale wants a process group even for one process: world size 1 on gloo (the project's own set-up)."""
-    from llama3_raw.reference import init_model_parallel
+    from llama3_raw.tools.reference import init_model_parallel
 
     init_model_parallel()
 
@@ -104,7 +104,7 @@ def meta_transformer(p: dict, state: dict, max_seq_len: int = 512, max_batch_siz
 
 def meta_layer_outputs(model, tokens: torch.Tensor, start_pos: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Run Meta's forward once; return every block's output (via hooks) and the logits."""
-    from llama3_raw.reference import meta_block_outputs
+    from llama3_raw.tools.reference import meta_block_outputs
 
     return meta_block_outputs(model, tokens, start_pos)
 

@@ -5,6 +5,7 @@ for the token ids of a dialog; our `generate` on the whole dialog at once (itsel
 reference in test_reference.py) for what a session that reuses its KV cache must produce, greedy, fp32.
 """
 
+import importlib
 from dataclasses import replace
 
 import pytest
@@ -16,6 +17,8 @@ import llama3_raw.chat as chat
 from helpers import OFFICIAL_TOKENIZER, fp32_model, spy_on_forward
 from llama3_raw import generate, load_tokenizer
 from llama3_raw.chat import ChatSession, encode_dialog
+
+generation = importlib.import_module("llama3_raw.generate")  # the module (the package exports a function of that name)
 
 DIALOGS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -53,7 +56,7 @@ def test_second_turn_feeds_only_new_tokens_and_equals_one_shot_prefill(model, mo
     fed_after_first = len(session.fed)
     session.add("user", "Tell me more")
     prompt = session.dialog_ids()  # the whole dialog so far, as one prompt
-    shapes = spy_on_forward(monkeypatch, chat)
+    shapes = spy_on_forward(monkeypatch, generation)
     second = list(session.respond())
     calls = [shape[1] for shape in shapes]  # tokens fed per forward call
 

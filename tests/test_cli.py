@@ -111,15 +111,16 @@ def test_bad_input_exits_2_with_one_sentence(bad_setups, case):
 
 def test_no_checkpoint_says_what_to_download(tmp_path, monkeypatch, capsys):
     from llama3_raw import cli
+    from llama3_raw.checkpoints import folder
 
-    monkeypatch.setattr(cli, "WEIGHTS_DIR", tmp_path)
+    monkeypatch.setattr(folder, "WEIGHTS_DIR", tmp_path)
     assert cli.main([]) == 2
     err = capsys.readouterr().err
     assert "Meta-Llama-3-8B" in err and str(tmp_path) in err and "--ckpt-dir" in err
 
 
 def test_official_checkpoint_under_weights_wins_over_the_shipped_model(tmp_path):
-    from llama3_raw.cli import find_default_checkpoint
+    from llama3_raw.checkpoints import find_default_checkpoint
 
     shipped = write_random_checkpoint(tmp_path / "shakespeare", TINY_GQA, tokenizer=None)
     assert find_default_checkpoint(tmp_path) == shipped

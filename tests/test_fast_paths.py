@@ -17,11 +17,12 @@ import pytest
 import torch
 
 from helpers import TINY_GQA, random_state_dict, write_random_checkpoint
-from llama3_raw import cast_weights, load_checkpoint, quantize
+from llama3_raw import cast_weights, kernels, load_checkpoint
 from llama3_raw.generate import generate
-from llama3_raw.model import forward, matmul, new_kv_cache, row_times_matrix
+from llama3_raw.kernels import int8_matmul, matmul, row_times_matrix
+from llama3_raw.model import forward, new_kv_cache
 from llama3_raw.params import params_from_dict
-from llama3_raw.quantize import Int8Weight, dequantize, int8_matmul, quantize_int8, quantize_weights
+from llama3_raw.quantize import Int8Weight, dequantize, quantize_int8, quantize_weights
 
 REPO = Path(__file__).resolve().parent.parent
 BF16_BLOCK_TOLERANCE = 0.03
@@ -105,7 +106,7 @@ def test_int8_matmul_kernel_and_dequantized_formula_agree(monkeypatch):
     torch.testing.assert_close(one_row.float(), expected, rtol=0, atol=tolerance)
     many_rows = int8_matmul(x.expand(1, 3, 128), w)  # the dequantizing path (prefill), one block here
     torch.testing.assert_close(many_rows[:, 1:2].float(), one_row.float(), rtol=0, atol=tolerance)
-    monkeypatch.setattr(quantize, "DEQUANTIZE_ELEMENTS", 10 * 128)  # blocks of 10 rows: 6 full, one of 4
+    monkeypatch.setattr(kernels, "DEQUANTIZE_ELEMENTS", 10 * 128)  # blocks of 10 rows: 6 full, one of 4
     in_blocks = int8_matmul(x.expand(1, 3, 128), w)
     torch.testing.assert_close(in_blocks.float(), many_rows.float(), rtol=0, atol=tolerance)
 

@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from helpers import OFFICIAL_TOKENIZER
 from llama3_raw import cast_weights, forward, load_checkpoint
-from llama3_raw.hf_checkpoint import unpermute_rows
+from llama3_raw.checkpoints.huggingface import unpermute_rows
 
 HF_ATOL = 1e-4
 REPO = Path(__file__).resolve().parent.parent

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 
 from helpers import fp32_model
 from llama3_raw import forward
-from llama3_raw.compare import compare_with_reference, perturbed
-from llama3_raw.inspection import inspect_prompt, logit_lens
-from llama3_raw.score import score_text, sequence_nll, window_spans
+from llama3_raw.tools.compare import compare_with_reference, perturbed
+from llama3_raw.tools.inspection import inspect_prompt, logit_lens
+from llama3_raw.tools.score import score_text, sequence_nll, window_spans
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "The quick brown fox jumps over the lazy dog because"
@@ -169,7 +169,7 @@ def test_tool_bad_input(gqa_checkpoint, tmp_path, args, fragment):
 def test_compare_without_the_reference_says_how_to_install(gqa_checkpoint):
     ckpt_dir, _, _ = gqa_checkpoint
     script = ("import sys; sys.modules['llama_models'] = None; "
-              "from llama3_raw.compare import main; sys.exit(main(['--ckpt-dir', sys.argv[1]]))")
+              "from llama3_raw.tools.compare import main; sys.exit(main(['--ckpt-dir', sys.argv[1]]))")
     result = subprocess.run([sys.executable, "-c", script, str(ckpt_dir)], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2
     assert "pip install --no-deps llama-models" in result.stderr and "Traceback" not in result.stderr

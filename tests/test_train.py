@@ -13,13 +13,14 @@ import torch
 import torch.nn.functional as F
 
 from helpers import meta_transformer
-from llama3_raw.loading import load_checkpoint
+from llama3_raw.checkpoints import load_checkpoint
 from llama3_raw.model import forward
 from llama3_raw.params import params_from_dict
 from llama3_raw.tokenizer import load_tokenizer
-from llama3_raw.train import STATE_FILE, train
-from llama3_raw.train_config import TrainSettings, load_recipe
-from llama3_raw.training import batch_loss, init_weights, sample_batch
+from llama3_raw.training import train
+from llama3_raw.training.state import STATE_FILE
+from llama3_raw.training.recipe import TrainSettings, load_recipe
+from llama3_raw.training.objective import batch_loss, init_weights, sample_batch
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO / "data" / "tinyshakespeare.txt"

@@ -8,7 +8,7 @@ import pytest
 import regex
 
 from llama3_raw.tokenizer import SPLIT_PATTERN, load_tokenizer
-from llama3_raw.train_tokenizer import learn_bpe, train_tokenizer_file
+from llama3_raw.training.bpe import learn_bpe, train_tokenizer_file
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL_TEXT = (REPO / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:6000]

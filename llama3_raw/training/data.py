@@ -1,15 +1,15 @@
 """The training text: a character split into train / validation, encoded once and cached as numpy token ids."""
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .tokenizer import Tokenizer
+from ..files import atomic_write
+from ..tokenizer import Tokenizer
 
-CACHE_DIR = Path(__file__).resolve().parent.parent / "data" / "cache"  # git-ignored
+CACHE_DIR = Path(__file__).resolve().parents[2] / "data" / "cache"  # git-ignored
 
 
 @dataclass(frozen=True)
@@ -39,9 +39,7 @@ def encode_cached(text: str, tokenizer: Tokenizer, tokenizer_bytes: bytes, cache
             pass  # a damaged cache file is rebuilt below
     ids = np.asarray(tokenizer.encode(text, bos=False), dtype=np.int32)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
-    np.save(tmp, ids)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.save(f, ids))
     return ids
 
 

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
-from .model import at_least_fp32, forward, rms_norm
-from .params import ModelParams
-from .session import open_session, tool_parser
-from .tokenizer import Tokenizer
+from ..checkpoints import open_model
+from ..errors import UserError, run_tool
+from ..model import at_least_fp32, forward, rms_norm
+from ..params import ModelParams
+from ..tokenizer import Tokenizer
+from .common import tool_parser
 
 Tensor = torch.Tensor
 
@@ -173,18 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import find_default_checkpoint, generation_defaults
-    from .errors import run_tool
-
     args = build_parser().parse_args(argv)
 
     def work():
-        ckpt_dir = args.ckpt_dir or find_default_checkpoint()
-        prompt = args.prompt if args.prompt is not None else generation_defaults(ckpt_dir)["prompt"]
-        session = open_session(ckpt_dir, args.tokenizer, args.dtype, args.device)
-        layers = parse_layers(args.layers, session.params.n_layers)
-        summary = inspect_prompt(session.weights, session.params, session.tokenizer, prompt, args.out, layers)
-        print(f"next-token guess at the last position, block by block ({ckpt_dir}):")
+        model = open_model(args.ckpt_dir, args.tokenizer, args.dtype, args.device)
+        prompt = args.prompt if args.prompt is not None else model.defaults["prompt"]
+        layers = parse_layers(args.layers, model.params.n_layers)
+        summary = inspect_prompt(model.weights, model.params, model.tokenizer, prompt, args.out, layers)
+        print(f"next-token guess at the last position, block by block ({model.directory}):")
         for layer, (token, prob) in enumerate(zip(summary["last_position_top_tokens"], summary["last_position_top_probs"])):
             print(f"  block {layer:2d}: {token:>16} {prob:.3f}")
         print(f"wrote {', '.join(summary['files'][:4])}{' ...' if len(summary['files']) > 4 else ''} to {args.out}/")

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .errors import UserError
-from .params import ModelParams
+from ..errors import UserError
+from ..params import ModelParams
 
 SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth")
 

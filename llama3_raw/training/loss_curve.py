@@ -1,12 +1,13 @@
 """The loss curve as a PNG: training and validation loss, both in nats per character, against the step."""
 
-import os
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+
+from ..files import atomic_path  # noqa: E402
 
 
 def plot_loss_curve(records: list[dict], path: Path, title: str) -> None:
@@ -28,7 +29,6 @@ def plot_loss_curve(records: list[dict], path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(path) as temporary:
+        fig.savefig(temporary, format="png")
     plt.close(fig)
-    os.replace(tmp, path)

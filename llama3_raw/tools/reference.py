@@ -12,8 +12,8 @@ import sys
 
 import torch
 
-from .errors import UserError
-from .params import ModelParams
+from ..errors import UserError
+from ..params import ModelParams
 
 INSTALL_HINT = "pip install fairscale==0.4.13 && pip install --no-deps llama-models"
 

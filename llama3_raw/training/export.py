@@ -6,26 +6,12 @@ tokenizer.model      the trained BPE ranks, tiktoken format
 generation.json      this model's defaults for run.py (prompt, temperature, ...)
 """
 
-import json
-import os
 from pathlib import Path
 
 import torch
 
-from .params import ModelParams
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written file under `path`."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+from ..files import atomic_path, write_bytes, write_json
+from ..params import ModelParams
 
 
 def meta_state_dict(weights: dict[str, torch.Tensor], params: ModelParams) -> dict[str, torch.Tensor]:
@@ -35,11 +21,13 @@ def meta_state_dict(weights: dict[str, torch.Tensor], params: ModelParams) -> di
 
 def export_checkpoint(out_dir: Path, weights: dict[str, torch.Tensor], params: ModelParams,
                       tokenizer_bytes: bytes, generation: dict | None = None) -> None:
+    """Each file is replaced atomically (files.py), so the folder always holds whole files."""
     out_dir.mkdir(parents=True, exist_ok=True)
     params_json = params.to_json_dict()
     params_json.pop("max_seq_len", None)
-    atomic_torch_save(meta_state_dict(weights, params), out_dir / "consolidated.00.pth")
-    atomic_write_bytes(out_dir / "params.json", (json.dumps(params_json, indent=2) + "\n").encode())
-    atomic_write_bytes(out_dir / "tokenizer.model", tokenizer_bytes)
+    with atomic_path(out_dir / "consolidated.00.pth") as temporary:
+        torch.save(meta_state_dict(weights, params), temporary)
+    write_json(out_dir / "params.json", params_json)
+    write_bytes(out_dir / "tokenizer.model", tokenizer_bytes)
     if generation:
-        atomic_write_bytes(out_dir / "generation.json", (json.dumps(generation, indent=2) + "\n").encode())
+        write_json(out_dir / "generation.json", generation)

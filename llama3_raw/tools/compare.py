@@ -13,12 +13,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .errors import UserError, run_tool
-from .model import forward
-from .params import ModelParams
-from .quantize import INT8_CHECKPOINT_FILE
-from .reference import meta_block_outputs, meta_transformer
-from .session import open_session, tool_parser
+from ..checkpoints import DTYPES, open_folder, load_model
+from ..checkpoints.int8 import INT8_CHECKPOINT_FILE
+from ..errors import UserError, run_tool
+from ..model import forward
+from ..params import ModelParams
+from .common import tool_parser
+from .reference import import_reference, meta_block_outputs, meta_transformer
 
 # Relative to the largest reference value. Two float32 implementations of the same math differ by
 # rounding (about 1e-8 here); bfloat16 keeps 8 mantissa bits.
@@ -91,7 +92,7 @@ def report_text(comparison: Comparison) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = tool_parser("python -m llama3_raw compare", __doc__)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
     parser.add_argument("--tolerance", type=float, help="relative tolerance per block (default 1e-5 fp32, 2e-2 bf16)")
     parser.add_argument("--perturb", metavar="KEY", help="add 5%% noise to this weight on our side, e.g. "
                         "layers.1.attention.wk.weight, to see how a bug shows up")
@@ -100,30 +101,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import DTYPES, find_default_checkpoint, generation_defaults
-    from .reference import import_reference
-
     args = build_parser().parse_args(argv)
     outcome = {}
 
     def work():
         import_reference()  # say how to install it before any slow work
-        ckpt_dir = args.ckpt_dir or find_default_checkpoint()
-        prompt = args.prompt if args.prompt is not None else generation_defaults(ckpt_dir)["prompt"]
-        if (ckpt_dir / INT8_CHECKPOINT_FILE).is_file():
-            raise UserError(f"{ckpt_dir} holds int8 weights, which Meta's reference cannot run; compare the checkpoint "
-                            f"they were quantized from.")
-        dtype = DTYPES[args.dtype]
-        session = open_session(ckpt_dir, args.tokenizer, dtype, "cpu", show_progress=not args.json)
-        prompt_ids = session.tokenizer.encode(prompt, bos=True)
-        ours = perturbed(session.weights, args.perturb) if args.perturb else session.weights
-        tolerance = args.tolerance if args.tolerance is not None else DEFAULT_TOLERANCE[dtype]
-        comparison = compare_with_reference(ours, session.weights, session.params, prompt_ids, tolerance)
+        folder = open_folder(args.ckpt_dir, args.tokenizer)
+        if (folder.directory / INT8_CHECKPOINT_FILE).is_file():
+            raise UserError(f"{folder.directory} holds int8 weights, which Meta's reference cannot run; compare the "
+                            f"checkpoint they were quantized from.")
+        prompt = args.prompt if args.prompt is not None else folder.defaults["prompt"]
+        model = load_model(folder, dtype=args.dtype, show_progress=not args.json)
+        prompt_ids = model.tokenizer.encode(prompt, bos=True)
+        ours = perturbed(model.weights, args.perturb) if args.perturb else model.weights
+        tolerance = args.tolerance if args.tolerance is not None else DEFAULT_TOLERANCE[model.dtype]
+        comparison = compare_with_reference(ours, model.weights, model.params, prompt_ids, tolerance)
         outcome["ok"] = comparison.ok
         if args.json:
             print(json.dumps({**asdict(comparison), "ok": comparison.ok}))
         else:
-            print(f"{ckpt_dir}: {len(prompt_ids)} prompt tokens, {args.dtype}, this project vs Meta's llama_models")
+            print(f"{model.directory}: {len(prompt_ids)} prompt tokens, {args.dtype}, this project vs Meta's llama_models")
             print(report_text(comparison))
 
     code = run_tool(work)

@@ -17,10 +17,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .errors import UserError, run_tool
-from .model import forward
-from .params import ModelParams
-from .session import open_session, tool_parser
+from ..checkpoints import open_model
+from ..errors import UserError, run_tool
+from ..files import read_text
+from ..model import forward
+from ..params import ModelParams
+from .common import tool_parser
 
 
 @dataclass(frozen=True)
@@ -78,18 +80,6 @@ def score_text(weights, params: ModelParams, tokenizer, text: str, window: int, 
     return Score(len(token_ids), len(text), nll)
 
 
-def read_text(path: Path) -> str:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path} does not exist; pass the path of a UTF-8 text file to score.") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"cannot read {path} as UTF-8 text ({err}); pass a UTF-8 text file.") from None
-    if not text:
-        raise UserError(f"{path} is empty; there is nothing to score.")
-    return text
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = tool_parser("python -m llama3_raw score", __doc__, with_prompt=False)
     parser.add_argument("file", type=Path, help="UTF-8 text file to score")
@@ -105,28 +95,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import find_default_checkpoint, generation_defaults
-
     args = build_parser().parse_args(argv)
 
     def work():
-        text = read_text(args.file)
+        text = read_text(args.file, fix="pass the path of a UTF-8 text file to score")
+        if not text:
+            raise UserError(f"{args.file} is empty; there is nothing to score.")
         if args.tail is not None:
             if not 0 < args.tail <= 1:
                 raise UserError(f"--tail {args.tail} must be a fraction in (0, 1], e.g. 0.1 for the last 10 %.")
             text = text[len(text) - int(len(text) * args.tail):]  # the split training uses: last 10 % by characters
-        ckpt_dir = args.ckpt_dir or find_default_checkpoint()
-        session = open_session(ckpt_dir, args.tokenizer, args.dtype, args.device, show_progress=not args.json)
-        trained = generation_defaults(ckpt_dir).get("context_len")
-        window = args.window or trained or min(session.params.context_len, 2048)
-        if not 2 <= window <= session.params.context_len:
-            raise UserError(f"--window {window} must be between 2 and the model's context {session.params.context_len}.")
+        model = open_model(args.ckpt_dir, args.tokenizer, args.dtype, args.device, show_progress=not args.json)
+        trained = model.defaults.get("context_len")
+        window = args.window or trained or min(model.params.context_len, 2048)
+        if not 2 <= window <= model.params.context_len:
+            raise UserError(f"--window {window} must be between 2 and the model's context {model.params.context_len}.")
         stride = args.stride or max(1, window // 2)
         if not 1 <= stride <= window - 1:
             raise UserError(f"--stride {stride} must be between 1 and window - 1 = {window - 1}.")
-        score = score_text(session.weights, session.params, session.tokenizer, text, window, stride, not args.json)
+        score = score_text(model.weights, model.params, model.tokenizer, text, window, stride, not args.json)
         result = {**asdict(score), "nats_per_token": score.nats_per_token, "perplexity": score.perplexity,
-                  "nats_per_char": score.nats_per_char, "window": window, "stride": stride, "model": str(ckpt_dir)}
+                  "nats_per_char": score.nats_per_char, "window": window, "stride": stride, "model": str(model.directory)}
         if args.json:
             print(json.dumps(result))
         else:

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import forward
-from .params import ModelParams
-from .train_config import TrainSettings
+from ..model import forward
+from ..params import ModelParams
+from .recipe import TrainSettings
 
 RESIDUAL_PROJECTIONS = ("attention.wo.weight", "feed_forward.w2.weight")  # they write into the residual stream
 

@@ -7,15 +7,15 @@ permutes the rows so that both give the same attention. We undo that permutation
 (Meta's) serves both formats. The safetensors files are memory-mapped; only wq and wk are copied.
 """
 
-import json
 import re
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .errors import UserError
-from .params import ModelParams
+from ..errors import UserError
+from ..files import read_json
+from ..params import ModelParams
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -62,13 +62,8 @@ def unpermute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def read_config(path: Path) -> dict:
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{path} is not valid JSON ({err}); restore the config.json that came with the checkpoint.") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path} does not hold a JSON object; restore the config.json that came with the checkpoint.")
-    return config
+    """config.json, or the safetensors index: a JSON object."""
+    return read_json(path, f"restore the {path.name} that came with the checkpoint", expect=dict)
 
 
 def params_from_hf_config(config: dict, path: Path) -> ModelParams:

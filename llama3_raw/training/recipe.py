@@ -11,16 +11,16 @@
 `vocab_size` is not given: it is the tokenizer's size, BPE ranks + 256 special tokens.
 """
 
-import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from .errors import UserError
-from .params import ModelParams, params_from_dict
-from .tokenizer import NUM_SPECIAL_TOKENS
-from .train_tokenizer import NUM_BYTE_TOKENS
+from ..errors import UserError
+from ..files import read_json
+from ..params import ModelParams, params_from_dict
+from ..tokenizer import NUM_SPECIAL_TOKENS
+from .bpe import NUM_BYTE_TOKENS
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_RECIPE = Path(__file__).resolve().parent / "recipes" / "shakespeare.json"
 
 
@@ -66,13 +66,7 @@ def load_recipe(path: Path, corpus_override: Path | None = None) -> Recipe:
     def bad(what: str) -> UserError:
         return UserError(f"--config {path}: {what}; fix the file (see {DEFAULT_RECIPE.relative_to(REPO_ROOT)}).")
 
-    try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"--config {path} does not exist; pass a recipe JSON such as "
-                        f"{DEFAULT_RECIPE.relative_to(REPO_ROOT)}.") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise bad(f"cannot be read as JSON ({err})") from None
+    raw = read_json(path, f"pass a recipe JSON such as {DEFAULT_RECIPE.relative_to(REPO_ROOT)}", what="--config")
     if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
         raise bad("it needs a \"model\" object with params.json fields")
     unknown = set(raw) - {"model", "tokenizer", "data", "train", "generation"}

@@ -1,0 +1,19 @@
+"""Checkpoints: a folder in, verified weights + params + tokenizer out.
+
+    folder = open_folder(ckpt_dir)          # params, tokenizer, generation defaults: cheap, checked first
+    model = load_model(folder, dtype="auto") # the weights, every key and shape verified, in the compute dtype
+
+Meta's consolidated.NN.pth (meta.py, shards.py), Hugging Face safetensors folders (huggingface.py) and
+saved int8 weights (int8.py) all come out as one flat dict with Meta's key names (loading.py).
+"""
+
+from .defaults import DTYPES, generation_defaults
+from .folder import (CheckpointFolder, Model, check_quantize_request, find_default_checkpoint, load_model,
+                     open_folder, open_model)
+from .loading import Checkpoint, cast_weights, count_parameters, default_tokenizer_path, load_checkpoint
+
+__all__ = [
+    "DTYPES", "Checkpoint", "CheckpointFolder", "Model", "cast_weights", "check_quantize_request", "count_parameters",
+    "default_tokenizer_path", "find_default_checkpoint", "generation_defaults", "load_checkpoint", "load_model",
+    "open_folder", "open_model",
+]

@@ -1,0 +1,105 @@
+"""The settings a run takes when the user gives none: built-in ones, those a checkpoint carries in its
+generation.json, and the compute dtype. The command line's flags are checked by the same value checks.
+"""
+
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..files import read_json
+from ..quantize import Int8Weight
+from .loading import count_parameters
+
+FORTY_TWO_PROMPT = "the answer to the ultimate question of life, the universe, and everything is "
+GENERATION_DEFAULTS_FILE = "generation.json"  # a checkpoint may carry its own defaults for the settings below
+BUILTIN_DEFAULTS = {"prompt": FORTY_TWO_PROMPT, "max_new_tokens": 32, "temperature": 0.0, "top_p": 0.9, "top_k": 0}
+CHAT_MAX_NEW_TOKENS = 1024  # a chat reply's default limit; the reply normally ends at <|eot_id|> long before
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError
+    return value
+
+
+def probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise ValueError
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError
+    return value
+
+
+# argparse names the expected kind of value from the function's name in its error message.
+positive_int.__name__ = "positive integer"
+non_negative_float.__name__ = "non-negative number"
+probability.__name__ = "probability in (0, 1]"
+non_negative_int.__name__ = "non-negative integer"
+
+GENERATION_CHECKS = {"prompt": str, "max_new_tokens": positive_int, "temperature": non_negative_float,
+                     "top_p": probability, "top_k": non_negative_int,
+                     "context_len": positive_int}  # the context the model was trained for, if shorter than its family's
+
+
+def generation_defaults(ckpt_dir: Path) -> dict:
+    """Built-in defaults, overridden by the checkpoint's generation.json (e.g. a Shakespeare prompt)."""
+    path = ckpt_dir / GENERATION_DEFAULTS_FILE
+    if not path.is_file():
+        return dict(BUILTIN_DEFAULTS)
+    fix = f"fix or delete it (an object with only {', '.join(GENERATION_CHECKS)})"
+    raw = read_json(path, fix, expect=dict)
+    for key, value in raw.items():
+        try:
+            if key not in GENERATION_CHECKS or isinstance(value, bool) or GENERATION_CHECKS[key](str(value)) != value:
+                raise ValueError
+        except ValueError:
+            raise UserError(f"{path} is not a valid generation.json ({key}: {value!r}); {fix}.") from None
+    return BUILTIN_DEFAULTS | raw
+
+
+def compute_dtype(requested: str, device: str, weights: dict, quantize: str = "none") -> torch.dtype:
+    """The dtype activations are computed in. `requested`: "auto", "float32" or "bfloat16".
+
+    auto: float32 on the CPU when a float32 copy fits comfortably in memory (Meta's reference computes in
+    float32 there); otherwise, and on CUDA, bfloat16, computed straight from the checkpoint's tensors.
+    Int8 weights (quantized now, or saved so) always multiply bfloat16 activations.
+    """
+    if quantize == "int8" or any(isinstance(w, Int8Weight) for w in weights.values()):
+        return torch.bfloat16
+    if requested != "auto":
+        return DTYPES[requested]
+    if device == "cuda":
+        return torch.bfloat16
+    return torch.float32 if 4 * count_parameters(weights) < 0.5 * available_memory_bytes() else torch.bfloat16
+
+
+def refuse_float32_with_int8(requested: str, what: str) -> None:
+    """The one refusal of a float32 request for int8 weights; `what` says where the int8 weights come from."""
+    if requested == "float32":
+        raise UserError(f"{what}; drop --dtype float32.")
+
+
+def available_memory_bytes() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30

@@ -1,0 +1,162 @@
+"""A checkpoint folder opened for use, in two steps, so that everything cheap is checked before the weights are read:
+
+1. `open_folder`: the folder (given, or the default one), params, tokenizer (checked against the vocabulary)
+   and the folder's generation defaults -- a bad prompt or tokenizer should not cost a 16 GB load;
+2. `load_model`: the weights in the compute dtype on the compute device, int8 if asked (and saved if asked).
+
+Every command-line tool (run, chat, inspect, compare, score) opens checkpoints through these two.
+"""
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..files import check_new_folder
+from ..params import ModelParams
+from ..quantize import quantize_weights
+from ..tokenizer import Tokenizer, load_tokenizer
+from .defaults import GENERATION_DEFAULTS_FILE, compute_dtype, generation_defaults, refuse_float32_with_int8
+from .int8 import save_int8_checkpoint
+from .loading import (cast_weights, checkpoint_params, count_parameters, default_tokenizer_path, is_checkpoint_dir,
+                      is_int8, load_checkpoint)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+WEIGHTS_DIR = REPO_ROOT / "weights"
+SHIPPED_MODEL_NAME = "shakespeare"  # weights/shakespeare: the small model this project trains and ships
+
+DOWNLOAD_HELP = (
+    "no checkpoint found under {weights}; download Meta-Llama-3-8B (from llama.meta.com, or the 'original/' folder "
+    "of meta-llama/Meta-Llama-3-8B on Hugging Face: consolidated.00.pth, params.json, tokenizer.model) into "
+    "{weights}/Meta-Llama-3-8B/, or pass --ckpt-dir DIR."
+)
+
+
+@dataclass(frozen=True)
+class CheckpointFolder:
+    """A checkpoint folder whose cheap parts are read and checked; the weights are not read yet."""
+
+    directory: Path
+    params: ModelParams  # as the folder's params.json (or config.json) says
+    tokenizer: Tokenizer
+    defaults: dict  # generation settings: built-in, overridden by the folder's generation.json
+
+    def params_for_generation(self, context_len: int | None) -> ModelParams:
+        """The params a generation run uses: its context is `context_len` (--context-len) if given, else the
+        context the model was trained for (generation.json), else the model family's own."""
+        if context_len is None:
+            trained = self.defaults.get("context_len")
+            return self.params if trained is None else replace(self.params, max_seq_len=min(trained, self.params.context_len))
+        if context_len > self.params.context_len:
+            raise UserError(f"--context-len {context_len} exceeds this model's maximum of {self.params.context_len} "
+                            f"tokens; pass at most {self.params.context_len}.")
+        return replace(self.params, max_seq_len=context_len)
+
+
+@dataclass(frozen=True)
+class Model:
+    """An opened checkpoint, ready to run: the folder's parts and its weights in `dtype` on `device`."""
+
+    directory: Path
+    params: ModelParams
+    tokenizer: Tokenizer
+    defaults: dict
+    weights: dict  # Meta's key names -> tensors in `dtype` on `device` (or int8 matrices, see quantize.py)
+    dtype: torch.dtype
+    device: str
+    n_parameters: int
+
+    @property
+    def is_int8(self) -> bool:
+        return is_int8(self.weights)
+
+
+def find_default_checkpoint(weights_dir: Path | None = None) -> Path:
+    """An official checkpoint under weights/ (or its original/ subfolder) first, then the shipped model."""
+    weights_dir = weights_dir or WEIGHTS_DIR
+    shipped = weights_dir / SHIPPED_MODEL_NAME
+    if weights_dir.is_dir():
+        for folder in sorted(weights_dir.iterdir()):
+            if folder == shipped:
+                continue
+            for candidate in (folder, folder / "original"):
+                if is_checkpoint_dir(candidate):
+                    return candidate
+    if is_checkpoint_dir(shipped):
+        return shipped
+    raise UserError(DOWNLOAD_HELP.format(weights=weights_dir))
+
+
+def check_device(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but PyTorch sees no CUDA GPU here; use --device cpu.")
+
+
+def open_tokenizer(ckpt_dir: Path, params: ModelParams, tokenizer_path: str | None) -> Tokenizer:
+    """The tokenizer beside the checkpoint (or the given one), checked against the weights' vocabulary."""
+    if tokenizer_path is not None and "://" not in tokenizer_path and not Path(tokenizer_path).is_file():
+        raise UserError(f"--tokenizer {tokenizer_path} does not exist; pass the path of a tokenizer.model file.")
+    path = tokenizer_path or str(default_tokenizer_path(ckpt_dir))
+    tokenizer = load_tokenizer(path)
+    if tokenizer.n_words != params.vocab_size:
+        raise UserError(
+            f"tokenizer {path} has {tokenizer.n_words} tokens but the checkpoint in {ckpt_dir} says vocab_size "
+            f"{params.vocab_size}; use the tokenizer.model that came with these weights."
+        )
+    return tokenizer
+
+
+def open_folder(ckpt_dir: Path | None, tokenizer_path: str | None = None, device: str = "cpu") -> CheckpointFolder:
+    """Step 1: the folder (None: the default checkpoint), its params, tokenizer and generation defaults."""
+    check_device(device)
+    ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else find_default_checkpoint()
+    if not ckpt_dir.is_dir():
+        raise UserError(f"checkpoint directory {ckpt_dir} does not exist; pass --ckpt-dir with the folder holding "
+                        f"params.json and consolidated.00.pth.")
+    params = checkpoint_params(ckpt_dir)
+    defaults = generation_defaults(ckpt_dir)
+    return CheckpointFolder(ckpt_dir, params, open_tokenizer(ckpt_dir, params, tokenizer_path), defaults)
+
+
+def load_model(folder: CheckpointFolder, params: ModelParams | None = None, dtype: str = "auto", device: str = "cpu",
+               quantize: str = "none", save_quantized: Path | None = None, show_progress: bool = True) -> Model:
+    """Step 2: the weights, verified, in the compute dtype (`dtype`: "auto", "float32" or "bfloat16") on `device`.
+
+    `quantize="int8"` makes every weight matrix int8 (quantize.py); `save_quantized` then also writes those
+    int8 weights as a new checkpoint folder. `params` defaults to the folder's (see params_for_generation).
+    """
+    check_quantize_request(quantize, dtype, save_quantized)
+    checkpoint = load_checkpoint(folder.directory, show_progress=show_progress)
+    if is_int8(checkpoint.weights):  # saved by --save-quantized
+        refuse_float32_with_int8(dtype, f"{folder.directory} holds int8 weights, which compute in bfloat16")
+    compute = compute_dtype(dtype, device, checkpoint.weights, quantize)
+    weights = cast_weights(checkpoint.weights, compute, device, show_progress=show_progress)
+    del checkpoint  # when the dtype changed, this lets the memory-mapped file go
+    n_parameters = count_parameters(weights)
+    if quantize == "int8":
+        weights = quantize_weights(weights, compute)  # matrices as int8 + per-row scales, activations in bf16
+    if save_quantized is not None:
+        save_int8_checkpoint(weights, folder.params, default_tokenizer_path(folder.directory), save_quantized,
+                             extra_files=(folder.directory / GENERATION_DEFAULTS_FILE,))
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return Model(folder.directory, params or folder.params, folder.tokenizer, folder.defaults, weights, compute,
+                 device, n_parameters)
+
+
+def check_quantize_request(quantize: str, dtype: str, save_quantized: Path | None) -> None:
+    """Refuse a quantization request that cannot work before anything is read."""
+    if quantize == "int8":
+        refuse_float32_with_int8(dtype, "--quantize int8 computes in bfloat16 (int8 weights, bf16 activations)")
+    if save_quantized is not None:
+        if quantize != "int8":
+            raise UserError("--save-quantized writes int8 weights; add --quantize int8.")
+        check_new_folder(save_quantized, "--save-quantized")
+
+
+def open_model(ckpt_dir: Path | None, tokenizer_path: str | None = None, dtype: str = "auto", device: str = "cpu",
+               show_progress: bool = True) -> Model:
+    """Both steps at once, for tools that check nothing in between (inspect, compare, score)."""
+    return load_model(open_folder(ckpt_dir, tokenizer_path, device), dtype=dtype, device=device,
+                      show_progress=show_progress)

@@ -1,0 +1,130 @@
+"""A checkpoint folder on disk -> a flat dict of tensors keyed by Meta's own names, every key and shape verified.
+
+Three layouts are read, each by its own module, and all come out the same way (`Checkpoint`):
+  Meta's         params.json + consolidated.00.pth (meta.py), or model-parallel shards 00..NN (shards.py)
+  Hugging Face   config.json + model*.safetensors, renamed and un-permuted to Meta's (huggingface.py)
+  saved int8     params.json + model.int8.pth, written by `run.py --quantize int8 --save-quantized` (int8.py)
+Everything is memory-mapped; only what must change (merged shards, Hugging Face's wq/wk) is copied.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..errors import UserError
+from ..params import ModelParams, load_params
+from ..quantize import Int8Weight
+from .huggingface import is_hf_checkpoint_dir, params_from_hf_config, read_config, read_hf_checkpoint
+from .int8 import INT8_CHECKPOINT_FILE, int8_weights
+from .meta import PROGRESS_MIN_BYTES, check_weights, checkpoint_files, read_state_dict, warm_page_cache
+from .shards import merge_shards, numbered_shards
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    directory: Path
+    params: ModelParams
+    weights: dict[str, torch.Tensor]
+    file_bytes: int
+    tied_output: bool  # True when the file had no output.weight and the embeddings serve as output
+    source_format: str = "meta"  # "meta" (consolidated.*.pth), "huggingface" (config.json + safetensors) or "int8"
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    return path.is_dir() and (
+        ((path / "params.json").is_file() and (bool(checkpoint_files(path)) or (path / INT8_CHECKPOINT_FILE).is_file()))
+        or is_hf_checkpoint_dir(path))
+
+
+def is_hf_format(ckpt_dir: Path) -> bool:
+    """Meta's params.json wins when a directory has both (a Hugging Face download's original/ is Meta's)."""
+    return not (ckpt_dir / "params.json").is_file() and is_hf_checkpoint_dir(ckpt_dir)
+
+
+def default_tokenizer_path(ckpt_dir: Path) -> Path:
+    """tokenizer.model beside the weights, else in original/ (where a Hugging Face download keeps Meta's files)."""
+    for candidate in (ckpt_dir / "tokenizer.model", ckpt_dir / "original" / "tokenizer.model"):
+        if candidate.is_file():
+            return candidate
+    return ckpt_dir / "tokenizer.model"  # missing: the tokenizer loader says so
+
+
+def checkpoint_params(ckpt_dir: Path) -> ModelParams:
+    """The model's params without reading the weights: params.json, or a Hugging Face config.json."""
+    if is_hf_format(ckpt_dir):
+        return params_from_hf_config(read_config(ckpt_dir / "config.json"), ckpt_dir / "config.json")
+    return load_params(ckpt_dir / "params.json")
+
+
+
+def load_checkpoint(ckpt_dir: str | Path, show_progress: bool = True) -> Checkpoint:
+    """Read a checkpoint directory in Meta's or Hugging Face's format, verify every key and shape,
+    return the flat weight dict with Meta's names."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise UserError(f"checkpoint directory {ckpt_dir} does not exist; pass --ckpt-dir with the folder holding params.json and consolidated.00.pth.")
+    if is_hf_format(ckpt_dir):
+        params, weights, file_bytes, tied_output = read_hf_checkpoint(ckpt_dir)
+        check_weights(weights, params, ckpt_dir)
+        return Checkpoint(ckpt_dir, params, in_meta_order(weights, params, tied_output), file_bytes, tied_output,
+                          source_format="huggingface")
+    params = load_params(ckpt_dir / "params.json")
+    if (ckpt_dir / INT8_CHECKPOINT_FILE).is_file():
+        path = ckpt_dir / INT8_CHECKPOINT_FILE
+        warm_page_cache(path, show_progress)
+        weights = int8_weights(read_state_dict(path), params, path)
+        return Checkpoint(ckpt_dir, params, in_meta_order(weights, params, False), path.stat().st_size, False, "int8")
+    files = checkpoint_files(ckpt_dir)
+    if not files:
+        raise UserError(f"{ckpt_dir} has no consolidated.00.pth; put Meta's checkpoint file there or pass the right --ckpt-dir.")
+    files = numbered_shards(files)
+    file_bytes = sum(path.stat().st_size for path in files)
+    if len(files) > 1:  # model-parallel shards (70B, 405B): merged into new full-size tensors
+        weights = merge_shards(files, params, read_state_dict, show_progress and file_bytes >= PROGRESS_MIN_BYTES)
+        tied_output = "output.weight" not in weights
+        check_weights(weights, params, ckpt_dir / files[0].name)
+    else:
+        path = files[0]
+        warm_page_cache(path, show_progress)
+        weights = read_state_dict(path)
+        tied_output = check_weights(weights, params, path)
+    return Checkpoint(ckpt_dir, params, in_meta_order(weights, params, tied_output), file_bytes, tied_output)
+
+
+
+
+def in_meta_order(weights: dict[str, torch.Tensor], params: ModelParams, tied_output: bool) -> dict[str, torch.Tensor]:
+    """The verified weights in Meta's key order; a tied output is the embedding tensor itself, not a copy."""
+    ordered = {key: weights[key] for key in params.weight_shapes() if key in weights}
+    if tied_output:
+        ordered["output.weight"] = ordered["tok_embeddings.weight"]
+    return ordered
+
+
+def is_int8(weights: dict) -> bool:
+    return any(isinstance(w, Int8Weight) for w in weights.values())
+
+
+def count_parameters(weights: dict[str, torch.Tensor]) -> int:
+    """Distinct parameters: a tied output matrix is counted once."""
+    return sum(t.numel() for t in {id(t): t for t in weights.values()}.values())
+
+
+def cast_weights(weights: dict[str, torch.Tensor], dtype: torch.dtype, device: str | torch.device,
+                 show_progress: bool = False) -> dict[str, torch.Tensor]:
+    """Weights in the compute dtype on the compute device; tensors already there are kept as they are.
+
+    Tied tensors stay tied: each distinct tensor is converted once. Int8 matrices stay int8; their
+    scales take the compute dtype.
+    """
+    converted: dict[int, torch.Tensor] = {}
+    out = {}
+    total_bytes = sum(t.nbytes for t in weights.values())
+    for key, tensor in tqdm(weights.items(), desc=f"to {dtype} on {device}", unit="tensor", leave=False,
+                            disable=not show_progress or total_bytes < PROGRESS_MIN_BYTES):
+        if id(tensor) not in converted:
+            converted[id(tensor)] = tensor.to(device=device, dtype=dtype)
+        out[key] = converted[id(tensor)]
+    return out

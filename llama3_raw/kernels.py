@@ -1,0 +1,83 @@
+"""The matrix products behind `model.matmul`: which kernel multiplies activations by a weight matrix.
+
+Nothing here changes the math (every function computes x @ W.T); it only picks the code that does it
+fastest for the case at hand, so model.py can read as Llama 3 and call one `matmul`:
+
+- many rows (a prompt, a training batch): PyTorch's ordinary matrix multiply;
+- one row on the CPU (decoding one token): `row_times_matrix`, tuned to stream the weights quickly,
+  because decoding reads every weight once per token and that read sets decode speed;
+- an int8 weight (quantize.py): `int8_matmul`, which reads the int8 bytes instead of a bf16 matrix.
+"""
+
+import contextlib
+import math
+
+import torch
+
+from .quantize import Int8Weight
+
+Tensor = torch.Tensor
+Weight = Tensor | Int8Weight  # a matrix (out, in) as stored, or its int8 form (quantize.py)
+
+DEQUANTIZE_ELEMENTS = 1 << 22  # weights converted to bf16 at a time in a many-row int8 product: 8 MB
+
+
+def matmul(x: Tensor, w: Weight) -> Tensor:
+    """x @ w.T for a weight matrix w (out, in): (..., in) -> (..., out). Int8 weights multiply from their int8 bytes."""
+    if isinstance(w, Int8Weight):
+        return int8_matmul(x, w)
+    if x.numel() == x.shape[-1] and x.device.type == "cpu":
+        return row_times_matrix(x, w)  # decoding one token: a matrix-vector product
+    return x @ w.T
+
+
+def row_times_matrix(x: Tensor, w: Tensor) -> Tensor:
+    """x @ w.T for a single row of activations on the CPU, with the kernels that stream weights fastest.
+
+    Decoding reads every weight once per token, so this product's read speed sets decode speed.
+    bf16: PyTorch hands it to oneDNN, which streams 11-18 GB/s per core here; PyTorch's own matrix-vector
+    kernel (used while oneDNN is switched off) ~28 GB/s. Only these products switch it off: oneDNN stays
+    the faster choice for everything with many rows (prompts, and attention over the cache).
+    float32: MKL's matrix-vector product runs on one core however many threads torch has. Seen as a
+    batch of row blocks (blocks, out/blocks, in) -- a view, no copy -- it is shared out among the
+    threads. Each output is still the dot product of one weight row with x.
+    """
+    threads = torch.get_num_threads()
+    blocks = 1
+    if x.dtype == torch.float32 and threads > 1 and w.is_contiguous():
+        blocks = math.gcd(w.shape[0], 4 * threads)
+    with without_onednn():
+        if blocks == 1:
+            return x @ w.T
+        out = x.reshape(1, -1) @ w.view(blocks, -1, w.shape[1]).mT  # (blocks, 1, out/blocks)
+    return out.view(*x.shape[:-1], -1)  # the blocks are consecutive rows: (..., out)
+
+
+@contextlib.contextmanager
+def without_onednn():
+    """PyTorch's own CPU kernels instead of oneDNN's for the calls inside (same math, other code)."""
+    was_enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = was_enabled
+
+
+def int8_matmul(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
+    """x @ dequantize(w).T: (..., in) -> (..., out), with x in the weight's compute dtype."""
+    rows = x.reshape(-1, x.shape[-1])  # (N, in)
+    if rows.shape[0] == 1 and x.device.type == "cpu":
+        # values.T converted one tile at a time inside the kernel, then each output column times its scale.
+        out = torch._weight_int8pack_mm(rows, w.values, w.scales)  # (1, out)
+    else:
+        # Many rows: convert a block of weight rows to the compute dtype, multiply, next block. Each conversion
+        # is paid once for all N rows; a block of DEQUANTIZE_ELEMENTS is reused by the allocator, where a whole
+        # converted matrix (up to 500 MB) would be fresh memory, page-faulted in on every call.
+        out = torch.empty(rows.shape[0], w.shape[0], dtype=x.dtype, device=x.device)  # (N, out)
+        block_rows = max(1, DEQUANTIZE_ELEMENTS // w.shape[1])
+        for start in range(0, w.shape[0], block_rows):
+            block = slice(start, start + block_rows)
+            out[:, block] = rows @ w.values[block].to(x.dtype).T
+        out *= w.scales
+    return out.view(*x.shape[:-1], -1)
