@@ -4,19 +4,18 @@
 
 import sys
 
-TOOLS = {"inspect": "tools.inspection", "compare": "tools.compare", "score": "tools.score"}
+from . import cli
+from .tools import compare, inspection, score
+
+TOOLS = {"inspect": inspection.main, "compare": compare.main, "score": score.main}
 
 
 def dispatch(argv: list[str]) -> int:
     if argv and argv[0] in TOOLS:
-        import importlib
-
-        return importlib.import_module(f"llama3_raw.{TOOLS[argv[0]]}").main(argv[1:])
-    from .cli import main
-
+        return TOOLS[argv[0]](argv[1:])
     if argv and argv[0] == "chat":
         argv = ["--chat", *argv[1:]]
-    return main(argv)
+    return cli.main(argv)
 
 
 sys.exit(dispatch(sys.argv[1:]))

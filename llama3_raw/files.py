@@ -86,6 +86,12 @@ def write_json(path: str | Path, value) -> None:
     write_text(path, json.dumps(value, indent=2) + "\n")
 
 
+def write_png(path: str | Path, figure, dpi: float | None = None) -> None:
+    """A matplotlib figure as a PNG file."""
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=dpi)
+
+
 def sync_folder(folder: Path) -> None:
     """Make a rename inside `folder` durable (where the file system allows opening a folder)."""
     try:

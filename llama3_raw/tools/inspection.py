@@ -17,6 +17,7 @@ import torch
 
 from ..checkpoints import open_model
 from ..errors import UserError, run_tool
+from ..files import write_png, write_text
 from ..model import at_least_fp32, forward, rms_norm
 from ..params import ModelParams
 from ..tokenizer import Tokenizer
@@ -62,11 +63,16 @@ def logit_lens_table(labels_in: list[str], top_ids: Tensor, top_probs: Tensor, t
     return "\n".join(rows) + "\n"
 
 
-def plot_logit_lens(path: Path, labels_in: list[str], top_ids: Tensor, top_probs: Tensor, tokenizer: Tokenizer) -> None:
+def pyplot():
+    """matplotlib's pyplot drawing into files; imported when a picture is drawn, since it takes a while to load."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
+
+def plot_logit_lens(path: Path, labels_in: list[str], top_ids: Tensor, top_probs: Tensor, tokenizer: Tokenizer) -> None:
+    plt = pyplot()
     n_layers, seq_len = top_probs.shape
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * seq_len + 2), max(3.0, 0.35 * n_layers + 1.5)))
     image = ax.imshow(top_probs.float().numpy(), aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1)
@@ -84,16 +90,13 @@ def plot_logit_lens(path: Path, labels_in: list[str], top_ids: Tensor, top_probs
     ax.set_title("Logit lens: top next-token guess and its probability")
     fig.colorbar(image, ax=ax, label="probability")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_png(path, fig, dpi=120)
     plt.close(fig)
 
 
 def plot_attention(path: Path, layer: int, attention_weights: Tensor, labels: list[str]) -> None:
     """One layer's heads as panels: row = query token, column = key token it attends to."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     n_heads, seq_len, _ = attention_weights.shape
     cols = math.ceil(math.sqrt(n_heads))
     rows = math.ceil(n_heads / cols)
@@ -114,7 +117,7 @@ def plot_attention(path: Path, layer: int, attention_weights: Tensor, labels: li
             ax.set_yticks([])
     fig.suptitle(f"layer {layer} attention\n(row: query, column: key)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_png(path, fig, dpi=110)
     plt.close(fig)
 
 
@@ -148,8 +151,8 @@ def inspect_prompt(weights, params: ModelParams, tokenizer: Tokenizer, prompt: s
     labels = [token_label(tokenizer, t) for t in prompt_ids]
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "shapes.txt").write_text(shapes_trace(record), encoding="utf-8")
-    (out_dir / "logit_lens.md").write_text(logit_lens_table(labels, top_ids, top_probs, tokenizer), encoding="utf-8")
+    write_text(out_dir / "shapes.txt", shapes_trace(record))
+    write_text(out_dir / "logit_lens.md", logit_lens_table(labels, top_ids, top_probs, tokenizer))
     attention_files = []
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")  # CJK/emoji labels: a box is fine

@@ -71,22 +71,7 @@ def learn_bpe(text: str, vocab_size: int, show_progress: bool = False) -> list[b
                 vocab.append(merged)
                 token_id[merged] = new_id
                 bar.update(1)
-            touched: set[tuple[int, int]] = set()
-            for w in list(pair_words[(a, b)]):
-                old, weight = words[w], weights[w]
-                for pair in zip(old, old[1:]):
-                    pair_counts[pair] -= weight
-                    touched.add(pair)
-                new = merge_pair(old, a, b, new_id)
-                words[w] = new
-                for pair in zip(new, new[1:]):
-                    pair_counts[pair] += weight
-                    touched.add(pair)
-                old_pairs, new_pairs = set(zip(old, old[1:])), set(zip(new, new[1:]))
-                for pair in old_pairs - new_pairs:
-                    pair_words[pair].discard(w)
-                for pair in new_pairs - old_pairs:
-                    pair_words[pair].add(w)
+            touched = merge_everywhere(words, weights, pair_counts, pair_words, (a, b), new_id)
             for pair in touched:
                 count = pair_counts[pair]
                 if count > 0:
@@ -95,6 +80,29 @@ def learn_bpe(text: str, vocab_size: int, show_progress: bool = False) -> list[b
                     pair_counts.pop(pair, None)
                     pair_words.pop(pair, None)
     return vocab
+
+
+def merge_everywhere(words: list[list[int]], weights: list[int], pair_counts: dict, pair_words: dict,
+                     pair: tuple[int, int], new_id: int) -> set[tuple[int, int]]:
+    """Merge `pair` into `new_id` in every chunk that holds it, updating the pair counts and the pair -> chunks
+    index in place; returns the pairs whose counts changed."""
+    touched: set[tuple[int, int]] = set()
+    for w in list(pair_words[pair]):
+        old, weight = words[w], weights[w]
+        for old_pair in zip(old, old[1:]):
+            pair_counts[old_pair] -= weight
+            touched.add(old_pair)
+        new = merge_pair(old, *pair, new_id)
+        words[w] = new
+        for new_pair in zip(new, new[1:]):
+            pair_counts[new_pair] += weight
+            touched.add(new_pair)
+        old_pairs, new_pairs = set(zip(old, old[1:])), set(zip(new, new[1:]))
+        for gone in old_pairs - new_pairs:
+            pair_words[gone].discard(w)
+        for came in new_pairs - old_pairs:
+            pair_words[came].add(w)
+    return touched
 
 
 def merge_pair(word: list[int], a: int, b: int, new_id: int) -> list[int]:

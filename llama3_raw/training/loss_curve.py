@@ -7,7 +7,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..files import atomic_path  # noqa: E402
+from ..files import write_png  # noqa: E402
 
 
 def plot_loss_curve(records: list[dict], path: Path, title: str) -> None:
@@ -29,6 +29,5 @@ def plot_loss_curve(records: list[dict], path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    with atomic_path(path) as temporary:
-        fig.savefig(temporary, format="png")
+    write_png(path, fig)
     plt.close(fig)
