@@ -23,6 +23,7 @@ from .errors import UserError
 from .files import read_json
 from .generate import Sampling, decode, new_generator
 from .model import KVCache, Weights, new_kv_cache
+from .parallel import SINGLE_PROCESS, Ranks
 from .params import ModelParams
 from .tokenizer import TextStream, Tokenizer
 
@@ -79,11 +80,12 @@ class ChatSession:
 
     def __init__(self, weights: Weights, params: ModelParams, tokenizer: Tokenizer, max_new_tokens: int,
                  sampling: Sampling = Sampling(), cache_dtype: torch.dtype | None = None, device="cpu",
-                 notice: Callable[[str], None] = print):
+                 notice: Callable[[str], None] = print, ranks: Ranks = SINGLE_PROCESS):
         self.weights, self.params, self.tokenizer = weights, params, tokenizer
         self.max_new_tokens, self.sampling, self.device = max_new_tokens, sampling, device
         self.cache_dtype = cache_dtype or weights["tok_embeddings.weight"].dtype
         self.notice = notice
+        self.ranks = ranks  # tensor parallel: this rank's place (parallel.py)
         self.messages: list[dict] = []  # {"role", "content", "ids": the whole message's token ids}
         self.fed: list[int] = []
         self.cache: KVCache | None = None
@@ -120,7 +122,7 @@ class ChatSession:
         new = torch.tensor([prompt[len(self.fed):]], dtype=torch.long, device=self.device)  # (1, S): what the cache lacks
         reply: list[int] = []
         steps = decode(self.weights, self.params, new, self.cache_at(len(self.fed)), n_new, self.tokenizer.stop_ids,
-                       self.sampling, self.generator)
+                       self.sampling, self.generator, ranks=self.ranks)
         for _rows, (token,) in steps:
             reply.append(token)
             yield token
@@ -139,7 +141,7 @@ class ChatSession:
         old = self.cache
         if old is not None:
             capacity = min(max(capacity, 2 * old.capacity), self.params.context_len)
-        self.cache = new_kv_cache(self.params, 1, capacity, self.cache_dtype, self.device)
+        self.cache = new_kv_cache(self.params, 1, capacity, self.cache_dtype, self.device, self.ranks)
         if old is not None and self.fed:
             filled = len(self.fed)
             for new_k, new_v, old_k, old_v in zip(self.cache.keys, self.cache.values, old.keys, old.values):

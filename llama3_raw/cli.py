@@ -20,6 +20,8 @@ from .checkpoints.defaults import (CHAT_MAX_NEW_TOKENS, non_negative_float, non_
                                    probability)
 from .errors import UserError, run_tool
 from .generate import Sampling, generate, generate_batch
+from .parallel import (join_ranks, launched_ranks, leave_ranks, only_rank_zero_prints, threads_per_rank,
+                       wait_for_peers)
 from .prompts_file import read_prompts_file
 from .tokenizer import TextStream
 
@@ -85,6 +87,8 @@ def check_mode_flags(args: argparse.Namespace) -> None:
         raise UserError("--prompts-file and --chat do not combine; use --chat-file for a conversation.")
     if args.prompt is not None:
         raise UserError(f"--chat takes its message from --message (or from standard input), not as PROMPT {args.prompt!r}.")
+    if launched_ranks() > 1 and args.message is None and args.chat_file is None:
+        raise UserError("an interactive chat runs in one process; under torchrun pass --message or --chat-file.")
     if args.json and args.message is None and args.chat_file is None:
         raise UserError("--json with --chat needs --message or --chat-file: an interactive chat prints text.")
 
@@ -98,11 +102,12 @@ def open_checkpoint(args: argparse.Namespace):
 def load_weights(args: argparse.Namespace, folder, params, start: float) -> tuple[Model, float]:
     """The model in the compute dtype on the compute device, and the seconds since `start`."""
     model = load_model(folder, params, args.dtype, args.device, args.quantize, args.save_quantized,
-                       show_progress=not args.json)
+                       show_progress=not args.json, ranks=args.ranks)
     if args.save_quantized is not None:
         log(f"saved the int8 weights to {args.save_quantized}; run them with --ckpt-dir {args.save_quantized}")
     load_s = time.perf_counter() - start
-    log(f"loaded {model.directory} ({model.n_parameters / 1e6:.1f}M parameters, {params.n_layers} layers) "
+    where = f"rank 0 of {args.ranks.world_size}: " if args.ranks.world_size > 1 else ""
+    log(f"loaded {where}{model.directory} ({model.n_parameters / 1e6:.1f}M parameters, {params.n_layers} layers) "
         f"as {str(model.dtype).removeprefix('torch.')}{' with int8 weights' if model.is_int8 else ''} "
         f"on {args.device} in {load_s:.1f}s")
     return model, load_s
@@ -118,9 +123,9 @@ def sampling_from(args: argparse.Namespace, defaults: dict) -> Sampling:
 
 
 def run(args: argparse.Namespace) -> dict | list[dict] | None:
-    check_mode_flags(args)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    """The mode the flags ask for; `args.ranks` and `args.device` say where this process runs (see main)."""
+    if args.threads is not None or args.ranks.world_size > 1:
+        torch.set_num_threads(args.threads or threads_per_rank())  # ranks on one machine share its cores
     if args.chat:
         return run_chat(args)
     if args.prompts_file is not None:
@@ -154,7 +159,8 @@ def run_completion(args: argparse.Namespace) -> dict:
     text_parts: list[str] = []
     t_start = time.perf_counter()
     t_first = None
-    for token in generate(weights, params, prompt_ids, max_new_tokens, tokenizer.stop_ids, sampling, dtype, args.device):
+    for token in generate(weights, params, prompt_ids, max_new_tokens, tokenizer.stop_ids, sampling, dtype, args.device,
+                          args.ranks):
         if t_first is None:
             t_first = time.perf_counter()
         new_ids.append(token)
@@ -172,7 +178,8 @@ def run_completion(args: argparse.Namespace) -> dict:
     decode_steps = max(len(new_ids) - 1, 0)
     decode_tok_per_s = decode_steps / (t_end - t_first) if decode_steps and t_end > t_first else 0.0
     stats = {"load_s": round(load_s, 4), "prefill_s": round(prefill_s, 4),
-             "decode_tok_per_s": round(decode_tok_per_s, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}
+             "decode_tok_per_s": round(decode_tok_per_s, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
+             "world_size": args.ranks.world_size}
     if not args.json:
         log(f"[{len(prompt_ids)} prompt tokens, prefill {prefill_s:.2f}s; {len(new_ids)} new tokens, "
             f"{decode_tok_per_s:.2f} tok/s; peak RSS {stats['peak_rss_mb']:.0f} MB]")
@@ -196,12 +203,12 @@ def run_batch(args: argparse.Namespace) -> list[dict]:
     max_new_tokens = setting(args, defaults, "max_new_tokens")
     t_start = time.perf_counter()
     outputs = generate_batch(weights, params, prompt_ids, max_new_tokens, tokenizer.stop_ids,
-                             sampling_from(args, defaults), dtype, args.device)
+                             sampling_from(args, defaults), dtype, args.device, args.ranks)
     generate_s = time.perf_counter() - t_start
     n_new = sum(len(ids) for ids in outputs)
     stats = {"load_s": round(load_s, 4), "batch_size": len(prompts), "generate_s": round(generate_s, 4),
              "new_tok_per_s": round(n_new / generate_s, 3) if generate_s > 0 else 0.0,
-             "peak_rss_mb": round(peak_rss_mb(), 1)}
+             "peak_rss_mb": round(peak_rss_mb(), 1), "world_size": args.ranks.world_size}
     results = [{"index": i, "prompt": prompt, "prompt_tokens": ids, "tokens": new, "text": tokenizer.decode(new),
                 "stats": stats} for i, (prompt, ids, new) in enumerate(zip(prompts, prompt_ids, outputs))]
     if not args.json:
@@ -232,7 +239,7 @@ def run_chat(args: argparse.Namespace) -> dict | None:
     model, load_s = load_weights(args, folder, params, start)
     weights, dtype = model.weights, model.dtype
     session = ChatSession(weights, params, tokenizer, max_new_tokens, sampling_from(args, defaults), dtype,
-                          args.device, notice=log)
+                          args.device, notice=log, ranks=args.ranks)
     for message in messages:
         session.add(message["role"], message["content"])
 
@@ -254,7 +261,8 @@ def run_chat(args: argparse.Namespace) -> dict | None:
     generate_s = time.perf_counter() - t_start
     if not args.json:
         print(flush=True)
-    stats = {"load_s": round(load_s, 4), "generate_s": round(generate_s, 4), "peak_rss_mb": round(peak_rss_mb(), 1)}
+    stats = {"load_s": round(load_s, 4), "generate_s": round(generate_s, 4), "peak_rss_mb": round(peak_rss_mb(), 1),
+             "world_size": args.ranks.world_size}
     return {"model": str(folder.directory), "dtype": str(dtype).removeprefix("torch."), "messages": session.dialog(),
             "prompt_tokens": prompt_ids, "tokens": reply_ids, "text": session.messages[-1]["content"], "stats": stats}
 
@@ -263,11 +271,23 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def work():
-        result = run(args)
-        if args.json and isinstance(result, list):  # --prompts-file: JSON lines, one object per prompt
-            for item in result:
-                print(json.dumps(item))
-        elif args.json:
-            print(json.dumps(result))
+        check_mode_flags(args)
+        args.ranks, args.device = join_ranks(args.device)  # under torchrun: this rank's place; else one process
+        try:
+            with only_rank_zero_prints(args.ranks):
+                result = run(args)
+                if args.json and isinstance(result, list):  # --prompts-file: JSON lines, one object per prompt
+                    for item in result:
+                        print(json.dumps(item))
+                elif args.json:
+                    print(json.dumps(result))
+        except UserError as err:
+            if args.ranks.world_size == 1:
+                raise
+            print(f"error: {err}", file=sys.stderr, flush=True)  # every rank says it, then they stop together
+            wait_for_peers(args.ranks)
+            raise SystemExit(2) from None
+        finally:
+            leave_ranks(args.ranks)
 
     return run_tool(work)

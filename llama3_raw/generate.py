@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .model import KVCache, Weights, forward, new_kv_cache
+from .parallel import SINGLE_PROCESS, Ranks
 from .params import ModelParams
 
 
@@ -51,6 +52,7 @@ PAD_ID = 0  # any id works: pad slots are masked out of every real token's atten
 def decode(
     weights: Weights, params: ModelParams, tokens: torch.Tensor, cache: KVCache, n_new: int,
     stop_ids: tuple[int, ...], sampling: Sampling, generator: torch.Generator | None, padding: torch.Tensor | None = None,
+    ranks: Ranks = SINGLE_PROCESS,
 ) -> Iterator[tuple[list[int], list[int]]]:
     """The decode loop every kind of generation runs: feed, pick a next token per row, feed those, ...
 
@@ -58,13 +60,14 @@ def decode(
     chat). Each step yields (rows, ids): the batch rows still going and the token each picked. A row that
     picks a stop token is done and leaves the batch (its token is not yielded); the loop ends when no row
     is left or after `n_new` steps. Every yielded token is fed to the model before the next step's pick,
-    except the last step's, which nothing reads.
+    except the last step's, which nothing reads. Under tensor parallelism every rank runs this loop on its
+    slice of the model and takes rank 0's tokens, so the caches stay in step and all ranks stop together.
     """
     rows = list(range(tokens.shape[0]))  # the batch row each remaining row started as
     with torch.inference_mode():
         for step in range(n_new):
-            logits, cache = forward(weights, params, tokens, cache, padding=padding, last_only=True)  # (B, 1, V)
-            next_ids = sample_next_token(logits[:, -1], sampling, generator)  # (B,)
+            logits, cache = forward(weights, params, tokens, cache, padding=padding, last_only=True, ranks=ranks)  # (B, 1, V)
+            next_ids = ranks.same_on_every_rank(sample_next_token(logits[:, -1], sampling, generator))  # (B,)
             going = [i for i, token in enumerate(next_ids.tolist()) if token not in stop_ids]
             if not going:
                 return
@@ -80,6 +83,7 @@ def decode(
 def generate(
     weights: Weights, params: ModelParams, prompt_ids: list[int], max_new_tokens: int, stop_ids: tuple[int, ...],
     sampling: Sampling = Sampling(), cache_dtype: torch.dtype | None = None, device="cpu",
+    ranks: Ranks = SINGLE_PROCESS,
 ) -> Iterator[int]:
     """Yield new token ids as they are chosen; stops at max_new_tokens, a stop token (not yielded), or the context's end."""
     # The k-th new token sits at position len(prompt) + k, which must stay inside the context.
@@ -87,9 +91,10 @@ def generate(
     if n_new <= 0:
         return
     dtype = cache_dtype or weights["tok_embeddings.weight"].dtype
-    cache = new_kv_cache(params, batch_size=1, capacity=len(prompt_ids) + n_new, dtype=dtype, device=device)
+    cache = new_kv_cache(params, batch_size=1, capacity=len(prompt_ids) + n_new, dtype=dtype, device=device, ranks=ranks)
     tokens = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, prompt_len): the prefill
-    for _rows, (token,) in decode(weights, params, tokens, cache, n_new, stop_ids, sampling, new_generator(sampling)):
+    steps = decode(weights, params, tokens, cache, n_new, stop_ids, sampling, new_generator(sampling), ranks=ranks)
+    for _rows, (token,) in steps:
         yield token
 
 
@@ -101,6 +106,7 @@ def select_cache_rows(cache: KVCache, rows: torch.Tensor) -> KVCache:
 def generate_batch(
     weights: Weights, params: ModelParams, prompts: list[list[int]], max_new_tokens: int, stop_ids: tuple[int, ...],
     sampling: Sampling = Sampling(), cache_dtype: torch.dtype | None = None, device="cpu",
+    ranks: Ranks = SINGLE_PROCESS,
 ) -> list[list[int]]:
     """New token ids for each prompt, all generated in one batch.
 
@@ -114,10 +120,11 @@ def generate_batch(
     if n_new <= 0:
         return outputs
     dtype = cache_dtype or weights["tok_embeddings.weight"].dtype
-    cache = new_kv_cache(params, batch_size=len(prompts), capacity=longest + n_new, dtype=dtype, device=device)
+    cache = new_kv_cache(params, batch_size=len(prompts), capacity=longest + n_new, dtype=dtype, device=device,
+                         ranks=ranks)
     padding = torch.tensor([longest - len(ids) for ids in prompts], device=device)  # (B,)
     tokens = torch.tensor([[PAD_ID] * (longest - len(ids)) + ids for ids in prompts], device=device)  # (B, longest)
-    steps = decode(weights, params, tokens, cache, n_new, stop_ids, sampling, new_generator(sampling), padding)
+    steps = decode(weights, params, tokens, cache, n_new, stop_ids, sampling, new_generator(sampling), padding, ranks)
     for rows, ids in steps:
         for row, token in zip(rows, ids):
             outputs[row].append(token)

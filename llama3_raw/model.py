@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .kernels import Weight, matmul  # x @ w.T, by the fastest kernel for the case (kernels.py)
+from .parallel import SINGLE_PROCESS, Ranks
 from .params import ModelParams
 
 Tensor = torch.Tensor
@@ -39,8 +40,11 @@ class KVCache:
         return self.keys[0].shape[1]
 
 
-def new_kv_cache(params: ModelParams, batch_size: int, capacity: int, dtype: torch.dtype, device="cpu") -> KVCache:
-    shape = (batch_size, capacity, params.n_kv_heads, params.head_dim)
+def new_kv_cache(params: ModelParams, batch_size: int, capacity: int, dtype: torch.dtype, device="cpu",
+                 ranks: Ranks = SINGLE_PROCESS) -> KVCache:
+    """Zeroed buffers for `capacity` positions; under tensor parallelism, for this rank's kv heads only."""
+    _, n_kv_heads = ranks.local_heads(params)
+    shape = (batch_size, capacity, n_kv_heads, params.head_dim)
     keys = tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in range(params.n_layers))
     values = tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in range(params.n_layers))
     return KVCache(keys, values, 0)
@@ -132,12 +136,13 @@ def padded_causal_mask(padding: Tensor, seq_len: int, start_pos: int, dtype: tor
 def attention(
     x: Tensor, wq: Weight, wk: Weight, wv: Weight, wo: Weight, params: ModelParams,
     rotations: Tensor, mask: Tensor | None, layer_cache: tuple[Tensor, Tensor] | None, start_pos: int,
-    record: dict | None = None, name: str = "attention",
+    record: dict | None = None, name: str = "attention", ranks: Ranks = SINGLE_PROCESS,
 ) -> Tensor:
     batch, seq_len, _ = x.shape
-    q = matmul(x, wq).view(batch, seq_len, params.n_heads, params.head_dim)  # (B, S, H, Dh)
-    k = matmul(x, wk).view(batch, seq_len, params.n_kv_heads, params.head_dim)  # (B, S, K, Dh)
-    v = matmul(x, wv).view(batch, seq_len, params.n_kv_heads, params.head_dim)  # (B, S, K, Dh)
+    n_heads, n_kv_heads = ranks.local_heads(params)  # all of them in one process; this rank's share otherwise
+    q = matmul(x, wq).view(batch, seq_len, n_heads, params.head_dim)  # (B, S, H, Dh)
+    k = matmul(x, wk).view(batch, seq_len, n_kv_heads, params.head_dim)  # (B, S, K, Dh)
+    v = matmul(x, wv).view(batch, seq_len, n_kv_heads, params.head_dim)  # (B, S, K, Dh)
     q, k = apply_rope(q, rotations), apply_rope(k, rotations)
     keep(record, f"{name}.q", q)
     keep(record, f"{name}.k", k)
@@ -153,30 +158,33 @@ def attention(
     # Grouped-query attention: the n = H / K query heads that share key/value head g (query heads
     # g*n .. g*n+n-1, Meta's repeat_kv order) are stacked as n*S rows against that one head's keys,
     # so the cached keys and values are read in place instead of being copied n times every step.
-    n = params.heads_per_kv_head
-    q = q.view(batch, seq_len, params.n_kv_heads, n, params.head_dim)  # (B, S, K, n, Dh)
-    q = q.permute(0, 2, 3, 1, 4).reshape(batch, params.n_kv_heads, n * seq_len, params.head_dim)  # (B, K, n*S, Dh)
+    n = n_heads // n_kv_heads  # Meta's n_rep
+    q = q.view(batch, seq_len, n_kv_heads, n, params.head_dim)  # (B, S, K, n, Dh)
+    q = q.permute(0, 2, 3, 1, 4).reshape(batch, n_kv_heads, n * seq_len, params.head_dim)  # (B, K, n*S, Dh)
     k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, K, T, Dh)
     scores = (q @ k.transpose(2, 3)) / math.sqrt(params.head_dim)  # (B, K, n*S, T)
-    scores = scores.view(batch, params.n_kv_heads, n, seq_len, -1)  # (B, K, n, S, T)
+    scores = scores.view(batch, n_kv_heads, n, seq_len, -1)  # (B, K, n, S, T)
     if mask is not None:  # (S, T), or (B, 1, S, T) for padded rows: one more axis for the group
         scores = scores + (mask if mask.dim() == 2 else mask[:, :, None])
     probs = F.softmax(at_least_fp32(scores), dim=-1).type_as(q)  # (B, K, n, S, T), rows sum to 1
     if record is not None:
-        keep(record, f"{name}.weights", probs.reshape(batch, params.n_heads, seq_len, -1))  # (B, H, S, T)
-    mixed = probs.view(batch, params.n_kv_heads, n * seq_len, -1) @ v  # (B, K, n*S, Dh)
-    mixed = mixed.view(batch, params.n_kv_heads, n, seq_len, params.head_dim).permute(0, 3, 1, 2, 4)  # (B, S, K, n, Dh)
-    return matmul(mixed.reshape(batch, seq_len, -1), wo)  # (B, S, H * Dh) -> (B, S, D)
+        keep(record, f"{name}.weights", probs.reshape(batch, n_heads, seq_len, -1))  # (B, H, S, T)
+    mixed = probs.view(batch, n_kv_heads, n * seq_len, -1) @ v  # (B, K, n*S, Dh)
+    mixed = mixed.view(batch, n_kv_heads, n, seq_len, params.head_dim).permute(0, 3, 1, 2, 4)  # (B, S, K, n, Dh)
+    out = matmul(mixed.reshape(batch, seq_len, -1), wo)  # (B, S, H * Dh) -> (B, S, D)
+    return ranks.all_reduce(out)  # tensor parallel: each rank's heads give a partial sum of the output
 
 
-def feed_forward(x: Tensor, w1: Weight, w2: Weight, w3: Weight) -> Tensor:
+def feed_forward(x: Tensor, w1: Weight, w2: Weight, w3: Weight, ranks: Ranks = SINGLE_PROCESS) -> Tensor:
     """SwiGLU: silu(x W1) gates x W3, then W2 projects back to dim."""
-    return matmul(F.silu(matmul(x, w1)) * matmul(x, w3), w2)  # (B, S, hidden) -> (B, S, D)
+    out = matmul(F.silu(matmul(x, w1)) * matmul(x, w3), w2)  # (B, S, hidden) -> (B, S, D)
+    return ranks.all_reduce(out)  # tensor parallel: each rank's slice of the hidden units gives a partial sum
 
 
 def transformer_block(
     x: Tensor, weights: Weights, layer: int, params: ModelParams, rotations: Tensor,
     mask: Tensor | None, cache: KVCache | None, start_pos: int, record: dict | None = None,
+    ranks: Ranks = SINGLE_PROCESS,
 ) -> Tensor:
     p = f"layers.{layer}."
     layer_cache = None if cache is None else (cache.keys[layer], cache.values[layer])
@@ -185,7 +193,7 @@ def transformer_block(
     attention_out = attention(
         attention_in, weights[p + "attention.wq.weight"], weights[p + "attention.wk.weight"],
         weights[p + "attention.wv.weight"], weights[p + "attention.wo.weight"], params,
-        rotations, mask, layer_cache, start_pos, record, name=p + "attention",
+        rotations, mask, layer_cache, start_pos, record, name=p + "attention", ranks=ranks,
     )
     keep(record, p + "attention", attention_out)
     h = x + attention_out  # residual stream after attention
@@ -193,7 +201,7 @@ def transformer_block(
     ffn_in = rms_norm(h, weights[p + "ffn_norm.weight"], params.norm_eps)
     keep(record, p + "ffn_norm", ffn_in)
     ffn_out = feed_forward(ffn_in, weights[p + "feed_forward.w1.weight"], weights[p + "feed_forward.w2.weight"],
-                           weights[p + "feed_forward.w3.weight"])
+                           weights[p + "feed_forward.w3.weight"], ranks)
     keep(record, p + "feed_forward", ffn_out)
     out = h + ffn_out  # residual stream after the block
     keep(record, p + "output", out)
@@ -202,7 +210,7 @@ def transformer_block(
 
 def forward(
     weights: Weights, params: ModelParams, tokens: Tensor, cache: KVCache | None = None, record: dict | None = None,
-    padding: Tensor | None = None, last_only: bool = False,
+    padding: Tensor | None = None, last_only: bool = False, ranks: Ranks = SINGLE_PROCESS,
 ) -> tuple[Tensor, KVCache | None]:
     """Logits (B, S, V) in float32 (float64 for float64 weights) for token ids (B, S) that follow the cache's positions.
 
@@ -219,12 +227,15 @@ def forward(
 
     `last_only=True` returns the logits of the last position only (B, 1, V): all that generation needs,
     and it saves the output matrix's work for every other prompt position (a fifth of a 1B prefill).
+
+    `ranks` says which slice of every weight this process holds under tensor parallelism (parallel.py);
+    the default, one process, holds them whole. The weights, cache and intermediates are then the rank's.
     """
     batch, seq_len = tokens.shape
     start_pos = 0 if cache is None else cache.length
     if cache is not None and start_pos + seq_len > cache.capacity:
         raise ValueError(f"{start_pos} cached + {seq_len} new positions exceed the cache's capacity {cache.capacity}")
-    h = weights["tok_embeddings.weight"][tokens]  # (B, S, D)
+    h = embed(weights["tok_embeddings.weight"], tokens, ranks)  # (B, S, D)
     keep(record, "tok_embeddings", h)
     rotations = rope_rotations(params, start_pos, seq_len, h.device, padding)  # (S, Dh/2), padded: (B, S, Dh/2)
     if padding is None:
@@ -232,15 +243,30 @@ def forward(
     else:
         mask = padded_causal_mask(padding, seq_len, start_pos, h.dtype, h.device)  # (B, 1, S, T)
     for layer in range(params.n_layers):
-        h = transformer_block(h, weights, layer, params, rotations, mask, cache, start_pos, record)
+        h = transformer_block(h, weights, layer, params, rotations, mask, cache, start_pos, record, ranks)
     if last_only:
         h = h[:, -1:]  # (B, 1, D)
     h = rms_norm(h, weights["norm.weight"], params.norm_eps)
     keep(record, "norm", h)
-    logits = at_least_fp32(matmul(h, weights["output.weight"]))  # (B, S, V), or (B, 1, V)
+    logits = at_least_fp32(ranks.all_gather(matmul(h, weights["output.weight"])))  # (B, S, V), or (B, 1, V)
     keep(record, "logits", logits)
     new_cache = None if cache is None else replace(cache, length=start_pos + seq_len)
     return logits, new_cache
+
+
+def embed(table: Tensor, tokens: Tensor, ranks: Ranks = SINGLE_PROCESS) -> Tensor:
+    """Each token id's row of the embedding table: (B, S) -> (B, S, D).
+
+    Under tensor parallelism a rank holds only a slice of the vocabulary's rows (Meta's
+    VocabParallelEmbedding): ids outside it look up nothing (zero rows), and the sum over the ranks,
+    where exactly one rank holds each id, is the whole lookup.
+    """
+    if ranks.world_size == 1:
+        return table[tokens]
+    local_ids = tokens - ranks.vocab_start(table.shape[0])
+    outside = (local_ids < 0) | (local_ids >= table.shape[0])  # (B, S): ids another rank holds
+    rows = table[local_ids.masked_fill(outside, 0)].masked_fill(outside[..., None], 0)
+    return ranks.all_reduce(rows)
 
 
 def keep(record: dict | None, name: str, tensor: Tensor) -> None:

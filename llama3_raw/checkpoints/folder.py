@@ -14,6 +14,7 @@ import torch
 
 from ..errors import UserError
 from ..files import check_new_folder
+from ..parallel import SINGLE_PROCESS, Ranks
 from ..params import ModelParams
 from ..quantize import quantize_weights
 from ..tokenizer import Tokenizer, load_tokenizer
@@ -65,7 +66,8 @@ class Model:
     weights: dict  # Meta's key names -> tensors in `dtype` on `device` (or int8 matrices, see quantize.py)
     dtype: torch.dtype
     device: str
-    n_parameters: int
+    n_parameters: int  # this process's (under tensor parallelism, the rank's slice)
+    ranks: Ranks = SINGLE_PROCESS
 
     @property
     def is_int8(self) -> bool:
@@ -120,18 +122,24 @@ def open_folder(ckpt_dir: Path | None, tokenizer_path: str | None = None, device
 
 
 def load_model(folder: CheckpointFolder, params: ModelParams | None = None, dtype: str = "auto", device: str = "cpu",
-               quantize: str = "none", save_quantized: Path | None = None, show_progress: bool = True) -> Model:
+               quantize: str = "none", save_quantized: Path | None = None, show_progress: bool = True,
+               ranks: Ranks = SINGLE_PROCESS) -> Model:
     """Step 2: the weights, verified, in the compute dtype (`dtype`: "auto", "float32" or "bfloat16") on `device`.
 
     `quantize="int8"` makes every weight matrix int8 (quantize.py); `save_quantized` then also writes those
     int8 weights as a new checkpoint folder. `params` defaults to the folder's (see params_for_generation).
+    Under tensor parallelism (`ranks`) the weights are this rank's slice; int8 then quantizes the slice, so
+    the column-split wo and w2 get one scale per row of the rank's part of each row.
     """
     check_quantize_request(quantize, dtype, save_quantized)
-    checkpoint = load_checkpoint(folder.directory, show_progress=show_progress)
+    if save_quantized is not None and ranks.world_size > 1:
+        raise UserError("--save-quantized writes the whole model from one process; run it without torchrun.")
+    checkpoint = load_checkpoint(folder.directory, show_progress=show_progress, ranks=ranks)
     if is_int8(checkpoint.weights):  # saved by --save-quantized
         refuse_float32_with_int8(dtype, f"{folder.directory} holds int8 weights, which compute in bfloat16")
     compute = compute_dtype(dtype, device, checkpoint.weights, quantize)
     weights = cast_weights(checkpoint.weights, compute, device, show_progress=show_progress)
+    file_params = checkpoint.params  # the folder's, but with kv heads counted once (shards.keep_kv_heads_once)
     del checkpoint  # when the dtype changed, this lets the memory-mapped file go
     n_parameters = count_parameters(weights)
     if quantize == "int8":
@@ -141,8 +149,9 @@ def load_model(folder: CheckpointFolder, params: ModelParams | None = None, dtyp
                              extra_files=(folder.directory / GENERATION_DEFAULTS_FILE,))
     if device == "cuda":
         torch.cuda.synchronize()
-    return Model(folder.directory, params or folder.params, folder.tokenizer, folder.defaults, weights, compute,
-                 device, n_parameters)
+    context = (params or folder.params).max_seq_len
+    return Model(folder.directory, replace(file_params, max_seq_len=context),
+                 folder.tokenizer, folder.defaults, weights, compute, device, n_parameters, ranks)
 
 
 def check_quantize_request(quantize: str, dtype: str, save_quantized: Path | None) -> None:

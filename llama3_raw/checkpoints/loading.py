@@ -7,19 +7,21 @@ Three layouts are read, each by its own module, and all come out the same way (`
 Everything is memory-mapped; only what must change (merged shards, Hugging Face's wq/wk) is copied.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from ..errors import UserError
+from ..parallel import SINGLE_PROCESS, Ranks
 from ..params import ModelParams, load_params
 from ..quantize import Int8Weight
 from .huggingface import is_hf_checkpoint_dir, params_from_hf_config, read_config, read_hf_checkpoint
 from .int8 import INT8_CHECKPOINT_FILE, int8_weights
 from .meta import PROGRESS_MIN_BYTES, check_weights, checkpoint_files, read_state_dict, warm_page_cache
-from .shards import merge_shards, numbered_shards
+from .shards import keep_kv_heads_once, merge_shards, numbered_shards
+from .slicing import check_rank_count, load_rank_files, rank_shapes, slice_whole
 
 
 @dataclass(frozen=True)
@@ -59,12 +61,14 @@ def checkpoint_params(ckpt_dir: Path) -> ModelParams:
 
 
 
-def load_checkpoint(ckpt_dir: str | Path, show_progress: bool = True) -> Checkpoint:
+def load_checkpoint(ckpt_dir: str | Path, show_progress: bool = True, ranks: Ranks = SINGLE_PROCESS) -> Checkpoint:
     """Read a checkpoint directory in Meta's or Hugging Face's format, verify every key and shape,
-    return the flat weight dict with Meta's names."""
+    return the flat weight dict with Meta's names: the whole model, or a tensor-parallel rank's slice of it."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise UserError(f"checkpoint directory {ckpt_dir} does not exist; pass --ckpt-dir with the folder holding params.json and consolidated.00.pth.")
+    if ranks.world_size > 1:
+        return load_rank_slice(ckpt_dir, ranks, show_progress)
     if is_hf_format(ckpt_dir):
         params, weights, file_bytes, tied_output = read_hf_checkpoint(ckpt_dir)
         check_weights(weights, params, ckpt_dir)
@@ -76,15 +80,13 @@ def load_checkpoint(ckpt_dir: str | Path, show_progress: bool = True) -> Checkpo
         warm_page_cache(path, show_progress)
         weights = int8_weights(read_state_dict(path), params, path)
         return Checkpoint(ckpt_dir, params, in_meta_order(weights, params, False), path.stat().st_size, False, "int8")
-    files = checkpoint_files(ckpt_dir)
-    if not files:
-        raise UserError(f"{ckpt_dir} has no consolidated.00.pth; put Meta's checkpoint file there or pass the right --ckpt-dir.")
-    files = numbered_shards(files)
+    files = meta_files(ckpt_dir)
     file_bytes = sum(path.stat().st_size for path in files)
     if len(files) > 1:  # model-parallel shards (70B, 405B): merged into new full-size tensors
         weights = merge_shards(files, params, read_state_dict, show_progress and file_bytes >= PROGRESS_MIN_BYTES)
         tied_output = "output.weight" not in weights
         check_weights(weights, params, ckpt_dir / files[0].name)
+        weights, params = keep_kv_heads_once(weights, params)
     else:
         path = files[0]
         warm_page_cache(path, show_progress)
@@ -93,6 +95,27 @@ def load_checkpoint(ckpt_dir: str | Path, show_progress: bool = True) -> Checkpo
     return Checkpoint(ckpt_dir, params, in_meta_order(weights, params, tied_output), file_bytes, tied_output)
 
 
+def meta_files(ckpt_dir: Path) -> list[Path]:
+    files = checkpoint_files(ckpt_dir)
+    if not files:
+        raise UserError(f"{ckpt_dir} has no consolidated.00.pth; put Meta's checkpoint file there or pass the right --ckpt-dir.")
+    return numbered_shards(files)
+
+
+def load_rank_slice(ckpt_dir: Path, ranks: Ranks, show_progress: bool) -> Checkpoint:
+    """A tensor-parallel rank's slice: from its own shard file(s) when Meta's files are there, else cut out
+    of the memory-mapped whole (one file, Hugging Face, saved int8)."""
+    if is_hf_format(ckpt_dir) or (ckpt_dir / INT8_CHECKPOINT_FILE).is_file():
+        check_rank_count(checkpoint_params(ckpt_dir), ranks.world_size, 1, ckpt_dir)  # before any weight is read
+        whole = load_checkpoint(ckpt_dir, show_progress)
+        weights = slice_whole(whole.weights, whole.params, ranks, ckpt_dir, copy=whole.source_format == "huggingface")
+        return replace(whole, weights=in_meta_order(weights, whole.params, whole.tied_output))
+    params = load_params(ckpt_dir / "params.json")
+    files = meta_files(ckpt_dir)
+    weights = load_rank_files(ckpt_dir, params, ranks)
+    tied_output = check_weights(weights, params, ckpt_dir / files[0].name, shapes=rank_shapes(params, ranks))
+    return Checkpoint(ckpt_dir, params, in_meta_order(weights, params, tied_output),
+                      sum(path.stat().st_size for path in files), tied_output)
 
 
 def in_meta_order(weights: dict[str, torch.Tensor], params: ModelParams, tied_output: bool) -> dict[str, torch.Tensor]:

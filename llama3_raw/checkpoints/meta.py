@@ -74,9 +74,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def check_weights(state: dict[str, torch.Tensor], params: ModelParams, path: Path) -> bool:
-    """Every expected key with the shape params.json implies, nothing extra. Returns whether output is tied."""
-    expected = params.weight_shapes()
+def check_weights(state: dict[str, torch.Tensor], params: ModelParams, path: Path,
+                  shapes: dict[str, tuple[int, ...]] | None = None) -> bool:
+    """Every expected key with the shape params.json implies (or `shapes`: a rank's slices), nothing extra.
+    Returns whether the output is tied to the embeddings."""
+    expected = dict(shapes) if shapes is not None else params.weight_shapes()
     tied_output = "output.weight" not in state  # Llama 3.2 1B/3B share the embedding matrix with the output
     if tied_output:
         del expected["output.weight"]

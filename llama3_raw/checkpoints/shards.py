@@ -11,6 +11,7 @@ allocated once at full size, so the process holds the merged weights plus at mos
 
 import gc
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -121,3 +122,29 @@ def place_piece(full: torch.Tensor, piece: torch.Tensor, key: str, dim: int | No
         )
     full.narrow(dim, start, size).copy_(piece)  # (rows or columns start..start+size) <- this shard's slice
     filled[key] = start + size
+
+
+def keep_kv_heads_once(weights: dict[str, torch.Tensor], params: ModelParams) -> tuple[dict, ModelParams]:
+    """Merged weights with each key/value head once, and params that say so.
+
+    Meta's files for more ranks than the model has kv heads (405B on 16 ranks: 8 kv heads) declare one kv
+    head per rank and store each real head once per rank that reads it, next to each other. Merged, wk and
+    wv hold every head `copies` times in a row; kept so, the KV cache would be `copies` times too big.
+    """
+    n_kv, head_dim = params.n_kv_heads, params.head_dim
+    layers = [(f"layers.{i}.attention.wk.weight", f"layers.{i}.attention.wv.weight") for i in range(params.n_layers)]
+
+    def repeated(copies: int) -> bool:
+        for key in (k for pair in layers for k in pair):
+            heads = weights[key].view(n_kv // copies, copies, head_dim, -1)
+            if not torch.equal(heads, heads[:, :1].expand_as(heads)):
+                return False
+        return True
+
+    for copies in (c for c in range(n_kv, 1, -1) if n_kv % c == 0 and params.n_heads % (n_kv // c) == 0):
+        if repeated(copies):
+            kept = dict(weights)
+            for key in (k for pair in layers for k in pair):
+                kept[key] = weights[key].view(n_kv // copies, copies, head_dim, -1)[:, 0].reshape(-1, params.dim).clone()
+            return kept, replace(params, n_kv_heads=n_kv // copies)
+    return weights, params

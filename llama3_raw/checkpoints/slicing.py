@@ -1,0 +1,134 @@
+"""A tensor-parallel rank's slice of a checkpoint: only the rows or columns that rank computes with.
+
+Rank r of N holds, of every weight (see parallel.py for why these dimensions):
+    wq, w1, w3, output, tok_embeddings   rows     r*G/N .. (r+1)*G/N   (G: the full size of that dimension)
+    wk, wv                               rows of the kv heads its query heads read
+    wo, w2                               columns  r*G/N .. (r+1)*G/N
+    norms                                whole
+
+Meta's files are themselves such slices, one per rank of the run that saved them (F files). A rank reads
+only the files that hold its part: with N == F its own file, memory-mapped as it is (no copy); with N a
+divisor of F, its F/N consecutive files, concatenated (the existing merge, per rank); with N a multiple
+of F, the one file holding its part, from which it takes a view (copied only where a view cannot serve).
+"""
+
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..parallel import Ranks
+from ..params import ModelParams
+from ..quantize import Int8Weight
+from .meta import checkpoint_files, read_state_dict
+from .shards import numbered_shards, split_dim
+
+
+def check_rank_count(params: ModelParams, world_size: int, n_files: int, ckpt_dir: Path) -> None:
+    """Refuse, before any weight is read, a number of ranks that cannot share this model evenly."""
+    def fits(n: int) -> bool:
+        kv_ok = params.n_kv_heads % n == 0 or n % params.n_kv_heads == 0
+        sizes_ok = all(size % n == 0 for size in (params.n_heads, params.ffn_hidden_dim, params.vocab_size))
+        return kv_ok and sizes_ok and (n % n_files == 0 or n_files % n == 0)
+
+    if not fits(world_size):
+        working = [n for n in range(1, 2 * params.n_heads + 1) if fits(n) and params.n_heads % n == 0]
+        raise UserError(
+            f"{ckpt_dir} cannot be shared by {world_size} ranks: {params.n_heads} query heads, {params.n_kv_heads} kv "
+            f"heads, FFN hidden size {params.ffn_hidden_dim}, vocabulary {params.vocab_size} and {n_files} shard "
+            f"file(s) must each divide evenly among them; run with --nproc-per-node (x --nnodes) in "
+            f"{', '.join(map(str, working))}.")
+
+
+def rank_range(key: str, full_shape: tuple[int, ...], params: ModelParams, ranks: Ranks) -> tuple[int | None, int, int]:
+    """(dimension, start, stop) of the rank's part of `key` in the full tensor; dimension None: the whole tensor."""
+    dim = split_dim(key)
+    if dim is None:
+        return None, 0, full_shape[0]
+    if key.endswith(("attention.wk.weight", "attention.wv.weight")):
+        n_heads, n_kv_heads = ranks.local_heads(params)
+        first_query_head = ranks.rank * n_heads
+        first_kv_head = first_query_head // params.heads_per_kv_head  # the kv head that query head reads
+        return 0, first_kv_head * params.head_dim, (first_kv_head + n_kv_heads) * params.head_dim
+    share = full_shape[dim] // ranks.world_size
+    return dim, ranks.rank * share, (ranks.rank + 1) * share
+
+
+def slice_of(tensor: torch.Tensor, dim: int | None, start: int, stop: int) -> torch.Tensor:
+    """The range as a view when it is one (whole rows); columns are copied so products read them contiguously."""
+    if dim is None:
+        return tensor
+    part = tensor.narrow(dim, start, stop - start)
+    return part if part.is_contiguous() else part.contiguous()
+
+
+def load_rank_files(ckpt_dir: Path, params: ModelParams, ranks: Ranks) -> dict[str, torch.Tensor]:
+    """This rank's slice of every tensor of Meta's consolidated.NN.pth files, reading only the files it needs."""
+    files = numbered_shards(checkpoint_files(ckpt_dir))
+    check_rank_count(params, ranks.world_size, len(files), ckpt_dir)
+    opened: dict[int, dict[str, torch.Tensor]] = {}  # file index -> its memory-mapped tensors
+    weights, replicated = {}, []
+    for key, full_shape in params.weight_shapes().items():
+        dim, start, stop = rank_range(key, full_shape, params, ranks)
+        if dim is None:
+            replicated.append(key)
+            continue
+        per_file = full_shape[dim] // len(files)
+        pieces = []
+        for index in range(start // per_file, (stop - 1) // per_file + 1):  # the files that hold part of the range
+            state = read_shard(files, index, opened)
+            if key not in state:
+                break  # no output.weight: a tied output, as in a single file
+            check_piece(state[key], key, full_shape, dim, per_file, files[index])
+            offset = index * per_file
+            pieces.append(slice_of(state[key], dim, max(start, offset) - offset, min(stop, offset + per_file) - offset))
+        if pieces:
+            weights[key] = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
+    any_file = next(iter(opened.values()))
+    for key in replicated:  # the norms: every file holds them whole
+        if key in any_file:
+            weights[key] = any_file[key]
+    return weights
+
+
+def read_shard(files: list[Path], index: int, opened: dict) -> dict[str, torch.Tensor]:
+    if index not in opened:
+        opened[index] = read_state_dict(files[index])
+    return opened[index]
+
+
+def check_piece(piece: torch.Tensor, key: str, full_shape: tuple, dim: int, per_file: int, path: Path) -> None:
+    expected = tuple(per_file if d == dim else size for d, size in enumerate(full_shape))
+    if tuple(piece.shape) != expected:
+        raise UserError(f"{path}: {key} has shape {tuple(piece.shape)} but a shard of this checkpoint should hold "
+                        f"{expected}; make sure params.json and all shards come from the same download.")
+
+
+def rank_shapes(params: ModelParams, ranks: Ranks) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape on this rank."""
+    shapes = {}
+    for key, full_shape in params.weight_shapes().items():
+        dim, start, stop = rank_range(key, full_shape, params, ranks)
+        shapes[key] = full_shape if dim is None else tuple(stop - start if d == dim else n for d, n in enumerate(full_shape))
+    return shapes
+
+
+def slice_whole(weights: dict, params: ModelParams, ranks: Ranks, source: Path, copy: bool = False) -> dict:
+    """This rank's slice of a checkpoint read whole (one file, Hugging Face, saved int8): views of the mapped
+    file where possible. `copy`: the whole tensors are copies (Hugging Face's re-ordered wq, wk), so the
+    slices are copied too and the whole ones can go."""
+    check_rank_count(params, ranks.world_size, 1, source)
+    out = {}
+    for key, full_shape in params.weight_shapes().items():
+        if key in weights:
+            part = slice_weight(weights[key], *rank_range(key, full_shape, params, ranks))
+            out[key] = part.clone() if copy and isinstance(part, torch.Tensor) and part is not weights[key] else part
+    return out
+
+
+def slice_weight(weight, dim: int | None, start: int, stop: int):
+    """A tensor's range, or an int8 matrix's: its int8 values' range, and the scales of the rows it keeps."""
+    if isinstance(weight, Int8Weight):
+        scales = weight.scales if dim != 0 else weight.scales[start:stop]
+        return Int8Weight(slice_of(weight.values, dim, start, stop), scales)
+    return slice_of(weight, dim, start, stop)

@@ -1,0 +1,143 @@
+"""Tensor parallelism as data: where this process stands among the ranks that share one model.
+
+Meta ran its big models (70B on 8 GPUs, 405B on 16) with every weight matrix cut across ranks, and
+its checkpoints are stored that way, one `consolidated.NN.pth` per rank. Each rank holds a slice:
+
+    wq, wk, wv, w1, w3, output, tok_embeddings   rows (dim 0): the rank computes some of the outputs
+    wo, w2                                        columns (dim 1): the rank computes part of every output
+    the norms                                     whole, on every rank
+
+so the forward pass communicates in exactly four places (model.py): the embedding lookup (each rank
+knows only its part of the vocabulary), the attention output after `wo` and the feed-forward output
+after `w2` (partial sums, added up over the ranks), and the logits (each rank has some of the
+vocabulary's). `Ranks` carries what those places need. The default, `SINGLE_PROCESS`, runs none of it.
+"""
+
+import contextlib
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .errors import UserError
+from .params import ModelParams
+
+COLLECTIVE_TIMEOUT_S = 120  # how long a rank waits for the others (to join, or in a collective) before giving up
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a tensor-parallel group: rank `rank` of `world_size`."""
+
+    rank: int = 0
+    world_size: int = 1
+    group: object = None  # the torch.distributed process group; None: the default group
+
+    def all_reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """The sum over the ranks of every rank's `partial` (in place); identity for one process."""
+        if self.world_size > 1:
+            with peers_answer(self):
+                dist.all_reduce(partial, group=self.group)
+        return partial
+
+    def all_gather(self, piece: torch.Tensor) -> torch.Tensor:
+        """Every rank's `piece` side by side along the last dimension, in rank order."""
+        if self.world_size == 1:
+            return piece
+        pieces = [torch.empty_like(piece) for _ in range(self.world_size)]
+        with peers_answer(self):
+            dist.all_gather(pieces, piece.contiguous(), group=self.group)
+        return torch.cat(pieces, dim=-1)
+
+    def same_on_every_rank(self, values: torch.Tensor) -> torch.Tensor:
+        """Rank 0's `values` on every rank, so that sampled tokens (and the caches) stay in step."""
+        if self.world_size > 1:
+            with peers_answer(self):
+                dist.broadcast(values, src=self.global_rank(0), group=self.group)
+        return values
+
+    def global_rank(self, rank: int) -> int:
+        return rank if self.group is None else dist.get_global_rank(self.group, rank)
+
+    def local_heads(self, params: ModelParams) -> tuple[int, int]:
+        """(query heads, key/value heads) this rank computes and caches.
+
+        Query heads are shared out evenly. With at least as many kv heads as ranks, so are the kv heads;
+        with fewer (8B's 8 kv heads on 16 ranks), each rank holds the one kv head its query heads read.
+        """
+        kv_heads = params.n_kv_heads // self.world_size if params.n_kv_heads >= self.world_size else 1
+        return params.n_heads // self.world_size, kv_heads
+
+    def vocab_start(self, rows_held: int) -> int:
+        """The first token id of this rank's slice of the vocabulary (the embedding's rows it holds)."""
+        return self.rank * rows_held
+
+
+SINGLE_PROCESS = Ranks()
+
+
+@contextlib.contextmanager
+def peers_answer(ranks: Ranks):
+    """Turn a collective that failed because another rank died or went silent into one sentence."""
+    try:
+        yield
+    except (RuntimeError, dist.DistError) as err:
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise UserError(f"rank {ranks.rank} of {ranks.world_size}: another rank stopped or did not answer within "
+                        f"{COLLECTIVE_TIMEOUT_S} s ({first_line}); see the first rank's error.") from None
+
+
+def launched_ranks() -> int:
+    """How many ranks torchrun started (its WORLD_SIZE); 1 without torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def join_ranks(device: str, timeout_s: float = COLLECTIVE_TIMEOUT_S) -> tuple[Ranks, str]:
+    """Under torchrun, join the other ranks (gloo on the CPU, NCCL on CUDA, one GPU per local rank) and
+    return (this rank's Ranks, its device). Without torchrun: (SINGLE_PROCESS, device), nothing joined."""
+    if launched_ranks() == 1:
+        return SINGLE_PROCESS, device
+    if device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    try:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(seconds=timeout_s))
+    except (RuntimeError, ValueError, dist.DistError) as err:
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise UserError(f"rank {os.environ.get('RANK', '?')} could not join the other ranks within {timeout_s:.0f} s "
+                        f"({first_line}); check torchrun's --rdzv-endpoint / --master-addr and that every node "
+                        f"started.") from None
+    return Ranks(dist.get_rank(), dist.get_world_size()), device
+
+
+def wait_for_peers(ranks: Ranks, timeout_s: float = 10) -> None:
+    """Wait (a bounded time) until the other ranks arrive here too: ranks that fail the same check then all say
+    so before the first one's exit makes torchrun stop the rest."""
+    if ranks.world_size > 1 and dist.is_initialized() and dist.get_backend() == "gloo":
+        try:
+            dist.monitored_barrier(timeout=timedelta(seconds=timeout_s), wait_all_ranks=True)
+        except (RuntimeError, dist.DistError):
+            pass  # some rank did not come: it failed elsewhere, and says so itself
+
+
+@contextlib.contextmanager
+def only_rank_zero_prints(ranks: Ranks):
+    """Ranks other than 0 print nothing inside (their errors still reach stderr: they are printed after it)."""
+    if ranks.rank == 0:
+        yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        yield
+
+
+def leave_ranks(ranks: Ranks) -> None:
+    if ranks.world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def threads_per_rank(cores: int | None = None) -> int:
+    """This rank's share of the machine's cores: torchrun starts LOCAL_WORLD_SIZE ranks on each machine."""
+    cores = cores or os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
