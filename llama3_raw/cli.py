@@ -180,6 +180,8 @@ def run_completion(args: argparse.Namespace) -> dict:
     stats = {"load_s": round(load_s, 4), "prefill_s": round(prefill_s, 4),
              "decode_tok_per_s": round(decode_tok_per_s, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
              "world_size": args.ranks.world_size}
+    if args.ranks.world_size > 1:  # every rank's own peak (a collective: all ranks take part)
+        stats["peak_rss_mb_per_rank"] = args.ranks.all_gather(torch.tensor([peak_rss_mb()])).round().tolist()
     if not args.json:
         log(f"[{len(prompt_ids)} prompt tokens, prefill {prefill_s:.2f}s; {len(new_ids)} new tokens, "
             f"{decode_tok_per_s:.2f} tok/s; peak RSS {stats['peak_rss_mb']:.0f} MB]")

@@ -81,7 +81,11 @@ def load_rank_files(ckpt_dir: Path, params: ModelParams, ranks: Ranks) -> dict[s
                 break  # no output.weight: a tied output, as in a single file
             check_piece(state[key], key, full_shape, dim, per_file, files[index])
             offset = index * per_file
-            pieces.append(slice_of(state[key], dim, max(start, offset) - offset, min(stop, offset + per_file) - offset))
+            lo, hi = max(start, offset) - offset, min(stop, offset + per_file) - offset
+            if dim == 1 and hi - lo < per_file:
+                pieces.append(columns_of(files[index], key, lo, hi))
+            else:
+                pieces.append(slice_of(state[key], dim, lo, hi))
         if pieces:
             weights[key] = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
     any_file = next(iter(opened.values()))
@@ -89,6 +93,16 @@ def load_rank_files(ckpt_dir: Path, params: ModelParams, ranks: Ranks) -> dict[s
         if key in any_file:
             weights[key] = any_file[key]
     return weights
+
+
+def columns_of(path: Path, key: str, start: int, stop: int) -> torch.Tensor:
+    """Columns start..stop of `key`, copied out of a mapping of the file made for this copy alone.
+
+    Every row holds some of the rank's columns, so copying them reads all of the matrix's pages; once this
+    mapping is dropped they are no longer part of the process (only the rank's copy is), where through the
+    long-lived mapping they would stay resident: the whole of wo and w2 on every rank.
+    """
+    return read_state_dict(path)[key][:, start:stop].contiguous()
 
 
 def read_shard(files: list[Path], index: int, opened: dict) -> dict[str, torch.Tensor]:
