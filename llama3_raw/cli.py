@@ -21,7 +21,7 @@ from .checkpoints.defaults import (CHAT_MAX_NEW_TOKENS, non_negative_float, non_
 from .errors import UserError, run_tool
 from .generate import Sampling, generate, generate_batch
 from .prompts_file import read_prompts_file
-from .tokenizer import TextStream
+from .tokenizer import REMOTE_TIMEOUT_S, TextStream
 
 
 def log(message: str) -> None:
@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "or the 42 prompt for official weights)")
     parser.add_argument("--ckpt-dir", type=Path, help="folder with params.json, consolidated.00.pth, tokenizer.model "
                         "(default: an official checkpoint under weights/, else the shipped model)")
-    parser.add_argument("--tokenizer", help="tokenizer.model file or URL (default: the one beside the checkpoint)")
+    parser.add_argument("--tokenizer", help="tokenizer.model file or URL (default: the one beside the checkpoint); "
+                        f"a URL (gs://, az://, https://) gets {REMOTE_TIMEOUT_S} s to answer")
     parser.add_argument("--max-new-tokens", type=positive_int, help="tokens to generate at most (default 32)")
     parser.add_argument("--temperature", type=non_negative_float, help="0 picks the most likely token (default 0)")
     parser.add_argument("--top-p", type=probability, help="nucleus sampling mass (default 0.9)")

@@ -9,10 +9,9 @@ import torch
 from ..errors import UserError
 from ..files import read_json
 from ..quantize import Int8Weight
-from .loading import count_parameters
+from .loading import GENERATION_DEFAULTS_FILE, count_parameters
 
 FORTY_TWO_PROMPT = "the answer to the ultimate question of life, the universe, and everything is "
-GENERATION_DEFAULTS_FILE = "generation.json"  # a checkpoint may carry its own defaults for the settings below
 BUILTIN_DEFAULTS = {"prompt": FORTY_TWO_PROMPT, "max_new_tokens": 32, "temperature": 0.0, "top_p": 0.9, "top_k": 0}
 CHAT_MAX_NEW_TOKENS = 1024  # a chat reply's default limit; the reply normally ends at <|eot_id|> long before
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -60,7 +59,7 @@ GENERATION_CHECKS = {"prompt": str, "max_new_tokens": positive_int, "temperature
 def generation_defaults(ckpt_dir: Path) -> dict:
     """Built-in defaults, overridden by the checkpoint's generation.json (e.g. a Shakespeare prompt)."""
     path = ckpt_dir / GENERATION_DEFAULTS_FILE
-    if not path.is_file():
+    if not path.exists():
         return dict(BUILTIN_DEFAULTS)
     fix = f"fix or delete it (an object with only {', '.join(GENERATION_CHECKS)})"
     raw = read_json(path, fix, expect=dict)
