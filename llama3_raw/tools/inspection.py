@@ -126,14 +126,17 @@ def parse_layers(text: str, n_layers: int) -> list[int]:
     if text == "all":
         return list(range(n_layers))
     layers = set()
-    try:
-        for part in text.split(","):
-            first, _, last = part.partition("-")
-            layers.update(range(int(first), int(last or first) + 1))
-    except ValueError:
-        raise UserError(f"--layers {text!r} is not a list like 0,3-5 or 'all'; use layer numbers from 0 to {n_layers - 1}.") from None
-    if not layers or min(layers) < 0 or max(layers) >= n_layers:
-        raise UserError(f"--layers {text!r} names layers outside 0..{n_layers - 1}; this model has {n_layers} layers.")
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        try:
+            low, high = int(first), int(last or first)
+        except ValueError:
+            raise UserError(f"--layers {text!r} is not a list like 0,3-5 or 'all'; use layer numbers from 0 to "
+                            f"{n_layers - 1}.") from None
+        if not 0 <= low <= high < n_layers:  # checked before the range is expanded: 0-99999999999 is one number
+            raise UserError(f"--layers {text!r} names layers outside 0..{n_layers - 1} (or a range that runs "
+                            f"backwards); this model has {n_layers} layers.")
+        layers.update(range(low, high + 1))
     return sorted(layers)
 
 

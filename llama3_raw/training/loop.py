@@ -17,7 +17,8 @@ import torch
 from tqdm import tqdm
 
 from ..errors import UserError
-from ..files import read_text
+from ..files import check_writable_folder, read_text
+from ..params import ModelParams
 from ..tokenizer import Tokenizer, tokenizer_from_bytes
 from .bpe import bpe_file_text, learn_bpe
 from .data import Split, load_splits
@@ -82,9 +83,16 @@ def prepare_data(recipe: Recipe, state: dict | None, show_progress: bool) -> tup
     return tokenizer, tokenizer_bytes, train_split, val_split
 
 
+def run_files_bytes(params: ModelParams) -> int:
+    """About what a run writes to --out: its state (fp32 weights and AdamW's two moments), a second copy of
+    it while the new one replaces the old, and the bf16 export."""
+    return (2 * 12 + 2) * params.parameter_count() + (1 << 20)
+
+
 def start_run(recipe: Recipe, out_dir: Path, resume: bool, show_progress: bool) -> TrainingRun:
     """A new run from the recipe's seed, or the interrupted one in `out_dir` exactly where it stopped."""
     settings, params = recipe.train, recipe.params
+    check_writable_folder(out_dir, "--out", run_files_bytes(params))  # before the tokenizer is learned
     state_path = out_dir / STATE_FILE
     state = load_train_state(state_path, recipe) if resume else None
     if state is None and state_path.exists():
