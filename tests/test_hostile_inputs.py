@@ -366,3 +366,15 @@ def test_inspect_layers_range_is_checked_before_it_is_expanded():
     from llama3_raw.tools.inspection import parse_layers
     with pytest.raises(UserError, match="outside 0..1"):
         parse_layers("0-99999999999999", 2)
+
+
+@pytest.mark.parametrize("module, args, flag", [
+    ("llama3_raw.train_tokenizer", ["--input", "afile", "--vocab-size", "300", "--output", "afile/tok.model"], "--output"),
+    ("llama3_raw", ["inspect", "--out", "afile/views"], "--out"),
+])
+def test_other_outputs_below_a_file_are_refused_before_the_work(tmp_path, good_checkpoint, module, args, flag):
+    (tmp_path / "afile").write_text("some text to learn from")
+    extra = ["--ckpt-dir", good_checkpoint] if args[0] == "inspect" else []
+    result = run_tool(*args, *extra, module=module, cwd=tmp_path)
+    assert_refused(result, flag, "afile is a file, not a folder")
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"]

@@ -17,7 +17,7 @@ import torch
 
 from ..checkpoints import open_model
 from ..errors import UserError, run_tool
-from ..files import write_png, write_text
+from ..files import check_writable_folder, write_png, write_text
 from ..model import at_least_fp32, forward, rms_norm
 from ..params import ModelParams
 from ..tokenizer import Tokenizer
@@ -183,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def work():
+        check_writable_folder(args.out, "--out")  # before the model is loaded
         model = open_model(args.ckpt_dir, args.tokenizer, args.dtype, args.device)
         prompt = args.prompt if args.prompt is not None else model.defaults["prompt"]
         layers = parse_layers(args.layers, model.params.n_layers)
