@@ -16,14 +16,14 @@ import torch
 
 from .chat import ChatSession, check_messages, interactive_chat, read_chat_file, stream_reply
 from .checkpoints import DTYPES, Model, check_quantize_request, load_model, open_folder
-from .checkpoints.defaults import (CHAT_MAX_NEW_TOKENS, non_negative_float, non_negative_int, positive_int,
-                                   probability)
+from .checkpoints.defaults import (CHAT_MAX_NEW_TOKENS, non_negative_int, positive_int, probability, seed,
+                                   temperature, thread_count)
 from .errors import UserError, run_tool
 from .generate import Sampling, generate, generate_batch
 from .parallel import (join_ranks, launched_ranks, leave_ranks, only_rank_zero_prints, threads_per_rank,
                        wait_for_peers)
 from .prompts_file import read_prompts_file
-from .tokenizer import TextStream
+from .tokenizer import REMOTE_TIMEOUT_S, TextStream
 
 
 def log(message: str) -> None:
@@ -41,14 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "or the 42 prompt for official weights)")
     parser.add_argument("--ckpt-dir", type=Path, help="folder with params.json, consolidated.00.pth, tokenizer.model "
                         "(default: an official checkpoint under weights/, else the shipped model)")
-    parser.add_argument("--tokenizer", help="tokenizer.model file or URL (default: the one beside the checkpoint)")
+    parser.add_argument("--tokenizer", help="tokenizer.model file or URL (default: the one beside the checkpoint); "
+                        f"a URL (gs://, az://, https://) gets {REMOTE_TIMEOUT_S} s to answer")
     parser.add_argument("--max-new-tokens", type=positive_int, help="tokens to generate at most (default 32)")
-    parser.add_argument("--temperature", type=non_negative_float, help="0 picks the most likely token (default 0)")
+    parser.add_argument("--temperature", type=temperature, help="0 picks the most likely token (default 0)")
     parser.add_argument("--top-p", type=probability, help="nucleus sampling mass (default 0.9)")
     parser.add_argument("--top-k", type=non_negative_int, help="sample only from the k most likely tokens; 0: all (default)")
-    parser.add_argument("--seed", type=int, help="random seed for sampling; the same seed repeats the same text")
+    parser.add_argument("--seed", type=seed, help="random seed for sampling; the same seed repeats the same text")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--threads", type=positive_int, help="CPU threads for the matrix kernels (default: one per "
+    parser.add_argument("--threads", type=thread_count, help="CPU threads for the matrix kernels (default: one per "
                         "core); on a machine shared with other work, fewer threads than cores is faster")
     parser.add_argument("--quantize", choices=["none", "int8"], default="none",
                         help="int8: store each weight matrix as int8 with one scale per output row (made at load "

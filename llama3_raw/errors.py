@@ -11,6 +11,11 @@ class UserError(Exception):
     """Bad input from the user (a file, a flag, a prompt); the message says what to do about it."""
 
 
+def notice(message: str) -> None:
+    """Something the user should know that is not an error (a conversion, a line dropped); stdout stays clean."""
+    print(message, file=sys.stderr, flush=True)
+
+
 def run_tool(work, interrupted: str = "interrupted") -> int:
     """Run a command-line tool's body: a UserError becomes one line on stderr and exit code 2;
     Ctrl-C prints `interrupted` (what happens now) and exit code 130."""

@@ -6,15 +6,19 @@ under that name: the old file (if any) is still there, whole, and the temporary 
 """
 
 import contextlib
+import errno
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 from .errors import UserError
+
+MAX_JSON_BYTES = 64 << 20  # every JSON file read here is settings or a conversation; a bigger one is a mistake
 
 
 @contextlib.contextmanager
@@ -30,8 +34,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with open(temporary, "rb+") as f:
             os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as err:
         temporary.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise write_failure(path, err) from None
         raise
     sync_folder(path.parent)
 
@@ -43,23 +49,52 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
 
 
 @contextlib.contextmanager
-def atomic_folder(path: str | Path) -> Iterator[Path]:
+def atomic_folder(path: str | Path, needed_bytes: int = 0) -> Iterator[Path]:
     """Yield a new temporary folder beside `path` to fill; on success it is renamed to `path` (which must
-    not exist, or be an empty folder). On any failure the temporary folder and its files are removed."""
+    not exist, or be an empty folder). On any failure the temporary folder and its files are removed, and
+    an OSError (a full disk...) becomes one sentence, saying `needed_bytes` if the disk was full.
+
+    The parents the folder needs are created too; those that were created for a save that failed are removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    created = missing_parents(path)
+    temporary = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
         yield temporary
         for file in temporary.iterdir():
             with open(file, "rb") as f:
                 os.fsync(f.fileno())
         temporary.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; a saved folder is like any other
         os.replace(temporary, path)  # replaces an empty folder of that name, as rename(2) allows
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
+    except BaseException as err:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
+        for parent in created:  # deepest first; only the folders this save made, and only if still empty
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        if isinstance(err, OSError):
+            raise write_failure(path, err, needed_bytes) from None
         raise
     sync_folder(path.parent)
+
+
+def missing_parents(path: Path) -> list[Path]:
+    """The parents of `path` that do not exist yet, deepest first."""
+    return [parent for parent in path.parents if not parent.exists()]
+
+
+def write_failure(path: Path, err: OSError, needed_bytes: int = 0) -> UserError:
+    """A write that failed half-way, as one sentence; the caller has removed what it wrote."""
+    if err.errno == errno.ENOSPC:
+        need = f" (it needs about {megabytes(needed_bytes)})" if needed_bytes else ""
+        return UserError(f"writing {path} failed: no space left on the disk{need}; nothing was left behind, "
+                         f"free some space or write elsewhere.")
+    return UserError(f"writing {path} failed ({err.strerror or err}); nothing was left behind, fix that or write elsewhere.")
+
+
+def megabytes(n_bytes: int) -> str:
+    return f"{n_bytes / 1e6:,.0f} MB" if n_bytes >= 1e6 else f"{n_bytes:,} bytes"
 
 
 def current_umask() -> int:
@@ -68,10 +103,26 @@ def current_umask() -> int:
     return mask
 
 
-def check_new_folder(out_dir: Path, flag: str) -> None:
-    """A folder about to be written must not hold anything yet: nothing already on disk is overwritten."""
+def check_new_folder(out_dir: Path, flag: str, needed_bytes: int = 0) -> None:
+    """A folder about to be written must not hold anything yet: nothing already on disk is overwritten.
+    It must also be creatable, with room for `needed_bytes`: checked before the work, not found out after."""
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserError(f"{flag} {out_dir} already exists and is not an empty folder; choose a new folder name.")
+    check_writable_folder(out_dir, flag, needed_bytes)
+
+
+def check_writable_folder(folder: Path, flag: str, needed_bytes: int = 0) -> None:
+    """`folder` is a folder, or can be made one (its nearest existing parent is a writable folder), and the
+    disk it is on has `needed_bytes` free."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{flag} {folder} cannot be created: {existing} is a file, not a folder; choose another path.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {folder} cannot be created: {existing} is not writable; choose another path.")
+    free = shutil.disk_usage(existing).free
+    if needed_bytes > free:
+        raise UserError(f"{flag} {folder} needs about {megabytes(needed_bytes)} but its disk has {megabytes(free)} "
+                        f"free; free some space or choose a folder on another disk.")
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:
@@ -106,10 +157,31 @@ def sync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def read_text(path: str | Path, what: str = "", fix: str = "pass the path of a UTF-8 text file") -> str:
-    """The UTF-8 text in `path`, or a UserError naming the file (and `what`, the flag that named it) and the fix."""
+def regular_file_size(path: str | Path, what: str = "", fix: str = "pass the path of a file") -> int:
+    """The size of `path` after checking, before anything opens it, that it is a regular file (a symlink is
+    followed): a FIFO would hang the open, /dev/zero a read, and a folder would raise IsADirectoryError."""
+    name = f"{what} {path}" if what else str(path)
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise UserError(f"{name} does not exist; {fix}.") from None
+    except OSError as err:
+        raise UserError(f"{name} cannot be read ({err.strerror or err}); {fix}.") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a folder" if stat.S_ISDIR(info.st_mode) else "a pipe" if stat.S_ISFIFO(info.st_mode) else "a device or socket"
+        raise UserError(f"{name} is {kind}, not a regular file; {fix}.")
+    return info.st_size
+
+
+def read_text(path: str | Path, what: str = "", fix: str = "pass the path of a UTF-8 text file",
+              max_bytes: int | None = None) -> str:
+    """The UTF-8 text in `path`, or a UserError naming the file (and `what`, the flag that named it) and the fix.
+    With `max_bytes`, a bigger file is refused before it is read."""
     path = Path(path)
     name = f"{what} {path}" if what else str(path)
+    size = regular_file_size(path, what, fix)
+    if max_bytes is not None and size > max_bytes:
+        raise UserError(f"{name} is {megabytes(size)}, more than the {megabytes(max_bytes)} such a file can be; {fix}.")
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -126,10 +198,18 @@ def read_json(path: str | Path, fix: str, what: str = "", expect: type | None = 
     With `expect` (dict or list), a file holding another kind of JSON value is refused the same way."""
     name = f"{what} {path}" if what else str(path)
     try:
-        value = json.loads(read_text(path, what, fix))
+        value = json.loads(read_text(path, what, fix, MAX_JSON_BYTES), parse_constant=refuse_constant)
     except json.JSONDecodeError as err:
         raise UserError(f"{name} is not valid JSON ({err}); {fix}.") from None
+    except ValueError as err:  # NaN or Infinity: Python's json accepts them, JSON does not
+        raise UserError(f"{name} holds {err}, which is not a JSON number; {fix}.") from None
+    except RecursionError:
+        raise UserError(f"{name} is nested too deeply to be a settings file; {fix}.") from None
     if expect is not None and not isinstance(value, expect):
         kind = {dict: "an object", list: "a list"}.get(expect, expect.__name__)
         raise UserError(f"{name} does not hold a JSON {kind}; {fix}.")
     return value
+
+
+def refuse_constant(name: str):
+    raise ValueError(name)

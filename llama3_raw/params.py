@@ -1,6 +1,5 @@
 """Model hyper-parameters: Meta's `params.json` as a frozen dataclass, with every derived size in one place."""
 
-import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -113,7 +112,11 @@ class ModelParams:
         return shapes
 
     def parameter_count(self) -> int:
-        return sum(math.prod(shape) for shape in self.weight_shapes().values())
+        """The sum over weight_shapes(), by arithmetic: it sizes a params.json before any table is built."""
+        kv_dim = self.n_kv_heads * self.head_dim
+        attention = 2 * self.dim * self.n_heads * self.head_dim + 2 * kv_dim * self.dim  # wq, wo; wk, wv
+        per_layer = attention + 3 * self.ffn_hidden_dim * self.dim + 2 * self.dim  # w1, w2, w3; two norms
+        return 2 * self.vocab_size * self.dim + self.n_layers * per_layer + self.dim  # embeddings, output; norm
 
     def to_json_dict(self) -> dict:
         """The params.json fields Meta writes (max_seq_len and the RoPE scaling constants only when set)."""
@@ -149,7 +152,7 @@ def params_from_dict(raw: dict) -> ModelParams:
 
 def load_params(path: str | Path) -> ModelParams:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{path} does not exist; every checkpoint directory needs Meta's params.json beside its .pth files.")
     raw = read_json(path, "restore the params.json that came with the checkpoint")
     try:

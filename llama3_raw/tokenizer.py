@@ -5,6 +5,8 @@ come right after the base vocabulary (ids 128000..128255 for Meta's 128,000 rank
 """
 
 import codecs
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
 from .errors import UserError
+from .files import megabytes, regular_file_size
 
 # Meta's pre-tokenizer split pattern (llama_models/llama3/tokenizer.py).
 SPLIT_PATTERN = (
@@ -41,6 +44,9 @@ STOP_TOKENS = ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")
 # encodes at most this many characters at a time, cut where whitespace and non-whitespace alternate.
 TIKTOKEN_MAX_ENCODE_CHARS = 400_000
 MAX_NO_WHITESPACE_CHARS = 25_000
+
+MAX_TOKENIZER_BYTES = 256 << 20  # Llama 3's is 2.2 MB; a file of gigabytes is not a tokenizer
+REMOTE_TIMEOUT_S = 10  # a remote tokenizer (gs://, az://, https://) gets this long, then one sentence
 
 
 def read_bpe_ranks(path: str) -> dict[bytes, int]:
@@ -117,19 +123,81 @@ def split_long_runs(text: str, max_run: int):
     yield text[piece_start:]
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
+def load_tokenizer(path: str | Path, what: str = "tokenizer file") -> Tokenizer:
+    """The tokenizer in `path`: a local file, or a URL read within REMOTE_TIMEOUT_S. `what` names the source
+    (a flag) in the messages."""
     path = str(path)
-    if "://" not in path and not Path(path).is_file():
-        raise UserError(f"tokenizer file {path} does not exist; put Meta's tokenizer.model beside the checkpoint or pass --tokenizer FILE.")
+    if "://" in path:
+        return tokenizer_from_bytes(read_remote(path, what), Path(path).name, f"{what} {path}")
+    fix = "put Meta's tokenizer.model beside the checkpoint or pass --tokenizer FILE"
+    size = regular_file_size(path, what, fix)
+    if size > MAX_TOKENIZER_BYTES:
+        raise UserError(f"{what} {path} is {megabytes(size)}, too big for a tokenizer (at most "
+                        f"{megabytes(MAX_TOKENIZER_BYTES)}); {fix}.")
+    return read_tokenizer(path, Path(path).name, f"{what} {path}")
+
+
+def read_tokenizer(path: str, name: str, label: str) -> Tokenizer:
+    """tiktoken's BPE ranks from the local file `path`; `label` names the source in a message."""
     try:
         ranks = read_bpe_ranks(path)
     except ValueError as err:
-        raise UserError(f"{path} is not a tiktoken BPE tokenizer file ({err}); use the tokenizer.model that came with the weights.") from None
+        raise UserError(f"{label} is not a tiktoken BPE tokenizer file ({err}); use the tokenizer.model that came with the weights.") from None
     except OSError as err:
-        raise UserError(f"cannot read tokenizer file {path} ({err}); check the path or pass --tokenizer FILE.") from None
-    special = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
-    encoding = tiktoken.Encoding(name=Path(path).name, pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=special)
+        raise UserError(f"cannot read {label} ({err}); check the path or pass --tokenizer FILE.") from None
+    special = {token: len(ranks) + i for i, token in enumerate(SPECIAL_TOKENS)}
+    encoding = tiktoken.Encoding(name=name, pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=special)
     return Tokenizer(encoding, len(ranks))
+
+
+def tokenizer_from_bytes(data: bytes, name: str = "tokenizer.model", label: str = "the tokenizer") -> Tokenizer:
+    """A tokenizer from the bytes of a tokenizer.model file (read through tiktoken's own reader, from a file)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "tokenizer.model"
+        path.write_bytes(data)
+        return read_tokenizer(str(path), name, label)
+
+
+def read_remote(url: str, what: str) -> bytes:
+    """The bytes at `url`, within REMOTE_TIMEOUT_S and MAX_TOKENIZER_BYTES. tiktoken would retry a cloud path
+    forever (blobfile's backoff) and wait on a silent web server without limit; here both are bounded."""
+    deadline = time.time() + REMOTE_TIMEOUT_S
+    try:
+        data = read_http(url, deadline) if url.startswith(("http://", "https://")) else read_blob(url, deadline)
+    except Exception as err:  # network libraries raise many types; all mean "could not get it" here
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise UserError(f"{what} {url} could not be read ({detail}); check the URL and the network (a remote "
+                        f"tokenizer gets {REMOTE_TIMEOUT_S} s), or download the file and pass its path.") from None
+    if len(data) > MAX_TOKENIZER_BYTES:
+        raise UserError(f"{what} {url} is more than {megabytes(MAX_TOKENIZER_BYTES)}, too big for a tokenizer; "
+                        f"pass a tokenizer.model.")
+    return data
+
+
+def read_http(url: str, deadline: float) -> bytes:
+    import requests  # tiktoken's own dependency; only a URL needs it
+
+    chunks, size = [], 0
+    with requests.get(url, stream=True, timeout=max(deadline - time.time(), 0.1)) as response:
+        response.raise_for_status()
+        for chunk in response.iter_content(1 << 20):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_TOKENIZER_BYTES:
+                break  # read_remote refuses it
+            if time.time() > deadline:
+                raise TimeoutError("the download did not finish")
+    return b"".join(chunks)
+
+
+def read_blob(url: str, deadline: float) -> bytes:
+    import blobfile  # tiktoken's way to cloud storage (gs://, az://); only such a path needs it
+
+    context = blobfile.create_context(retry_limit=3, connect_timeout=REMOTE_TIMEOUT_S, read_timeout=REMOTE_TIMEOUT_S,
+                                      get_deadline=lambda: deadline,
+                                      log_callback=lambda _message: None)
+    with context.BlobFile(url, "rb") as f:
+        return f.read(MAX_TOKENIZER_BYTES + 1)
 
 
 class TextStream:

@@ -11,7 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import UserError, run_tool
+from .checkpoints.defaults import positive_int, thread_count
+from .errors import run_tool
 from .training import DEFAULT_RECIPE, load_recipe, train
 from .training.recipe import REPO_ROOT
 from .training.state import STATE_FILE
@@ -25,9 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="output directory (default runs/shakespeare; the shipped model is weights/shakespeare)")
     parser.add_argument("--resume", action="store_true", help=f"continue from DIR/{STATE_FILE}")
     parser.add_argument("--corpus", type=Path, help="text file to train on instead of the recipe's data.corpus")
-    parser.add_argument("--stop-after", type=int, metavar="STEP",
+    parser.add_argument("--stop-after", type=positive_int, metavar="STEP",
                         help="stop (and save a resumable checkpoint) after this step")
-    parser.add_argument("--threads", type=int, help="CPU threads (default: all cores; 1 is faster when another "
+    parser.add_argument("--threads", type=thread_count, help="CPU threads (default: all cores; 1 is faster when another "
                         "busy process shares the cores)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -37,10 +38,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def work():
-        if args.stop_after is not None and args.stop_after < 1:
-            raise UserError(f"--stop-after {args.stop_after} must be at least 1.")
-        if args.threads is not None and args.threads < 1:
-            raise UserError(f"--threads {args.threads} must be at least 1.")
         recipe = load_recipe(args.config, args.corpus)
         result = train(recipe, args.out, args.resume, args.stop_after, not args.no_progress, args.threads)
         if result:

@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .checkpoints.defaults import positive_int
 from .errors import run_tool
 from .training.bpe import train_tokenizer_file
 
@@ -15,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llama3_raw.train_tokenizer",
                                      description="Learn byte-level BPE merges and write a tiktoken tokenizer.model.")
     parser.add_argument("--input", type=Path, required=True, help="UTF-8 text file to learn from")
-    parser.add_argument("--vocab-size", type=int, required=True,
+    parser.add_argument("--vocab-size", type=positive_int, required=True,
                         help="number of BPE ranks, >= 256 (256 = pure bytes); the 256 special tokens come on top")
     parser.add_argument("--output", type=Path, required=True, help="where to write the tokenizer.model file")
     args = parser.parse_args(argv)

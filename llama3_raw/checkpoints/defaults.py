@@ -9,25 +9,48 @@ import torch
 from ..errors import UserError
 from ..files import read_json
 from ..quantize import Int8Weight
-from .loading import count_parameters
+from .loading import GENERATION_DEFAULTS_FILE, count_parameters
 
 FORTY_TWO_PROMPT = "the answer to the ultimate question of life, the universe, and everything is "
-GENERATION_DEFAULTS_FILE = "generation.json"  # a checkpoint may carry its own defaults for the settings below
 BUILTIN_DEFAULTS = {"prompt": FORTY_TWO_PROMPT, "max_new_tokens": 32, "temperature": 0.0, "top_p": 0.9, "top_k": 0}
 CHAT_MAX_NEW_TOKENS = 1024  # a chat reply's default limit; the reply normally ends at <|eot_id|> long before
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError
-    return value
+INT64_MAX = 2**63 - 1  # torch takes integers as int64: a bigger one raises an overflow deep inside it
+MIN_TEMPERATURE = 1e-6  # logits / a smaller temperature overflow float32 to inf, and softmax to NaN
+MAX_THREADS = 1024
+
+
+def integer_in(low: int, high: int, name: str):
+    """An argparse `type=` (and generation.json check) for an integer in low..high; argparse names the
+    expected kind of value from the function's name in its one-line error."""
+    def check(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise ValueError
+        return value
+
+    check.__name__ = name
+    return check
+
+
+positive_int = integer_in(1, INT64_MAX, "positive integer")
+non_negative_int = integer_in(0, INT64_MAX, "non-negative integer")
+seed = integer_in(0, INT64_MAX, "seed (an integer from 0 to 2**63-1)")
+thread_count = integer_in(1, MAX_THREADS, f"thread count (1 to {MAX_THREADS})")
 
 
 def non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0 or value == float("inf"):
+        raise ValueError
+    return value
+
+
+def temperature(text: str) -> float:
+    value = non_negative_float(text)
+    if 0 < value < MIN_TEMPERATURE:
         raise ValueError
     return value
 
@@ -39,20 +62,16 @@ def probability(text: str) -> float:
     return value
 
 
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError
-    return value
+def fraction(text: str) -> float:
+    return probability(text)
 
 
-# argparse names the expected kind of value from the function's name in its error message.
-positive_int.__name__ = "positive integer"
 non_negative_float.__name__ = "non-negative number"
+temperature.__name__ = f"temperature (0 for greedy, else at least {MIN_TEMPERATURE:g})"
 probability.__name__ = "probability in (0, 1]"
-non_negative_int.__name__ = "non-negative integer"
+fraction.__name__ = "fraction in (0, 1]"
 
-GENERATION_CHECKS = {"prompt": str, "max_new_tokens": positive_int, "temperature": non_negative_float,
+GENERATION_CHECKS = {"prompt": str, "max_new_tokens": positive_int, "temperature": temperature,
                      "top_p": probability, "top_k": non_negative_int,
                      "context_len": positive_int}  # the context the model was trained for, if shorter than its family's
 
@@ -60,7 +79,7 @@ GENERATION_CHECKS = {"prompt": str, "max_new_tokens": positive_int, "temperature
 def generation_defaults(ckpt_dir: Path) -> dict:
     """Built-in defaults, overridden by the checkpoint's generation.json (e.g. a Shakespeare prompt)."""
     path = ckpt_dir / GENERATION_DEFAULTS_FILE
-    if not path.is_file():
+    if not path.exists():
         return dict(BUILTIN_DEFAULTS)
     fix = f"fix or delete it (an object with only {', '.join(GENERATION_CHECKS)})"
     raw = read_json(path, fix, expect=dict)

@@ -12,16 +12,16 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, notice
 from ..files import check_new_folder
 from ..parallel import SINGLE_PROCESS, Ranks
 from ..params import ModelParams
 from ..quantize import quantize_weights
 from ..tokenizer import Tokenizer, load_tokenizer
 from .defaults import GENERATION_DEFAULTS_FILE, compute_dtype, generation_defaults, refuse_float32_with_int8
-from .int8 import save_int8_checkpoint
-from .loading import (cast_weights, checkpoint_params, count_parameters, default_tokenizer_path, is_checkpoint_dir,
-                      is_int8, load_checkpoint)
+from .int8 import int8_checkpoint_bytes, save_int8_checkpoint
+from .loading import (cast_weights, checkpoint_params, conversion_note, count_parameters, default_tokenizer_path,
+                      is_checkpoint_dir, is_int8, load_checkpoint)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WEIGHTS_DIR = REPO_ROOT / "weights"
@@ -97,10 +97,8 @@ def check_device(device: str) -> None:
 
 def open_tokenizer(ckpt_dir: Path, params: ModelParams, tokenizer_path: str | None) -> Tokenizer:
     """The tokenizer beside the checkpoint (or the given one), checked against the weights' vocabulary."""
-    if tokenizer_path is not None and "://" not in tokenizer_path and not Path(tokenizer_path).is_file():
-        raise UserError(f"--tokenizer {tokenizer_path} does not exist; pass the path of a tokenizer.model file.")
     path = tokenizer_path or str(default_tokenizer_path(ckpt_dir))
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(path, "--tokenizer" if tokenizer_path is not None else "tokenizer file")
     if tokenizer.n_words != params.vocab_size:
         raise UserError(
             f"tokenizer {path} has {tokenizer.n_words} tokens but the checkpoint in {ckpt_dir} says vocab_size "
@@ -134,10 +132,15 @@ def load_model(folder: CheckpointFolder, params: ModelParams | None = None, dtyp
     check_quantize_request(quantize, dtype, save_quantized)
     if save_quantized is not None and ranks.world_size > 1:
         raise UserError("--save-quantized writes the whole model from one process; run it without torchrun.")
+    if save_quantized is not None:  # room for the int8 copy, before the work of loading and quantizing
+        check_new_folder(save_quantized, "--save-quantized", int8_checkpoint_bytes(folder.params))
     checkpoint = load_checkpoint(folder.directory, show_progress=show_progress, ranks=ranks)
     if is_int8(checkpoint.weights):  # saved by --save-quantized
         refuse_float32_with_int8(dtype, f"{folder.directory} holds int8 weights, which compute in bfloat16")
     compute = compute_dtype(dtype, device, checkpoint.weights, quantize)
+    note = conversion_note(checkpoint.weights, compute, folder.directory)
+    if note:
+        notice(note)
     weights = cast_weights(checkpoint.weights, compute, device, show_progress=show_progress)
     file_params = checkpoint.params  # the folder's, but with kv heads counted once (shards.keep_kv_heads_once)
     del checkpoint  # when the dtype changed, this lets the memory-mapped file go

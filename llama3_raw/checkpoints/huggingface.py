@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from ..errors import UserError
 from ..files import read_json
 from ..params import ModelParams
+from .safety import check_params_fit_files, folder_file_size
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -40,6 +41,10 @@ IGNORED_SUFFIX = "rotary_emb.inv_freq"  # a buffer older transformers versions s
 
 def is_hf_checkpoint_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("model*.safetensors*"))
+
+
+def safetensors_candidates(ckpt_dir: Path) -> list[Path]:
+    return sorted(ckpt_dir.glob("model*.safetensors"))
 
 
 def hf_meta_name(hf_name: str) -> str | None:
@@ -130,14 +135,15 @@ def safetensors_files(ckpt_dir: Path) -> dict[Path, list[str] | None]:
         files: dict[Path, list[str]] = {}
         for name, filename in weight_map.items():
             files.setdefault(ckpt_dir / str(filename), []).append(name)
-        for path in files:
-            if not path.is_file():
+        for path in files:  # an index is data: its entries may name ../elsewhere, /etc/passwd, a FIFO
+            if not path.exists():
                 raise UserError(f"{index_path} lists {path.name}, which is not in {ckpt_dir}; "
                                 f"download that file too, or the index that belongs to these files.")
+            folder_file_size(ckpt_dir, path, f"{INDEX_FILE} entry")
         return files
     if (ckpt_dir / SINGLE_FILE).is_file():
         return {ckpt_dir / SINGLE_FILE: None}
-    found = sorted(ckpt_dir.glob("model*.safetensors"))
+    found = safetensors_candidates(ckpt_dir)
     if not found:
         raise UserError(f"{ckpt_dir} has a config.json but no model*.safetensors; download the weights files too.")
     return {path: None for path in found}
@@ -152,6 +158,8 @@ def read_hf_checkpoint(ckpt_dir: Path) -> tuple[ModelParams, dict[str, torch.Ten
     config = read_config(config_path)
     params = params_from_hf_config(config, config_path)
     files = safetensors_files(ckpt_dir)
+    file_bytes = sum(path.stat().st_size for path in files)
+    check_params_fit_files(params, file_bytes, config_path)
     weights: dict[str, torch.Tensor] = {}
     for path, names in files.items():
         try:
@@ -174,5 +182,4 @@ def read_hf_checkpoint(ckpt_dir: Path) -> tuple[ModelParams, dict[str, torch.Ten
                              (f"layers.{i}.attention.wk.weight", params.n_kv_heads)):
             if key in weights and weights[key].shape[0] == n_heads * params.head_dim:
                 weights[key] = unpermute_rows(weights[key], n_heads)
-    file_bytes = sum(path.stat().st_size for path in files)
     return params, weights, file_bytes, tied

@@ -59,15 +59,22 @@ def int8_weights(state: dict[str, torch.Tensor], params: ModelParams, path: Path
     return weights_from_int8_state(state)
 
 
+def int8_checkpoint_bytes(params: ModelParams, extra_bytes: int = 0) -> int:
+    """About how many bytes save_int8_checkpoint writes, by arithmetic: one byte per parameter, two for the
+    bfloat16 embeddings (not quantized), 1 % for the scales, norms and the zip's own records."""
+    return int(1.01 * (params.parameter_count() + params.vocab_size * params.dim)) + extra_bytes
+
+
 def save_int8_checkpoint(weights: dict, params: ModelParams, tokenizer_path: Path, out_dir: Path,
                          extra_files: tuple[Path, ...] = ()) -> Path:
     """Write int8 weights as a checkpoint folder that run.py loads directly: params.json, tokenizer.model,
     the `extra_files` that exist (e.g. the source's generation.json) and model.int8.pth.
 
     Everything is written into a temporary folder beside `out_dir`, which is renamed into place at the
-    end: an interrupted or failed save leaves nothing behind."""
-    check_new_folder(out_dir, "--save-quantized")
-    with atomic_folder(out_dir) as folder:
+    end: an interrupted or failed save leaves nothing behind, and says why."""
+    needed = int8_checkpoint_bytes(params, tokenizer_path.stat().st_size)
+    check_new_folder(out_dir, "--save-quantized", needed)
+    with atomic_folder(out_dir, needed) as folder:
         write_json(folder / "params.json", params.to_json_dict())
         shutil.copyfile(tokenizer_path, folder / "tokenizer.model")
         for path in extra_files:

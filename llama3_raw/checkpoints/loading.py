@@ -7,6 +7,7 @@ Three layouts are read, each by its own module, and all come out the same way (`
 Everything is memory-mapped; only what must change (merged shards, Hugging Face's wq/wk) is copied.
 """
 
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -17,11 +18,18 @@ from ..errors import UserError
 from ..parallel import SINGLE_PROCESS, Ranks
 from ..params import ModelParams, load_params
 from ..quantize import Int8Weight
-from .huggingface import is_hf_checkpoint_dir, params_from_hf_config, read_config, read_hf_checkpoint
+from .huggingface import (INDEX_FILE, is_hf_checkpoint_dir, params_from_hf_config, read_config, read_hf_checkpoint,
+                          safetensors_candidates)
 from .int8 import INT8_CHECKPOINT_FILE, int8_weights
 from .meta import PROGRESS_MIN_BYTES, check_weights, checkpoint_files, read_state_dict, warm_page_cache
+from .safety import check_params_fit_files, folder_file_size
 from .shards import keep_kv_heads_once, merge_shards, numbered_shards
 from .slicing import check_rank_count, load_rank_files, rank_shapes, slice_whole
+
+GENERATION_DEFAULTS_FILE = "generation.json"  # a checkpoint may carry its own defaults for run.py's settings
+# Every file of a folder the loader may read, besides the weight files found by pattern.
+FOLDER_FILES = ("params.json", "config.json", GENERATION_DEFAULTS_FILE, "tokenizer.model", "original/tokenizer.model",
+                INDEX_FILE, INT8_CHECKPOINT_FILE)
 
 
 @dataclass(frozen=True)
@@ -53,12 +61,21 @@ def default_tokenizer_path(ckpt_dir: Path) -> Path:
     return ckpt_dir / "tokenizer.model"  # missing: the tokenizer loader says so
 
 
+def check_folder_files(ckpt_dir: Path) -> None:
+    """Every file of the folder that the loader may open is a regular file inside the folder (safety.py),
+    checked before any of them is opened. The files a Hugging Face index names are checked when it is read."""
+    weight_files = checkpoint_files(ckpt_dir) + safetensors_candidates(ckpt_dir)
+    for path in [ckpt_dir / name for name in FOLDER_FILES] + weight_files:
+        if os.path.lexists(path):
+            folder_file_size(ckpt_dir, path)
+
+
 def checkpoint_params(ckpt_dir: Path) -> ModelParams:
     """The model's params without reading the weights: params.json, or a Hugging Face config.json."""
+    check_folder_files(ckpt_dir)
     if is_hf_format(ckpt_dir):
         return params_from_hf_config(read_config(ckpt_dir / "config.json"), ckpt_dir / "config.json")
     return load_params(ckpt_dir / "params.json")
-
 
 
 def load_checkpoint(ckpt_dir: str | Path, show_progress: bool = True, ranks: Ranks = SINGLE_PROCESS) -> Checkpoint:
@@ -67,6 +84,7 @@ def load_checkpoint(ckpt_dir: str | Path, show_progress: bool = True, ranks: Ran
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise UserError(f"checkpoint directory {ckpt_dir} does not exist; pass --ckpt-dir with the folder holding params.json and consolidated.00.pth.")
+    check_folder_files(ckpt_dir)
     if ranks.world_size > 1:
         return load_rank_slice(ckpt_dir, ranks, show_progress)
     if is_hf_format(ckpt_dir):
@@ -77,20 +95,19 @@ def load_checkpoint(ckpt_dir: str | Path, show_progress: bool = True, ranks: Ran
     params = load_params(ckpt_dir / "params.json")
     if (ckpt_dir / INT8_CHECKPOINT_FILE).is_file():
         path = ckpt_dir / INT8_CHECKPOINT_FILE
-        warm_page_cache(path, show_progress)
-        weights = int8_weights(read_state_dict(path), params, path)
+        weights = int8_weights(opened_state_dict(path, params, show_progress), params, path)
         return Checkpoint(ckpt_dir, params, in_meta_order(weights, params, False), path.stat().st_size, False, "int8")
     files = meta_files(ckpt_dir)
     file_bytes = sum(path.stat().st_size for path in files)
     if len(files) > 1:  # model-parallel shards (70B, 405B): merged into new full-size tensors
+        check_params_fit_files(params, file_bytes, ckpt_dir / "params.json")
         weights = merge_shards(files, params, read_state_dict, show_progress and file_bytes >= PROGRESS_MIN_BYTES)
         tied_output = "output.weight" not in weights
         check_weights(weights, params, ckpt_dir / files[0].name)
         weights, params = keep_kv_heads_once(weights, params)
     else:
         path = files[0]
-        warm_page_cache(path, show_progress)
-        weights = read_state_dict(path)
+        weights = opened_state_dict(path, params, show_progress)
         tied_output = check_weights(weights, params, path)
     return Checkpoint(ckpt_dir, params, in_meta_order(weights, params, tied_output), file_bytes, tied_output)
 
@@ -112,10 +129,20 @@ def load_rank_slice(ckpt_dir: Path, ranks: Ranks, show_progress: bool) -> Checkp
         return replace(whole, weights=in_meta_order(weights, whole.params, whole.tied_output))
     params = load_params(ckpt_dir / "params.json")
     files = meta_files(ckpt_dir)
+    check_params_fit_files(params, sum(path.stat().st_size for path in files), ckpt_dir / "params.json")
     weights = load_rank_files(ckpt_dir, params, ranks)
     tied_output = check_weights(weights, params, ckpt_dir / files[0].name, shapes=rank_shapes(params, ranks))
     return Checkpoint(ckpt_dir, params, in_meta_order(weights, params, tied_output),
                       sum(path.stat().st_size for path in files), tied_output)
+
+
+def opened_state_dict(path: Path, params: ModelParams, show_progress: bool) -> dict[str, torch.Tensor]:
+    """One weight file memory-mapped, checked to be a readable archive and big enough for params.json (by
+    arithmetic, before check_weights builds the shape table), then read once into the page cache."""
+    state = read_state_dict(path)
+    check_params_fit_files(params, path.stat().st_size, path.parent / "params.json")
+    warm_page_cache(path, show_progress)
+    return state
 
 
 def in_meta_order(weights: dict[str, torch.Tensor], params: ModelParams, tied_output: bool) -> dict[str, torch.Tensor]:
@@ -133,6 +160,19 @@ def is_int8(weights: dict) -> bool:
 def count_parameters(weights: dict[str, torch.Tensor]) -> int:
     """Distinct parameters: a tied output matrix is counted once."""
     return sum(t.numel() for t in {id(t): t for t in weights.values()}.values())
+
+
+def conversion_note(weights: dict, dtype: torch.dtype, where: Path) -> str | None:
+    """What casting `weights` to `dtype` converts, when it is more than the usual lossless bfloat16 -> float32
+    (say float16 weights, or a checkpoint that mixes float32 and bfloat16 tensors)."""
+    counts: dict[torch.dtype, int] = {}
+    for tensor in {id(t): t for t in weights.values() if not isinstance(t, Int8Weight)}.values():
+        if tensor.dtype != dtype and not (tensor.dtype == torch.bfloat16 and dtype == torch.float32):
+            counts[tensor.dtype] = counts.get(tensor.dtype, 0) + 1
+    if not counts:
+        return None
+    held = ", ".join(f"{n} {str(d).removeprefix('torch.')}" for d, n in counts.items())
+    return f"note: {where} holds {held} tensor(s), converted to {str(dtype).removeprefix('torch.')}"
 
 
 def cast_weights(weights: dict[str, torch.Tensor], dtype: torch.dtype, device: str | torch.device,

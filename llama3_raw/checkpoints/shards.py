@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..errors import UserError
+from ..errors import UserError, notice
 from ..params import ModelParams
 
 SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth")
@@ -50,11 +50,13 @@ def numbered_shards(files: list[Path]) -> list[Path]:
     return [numbers[n] for n in range(len(numbers))]
 
 
-def merge_shards(paths: list[Path], params: ModelParams, read_state_dict, show_progress: bool = True
-                 ) -> dict[str, torch.Tensor]:
-    """One flat dict of full-size tensors (in the shards' dtype) from Meta's model-parallel shards.
+def merge_shards(paths: list[Path], params: ModelParams, read_state_dict, show_progress: bool = True,
+                 say=notice) -> dict[str, torch.Tensor]:
+    """One flat dict of full-size tensors (in shard 00's dtype) from Meta's model-parallel shards.
 
-    `read_state_dict(path)` opens one shard memory-mapped (loading.read_state_dict).
+    `read_state_dict(path)` opens one shard memory-mapped (loading.read_state_dict). Each slice is checked
+    against the shape params.json implies before the full tensor is allocated. A shard whose tensors have
+    another dtype than shard 00's is converted, and `say` says so on stderr.
     """
     expected = params.weight_shapes()
     merged: dict[str, torch.Tensor] = {}
@@ -71,12 +73,19 @@ def merge_shards(paths: list[Path], params: ModelParams, read_state_dict, show_p
             differ = sorted(set(shard) ^ first_keys)
             raise UserError(f"{path} holds different keys than {paths[0].name} (such as {differ[0]}); "
                             f"all shards must come from the same download.")
+        converted = set()
         for key, full_shape in expected.items():
             piece = shard[key]
+            check_piece(piece, full_shape, key, split_dim(key), filled.get(key, 0), index, path)
             if key not in merged:
                 merged[key] = torch.empty(full_shape, dtype=piece.dtype)
                 filled[key] = 0
-            place_piece(merged[key], piece, key, split_dim(key), filled, index, path, params)
+            if piece.dtype != merged[key].dtype:
+                converted.add(str(piece.dtype).removeprefix("torch."))
+            place_piece(merged[key], piece, key, split_dim(key), filled, index, path)
+        if converted:
+            say(f"note: {path} holds {', '.join(sorted(converted))} tensors, converted to shard 00's "
+                   f"{str(next(iter(merged.values())).dtype).removeprefix('torch.')}")
         del shard
         gc.collect()  # drop this shard's memory map before the next one is opened
     for key, full_shape in expected.items():
@@ -98,28 +107,38 @@ def check_key_set(shard: dict, expected: dict, path: Path) -> None:
                         f"key(s), such as {example}); make sure params.json and the shards come from the same download.")
 
 
-def place_piece(full: torch.Tensor, piece: torch.Tensor, key: str, dim: int | None, filled: dict,
-                index: int, path: Path, params: ModelParams) -> None:
-    """Copy one shard's slice of `key` into the merged tensor, checking that it fits."""
+def check_piece(piece: torch.Tensor, full_shape: tuple[int, ...], key: str, dim: int | None, start: int,
+                index: int, path: Path) -> None:
+    """One shard's slice of `key` must be floating point and fit the full shape params.json implies, from
+    `start` along the split dimension: checked before the full tensor is allocated (a params.json saying
+    dim 1e9 must not cost terabytes first)."""
     if not piece.is_floating_point():
         raise UserError(f"{path}: {key} has dtype {piece.dtype}, not a floating-point type; download the shard again.")
-    if dim is None:  # a replicated norm: every shard must hold the same values
-        if tuple(piece.shape) != tuple(full.shape):
+    if dim is None:  # a replicated norm: the whole tensor in every shard
+        if tuple(piece.shape) != tuple(full_shape):
             raise UserError(f"{path}: {key} has shape {tuple(piece.shape)} but params.json implies "
-                            f"{tuple(full.shape)}; make sure params.json and the shards come from the same download.")
+                            f"{tuple(full_shape)}; make sure params.json and the shards come from the same download.")
+        return
+    fits = piece.dim() == len(full_shape) and start + piece.shape[dim] <= full_shape[dim] and all(
+        piece.shape[d] == full_shape[d] for d in range(len(full_shape)) if d != dim)
+    if not fits:
+        raise UserError(
+            f"{path}: {key} has shape {tuple(piece.shape)}, which does not fit shard {index} of a {key} of shape "
+            f"{tuple(full_shape)} split along dim {dim}; make sure params.json and all shards come from the same download."
+        )
+
+
+def place_piece(full: torch.Tensor, piece: torch.Tensor, key: str, dim: int | None, filled: dict,
+                index: int, path: Path) -> None:
+    """Copy one shard's slice of `key` (checked by check_piece) into the merged tensor."""
+    if dim is None:  # a replicated norm: every shard must hold the same values
         if index == 0:
             full.copy_(piece)
         elif not torch.equal(full, piece.to(full.dtype)):
             raise UserError(f"{path}: {key} differs from the copy in shard 00 though norms are replicated; "
                             f"the shards come from different downloads, download them again together.")
         return
-    other_dims_match = all(piece.shape[d] == full.shape[d] for d in range(full.dim()) if d != dim)
-    start, size = filled[key], piece.shape[dim] if piece.dim() == full.dim() else -1
-    if piece.dim() != full.dim() or not other_dims_match or start + size > full.shape[dim]:
-        raise UserError(
-            f"{path}: {key} has shape {tuple(piece.shape)}, which does not fit shard {index} of a {key} of shape "
-            f"{tuple(full.shape)} split along dim {dim}; make sure params.json and all shards come from the same download."
-        )
+    start, size = filled[key], piece.shape[dim]
     full.narrow(dim, start, size).copy_(piece)  # (rows or columns start..start+size) <- this shard's slice
     filled[key] = start + size
 

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..checkpoints import DTYPES, open_folder, load_model
+from ..checkpoints.defaults import non_negative_float
 from ..checkpoints.int8 import INT8_CHECKPOINT_FILE
 from ..errors import UserError, run_tool
 from ..model import forward
@@ -93,7 +94,7 @@ def report_text(comparison: Comparison) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = tool_parser("python -m llama3_raw compare", __doc__)
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    parser.add_argument("--tolerance", type=float, help="relative tolerance per block (default 1e-5 fp32, 2e-2 bf16)")
+    parser.add_argument("--tolerance", type=non_negative_float, help="relative tolerance per block (default 1e-5 fp32, 2e-2 bf16)")
     parser.add_argument("--perturb", metavar="KEY", help="add 5%% noise to this weight on our side, e.g. "
                         "layers.1.attention.wk.weight, to see how a bug shows up")
     parser.add_argument("--json", action="store_true", help="print the comparison as one JSON object")

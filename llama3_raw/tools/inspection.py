@@ -17,7 +17,7 @@ import torch
 
 from ..checkpoints import open_model
 from ..errors import UserError, run_tool
-from ..files import write_png, write_text
+from ..files import check_writable_folder, write_png, write_text
 from ..model import at_least_fp32, forward, rms_norm
 from ..params import ModelParams
 from ..tokenizer import Tokenizer
@@ -126,14 +126,17 @@ def parse_layers(text: str, n_layers: int) -> list[int]:
     if text == "all":
         return list(range(n_layers))
     layers = set()
-    try:
-        for part in text.split(","):
-            first, _, last = part.partition("-")
-            layers.update(range(int(first), int(last or first) + 1))
-    except ValueError:
-        raise UserError(f"--layers {text!r} is not a list like 0,3-5 or 'all'; use layer numbers from 0 to {n_layers - 1}.") from None
-    if not layers or min(layers) < 0 or max(layers) >= n_layers:
-        raise UserError(f"--layers {text!r} names layers outside 0..{n_layers - 1}; this model has {n_layers} layers.")
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        try:
+            low, high = int(first), int(last or first)
+        except ValueError:
+            raise UserError(f"--layers {text!r} is not a list like 0,3-5 or 'all'; use layer numbers from 0 to "
+                            f"{n_layers - 1}.") from None
+        if not 0 <= low <= high < n_layers:  # checked before the range is expanded: 0-99999999999 is one number
+            raise UserError(f"--layers {text!r} names layers outside 0..{n_layers - 1} (or a range that runs "
+                            f"backwards); this model has {n_layers} layers.")
+        layers.update(range(low, high + 1))
     return sorted(layers)
 
 
@@ -180,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def work():
+        check_writable_folder(args.out, "--out")  # before the model is loaded
         model = open_model(args.ckpt_dir, args.tokenizer, args.dtype, args.device)
         prompt = args.prompt if args.prompt is not None else model.defaults["prompt"]
         layers = parse_layers(args.layers, model.params.n_layers)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..checkpoints import open_model
+from ..checkpoints.defaults import fraction, positive_int
 from ..errors import UserError, run_tool
 from ..files import read_text
 from ..model import forward
@@ -83,10 +84,10 @@ def score_text(weights, params: ModelParams, tokenizer, text: str, window: int, 
 def build_parser() -> argparse.ArgumentParser:
     parser = tool_parser("python -m llama3_raw score", __doc__, with_prompt=False)
     parser.add_argument("file", type=Path, help="UTF-8 text file to score")
-    parser.add_argument("--window", type=int, help="tokens per window including BOS (default: the model's "
+    parser.add_argument("--window", type=positive_int, help="tokens per window including BOS (default: the model's "
                         "trained context from generation.json, else min(context, 2048))")
-    parser.add_argument("--stride", type=int, help="new tokens scored per window after the first (default window/2)")
-    parser.add_argument("--tail", type=float, metavar="FRACTION", help="score only the last FRACTION of the file's "
+    parser.add_argument("--stride", type=positive_int, help="new tokens scored per window after the first (default window/2)")
+    parser.add_argument("--tail", type=fraction, metavar="FRACTION", help="score only the last FRACTION of the file's "
                         "characters, e.g. 0.1 for Tiny Shakespeare's validation split")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
@@ -102,8 +103,6 @@ def main(argv: list[str] | None = None) -> int:
         if not text:
             raise UserError(f"{args.file} is empty; there is nothing to score.")
         if args.tail is not None:
-            if not 0 < args.tail <= 1:
-                raise UserError(f"--tail {args.tail} must be a fraction in (0, 1], e.g. 0.1 for the last 10 %.")
             text = text[len(text) - int(len(text) * args.tail):]  # the split training uses: last 10 % by characters
         model = open_model(args.ckpt_dir, args.tokenizer, args.dtype, args.device, show_progress=not args.json)
         trained = model.defaults.get("context_len")

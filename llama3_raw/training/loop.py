@@ -8,7 +8,6 @@ format (export.py), which `python run.py --ckpt-dir DIR` (or Meta's own code) lo
 
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +17,9 @@ import torch
 from tqdm import tqdm
 
 from ..errors import UserError
-from ..files import read_text
-from ..tokenizer import Tokenizer, load_tokenizer
+from ..files import check_writable_folder, read_text
+from ..params import ModelParams
+from ..tokenizer import Tokenizer, tokenizer_from_bytes
 from .bpe import bpe_file_text, learn_bpe
 from .data import Split, load_splits
 from .export import export_checkpoint
@@ -57,14 +57,11 @@ class TrainingRun:
 def learn_tokenizer(train_text: str, bpe_ranks: int, show_progress: bool) -> tuple[Tokenizer, bytes]:
     """Learn the BPE ranks on the training split only (the validation text stays unseen), then load them
     through the project's tokenizer exactly as run.py will."""
-    return tokenizer_from_bytes(bpe_file_text(learn_bpe(train_text, bpe_ranks, show_progress)).encode("ascii"))
+    return tokenizer_with_bytes(bpe_file_text(learn_bpe(train_text, bpe_ranks, show_progress)).encode("ascii"))
 
 
-def tokenizer_from_bytes(tokenizer_bytes: bytes) -> tuple[Tokenizer, bytes]:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "tokenizer.model"
-        path.write_bytes(tokenizer_bytes)
-        return load_tokenizer(path), tokenizer_bytes
+def tokenizer_with_bytes(tokenizer_bytes: bytes) -> tuple[Tokenizer, bytes]:
+    return tokenizer_from_bytes(tokenizer_bytes), tokenizer_bytes
 
 
 def prepare_data(recipe: Recipe, state: dict | None, show_progress: bool) -> tuple[Tokenizer, bytes, Split, Split]:
@@ -76,7 +73,7 @@ def prepare_data(recipe: Recipe, state: dict | None, show_progress: bool) -> tup
         train_text = text[:int(len(text) * (1 - recipe.val_fraction))]
         tokenizer, tokenizer_bytes = learn_tokenizer(train_text, recipe.bpe_ranks, show_progress)
     else:
-        tokenizer, tokenizer_bytes = tokenizer_from_bytes(bytes(state["tokenizer"].numpy()))
+        tokenizer, tokenizer_bytes = tokenizer_with_bytes(bytes(state["tokenizer"].numpy()))
     train_split, val_split = load_splits(text, recipe.val_fraction, tokenizer, tokenizer_bytes)
     context = recipe.train.context
     for name, split in (("training", train_split), ("validation", val_split)):
@@ -86,9 +83,16 @@ def prepare_data(recipe: Recipe, state: dict | None, show_progress: bool) -> tup
     return tokenizer, tokenizer_bytes, train_split, val_split
 
 
+def run_files_bytes(params: ModelParams) -> int:
+    """About what a run writes to --out: its state (fp32 weights and AdamW's two moments), a second copy of
+    it while the new one replaces the old, and the bf16 export."""
+    return (2 * 12 + 2) * params.parameter_count() + (1 << 20)
+
+
 def start_run(recipe: Recipe, out_dir: Path, resume: bool, show_progress: bool) -> TrainingRun:
     """A new run from the recipe's seed, or the interrupted one in `out_dir` exactly where it stopped."""
     settings, params = recipe.train, recipe.params
+    check_writable_folder(out_dir, "--out", run_files_bytes(params))  # before the tokenizer is learned
     state_path = out_dir / STATE_FILE
     state = load_train_state(state_path, recipe) if resume else None
     if state is None and state_path.exists():

@@ -14,6 +14,7 @@
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from ..checkpoints.defaults import INT64_MAX, available_memory_bytes
 from ..errors import UserError
 from ..files import read_json
 from ..params import ModelParams, params_from_dict
@@ -62,6 +63,21 @@ class Recipe:
             "corpus": str(self.corpus), "val_fraction": self.val_fraction}, "train": asdict(self.train)}
 
 
+def training_memory_bytes(params: ModelParams, train: TrainSettings) -> int:
+    """A lower bound on what training takes: fp32 weights, gradients and AdamW's two moments, and one batch's
+    fp32 logits with their gradient."""
+    return 16 * params.parameter_count() + 8 * train.batch_size * train.context * params.vocab_size
+
+
+def check_fits_in_memory(params: ModelParams, train: TrainSettings, bad) -> None:
+    """Refuse a recipe whose model or batch cannot fit, by arithmetic, before anything is allocated."""
+    needed, available = training_memory_bytes(params, train), available_memory_bytes()
+    if needed > available:
+        raise bad(f"training this model ({params.parameter_count():,} parameters) with train.batch_size "
+                  f"{train.batch_size} x train.context {train.context} needs at least {needed / 1e9:,.1f} GB of "
+                  f"memory, and {available / 1e9:,.1f} GB are available; make the model or the batch smaller")
+
+
 def load_recipe(path: Path, corpus_override: Path | None = None) -> Recipe:
     def bad(what: str) -> UserError:
         return UserError(f"--config {path}: {what}; fix the file (see {DEFAULT_RECIPE.relative_to(REPO_ROOT)}).")
@@ -79,7 +95,7 @@ def load_recipe(path: Path, corpus_override: Path | None = None) -> Recipe:
     if isinstance(bpe_ranks, bool) or not isinstance(bpe_ranks, int) or bpe_ranks < NUM_BYTE_TOKENS:
         raise bad(f"tokenizer.bpe_ranks {bpe_ranks!r} must be an integer >= {NUM_BYTE_TOKENS} (the single bytes)")
     try:
-        params_from_dict({**model, "vocab_size": bpe_ranks + NUM_SPECIAL_TOKENS})
+        params = params_from_dict({**model, "vocab_size": bpe_ranks + NUM_SPECIAL_TOKENS})
     except (ValueError, TypeError) as err:
         raise bad(f"the model is not a valid Llama 3 shape ({err})") from None
 
@@ -109,5 +125,12 @@ def load_recipe(path: Path, corpus_override: Path | None = None) -> Recipe:
         raise bad("train.warmup_steps must be between 0 and steps - 1")
     if not 0 < train.min_lr <= train.lr:
         raise bad("train.min_lr must be positive and at most train.lr")
+    ranges = {"beta1": 0 <= train.beta1 < 1, "beta2": 0 <= train.beta2 < 1, "weight_decay": train.weight_decay >= 0,
+              "grad_clip": train.grad_clip > 0, "init_std": train.init_std > 0, "seed": 0 <= train.seed <= INT64_MAX}
+    for name, in_range in ranges.items():  # AdamW and torch.manual_seed would raise deep inside otherwise
+        if not in_range:
+            raise bad(f"train.{name} {getattr(train, name)!r} is out of range (betas in [0, 1), weight_decay >= 0, "
+                      f"grad_clip and init_std > 0, seed in 0..2**63-1)")
+    check_fits_in_memory(params, train, bad)
     generation = raw.get("generation", {})
     return Recipe(Path(path), model, bpe_ranks, corpus, float(val_fraction), train, generation)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
-from ..files import atomic_path, write_text
+from ..errors import UserError, notice
+from ..files import atomic_path, read_text, write_failure, write_text
 from .recipe import Recipe
 
 STATE_FILE = "train_state.pt"
@@ -45,11 +45,36 @@ def load_train_state(path: Path, recipe: Recipe) -> dict:
 
 
 def read_log(path: Path, up_to_step: int) -> list[dict]:
-    """The log's records up to the checkpoint's step (lines written after it are replayed by the resumed run)."""
-    if not path.is_file():
+    """The log's records up to the checkpoint's step (lines written after it are replayed by the resumed run).
+
+    A crash in the middle of append_log leaves a torn last line: it is dropped, with a notice (the resumed run
+    writes it again). A line that is not a record anywhere else means the file was damaged: refused."""
+    if not path.exists():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    fix = "restore the file, or delete it to resume without the earlier log lines"
+    lines = [(number, line) for number, line in enumerate(read_text(path, "--resume:", fix).split("\n"), start=1)
+             if line.strip()]
+    records = []
+    for number, line in lines:
+        record = log_record(line)
+        if record is None and number == lines[-1][0]:
+            notice(f"note: dropped the torn last line {number} of {path} (a crash while it was written)")
+        elif record is None:
+            raise UserError(f"--resume: {path} line {number} is not a log record; {fix}.")
+        else:
+            records.append(record)
     return [r for r in records if r["step"] <= up_to_step]
+
+
+def log_record(line: str) -> dict | None:
+    """One log line as a record with its step, or None when it is not one."""
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, RecursionError):
+        return None
+    if not isinstance(record, dict) or isinstance(record.get("step"), bool) or not isinstance(record.get("step"), int):
+        return None
+    return record
 
 
 def write_log(path: Path, records: list[dict]) -> None:
@@ -57,5 +82,17 @@ def write_log(path: Path, records: list[dict]) -> None:
 
 
 def append_log(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    """One line more. A failed write (a full disk) is cut off again, so the file is as it was; a crash half-way
+    leaves a torn last line, which read_log drops."""
+    remaining = memoryview((json.dumps(record) + "\n").encode("utf-8"))
+    try:
+        with open(path, "ab", buffering=0) as f:
+            start = f.tell()
+            try:
+                while remaining:
+                    remaining = remaining[f.write(remaining):]
+            except OSError:
+                f.truncate(start)
+                raise
+    except OSError as err:
+        raise write_failure(path, err) from None
