@@ -106,14 +106,15 @@ def main() -> None:
     file_gb = sum(path.stat().st_size for path in ckpt.glob("consolidated.*.pth")) / 1e9
     print(f"{args.shape} shape, {file_gb:.2f} GB bf16 in {args.files} file(s), {os.cpu_count()} cores shared out "
           f"among the ranks")
-    print("| ranks | decode tok/s | peak RSS per rank GB | RSS / (file / ranks) | collectives ms/token |")
+    print("| ranks | decode tok/s | peak RSS per rank GiB | RSS / (file / ranks) | collectives ms/token |")
     print("|---|---|---|---|---|")
     for n in args.ranks:
         stats = run_ranks(ckpt, n, args.new_tokens)["stats"]
         per_rank = stats.get("peak_rss_mb_per_rank", [stats["peak_rss_mb"]])
         collectives = collective_seconds_per_token(n, shape["dim"], shape["n_layers"], shape["vocab_size"]) if n > 1 else 0
-        print(f"| {n} | {stats['decode_tok_per_s']:.2f} | {', '.join(f'{mb / 1e3:.2f}' for mb in per_rank)} | "
-              f"{max(per_rank) / 1e3 / (file_gb / n):.2f} | {1e3 * collectives:.2f} |", flush=True)
+        file_mib = file_gb * 1e9 / 2**20
+        print(f"| {n} | {stats['decode_tok_per_s']:.2f} | {', '.join(f'{mib / 1024:.2f}' for mib in per_rank)} | "
+              f"{max(per_rank) / (file_mib / n):.2f} | {1e3 * collectives:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
