@@ -21,7 +21,7 @@ from ..files import write_png, write_text
 from ..model import at_least_fp32, forward, rms_norm
 from ..params import ModelParams
 from ..tokenizer import Tokenizer
-from .common import tool_parser
+from .common import add_common_arguments, tool_main
 
 Tensor = torch.Tensor
 
@@ -167,20 +167,17 @@ def inspect_prompt(weights, params: ModelParams, tokenizer: Tokenizer, prompt: s
             "files": ["shapes.txt", "logit_lens.md", "logit_lens.png", *attention_files]}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = tool_parser("python -m llama3_raw inspect", __doc__)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser)
     parser.add_argument("--out", type=Path, default=Path("inspect_out"), help="output folder (default inspect_out/)")
     parser.add_argument("--layers", default="all", help="layers to draw attention maps for: 'all' or e.g. 0,3-5")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
-    return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-
+def run(args: argparse.Namespace) -> int:
     def work():
-        model = open_model(args.ckpt_dir, args.tokenizer, args.dtype, args.device)
+        model = open_model(args.ckpt_dir, args.tokenizer, args.dtype, args.device, threads=args.threads)
         prompt = args.prompt if args.prompt is not None else model.defaults["prompt"]
         layers = parse_layers(args.layers, model.params.n_layers)
         summary = inspect_prompt(model.weights, model.params, model.tokenizer, prompt, args.out, layers)
@@ -190,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {', '.join(summary['files'][:4])}{' ...' if len(summary['files']) > 4 else ''} to {args.out}/")
 
     return run_tool(work)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return tool_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":
