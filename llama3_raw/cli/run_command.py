@@ -9,7 +9,9 @@ import resource
 import sys
 import time
 
-from ..checkpoints import Model, check_quantize_request, is_shipped_model, load_model, open_folder, WEIGHTS_ENV
+import torch
+
+from ..checkpoints import WEIGHTS_ENV, Model, check_quantize_request, is_shipped_model, load_model, open_folder
 from ..errors import UserError
 from ..generate import Sampling, generate, generate_batch, seeded
 from ..prompts_file import read_prompts_file
@@ -139,7 +141,7 @@ def run_completion(args: argparse.Namespace) -> dict:
     decode_tok_per_s = decode_steps / (t_end - t_first) if decode_steps and t_end > t_first else 0.0
     stats = {"load_s": round(load_s, 4), "prefill_s": round(prefill_s, 4),
              "decode_tok_per_s": round(decode_tok_per_s, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
-             "seed": sampling.seed}
+             "seed": sampling.seed, "threads": torch.get_num_threads()}
     if not args.json:
         log(f"[{count(len(prompt_ids), 'prompt token')}, prefill {prefill_s:.2f}s; "
             f"{count(len(new_ids), 'new token')}, {decode_tok_per_s:.2f} tok/s; peak RSS {stats['peak_rss_mb']:.0f} MB]")
@@ -174,7 +176,7 @@ def run_batch(args: argparse.Namespace) -> list[dict]:
     n_new = sum(len(ids) for ids in outputs)
     stats = {"load_s": round(load_s, 4), "batch_size": len(prompts), "generate_s": round(generate_s, 4),
              "new_tok_per_s": round(n_new / generate_s, 3) if generate_s > 0 else 0.0,
-             "peak_rss_mb": round(peak_rss_mb(), 1), "seed": sampling.seed}
+             "peak_rss_mb": round(peak_rss_mb(), 1), "seed": sampling.seed, "threads": torch.get_num_threads()}
     results = [{"index": i, "prompt": prompt, "prompt_tokens": ids, "tokens": new, "text": tokenizer.decode(new),
                 "stats": stats} for i, (prompt, ids, new) in enumerate(zip(prompts, prompt_ids, outputs))]
     if not args.json:
