@@ -178,7 +178,7 @@ def describe(run: TrainingRun) -> str:
     return (f"model: {params.parameter_count() / 1e6:.2f}M parameters ({params.n_layers} layers, dim {params.dim}, "
             f"{params.n_heads} heads / {params.n_kv_heads} kv heads, vocab {params.vocab_size}); "
             f"data: {len(train_split.ids)} train / {len(run.val_split.ids)} validation tokens "
-            f"({run.chars_per_token:.2f} chars/token); {torch.get_num_threads()} threads")
+            f"({run.chars_per_token:.2f} chars/token); {torch.get_num_threads()} thread(s)")
 
 
 @dataclass(frozen=True)
