@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import TINY_GQA, write_random_checkpoint
+from helpers import TINY_GQA, TINY_RECIPE, write_random_checkpoint
 from llama3_raw.threads import SMALL_MODEL_PARAMETERS, default_threads, usable_cores, use_threads
 from llama3_raw.tools.pictures import visible
 
@@ -143,13 +143,7 @@ def test_leading_spaces_are_visible_in_picture_labels():
     assert visible(" I") == "␣I" and visible("  to") == "␣␣to" and visible("A b") == "A b"
 
 
-TINY_RECIPE = {
-    "model": {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 16, "norm_eps": 1e-5,
-              "rope_theta": 10000.0},
-    "tokenizer": {"bpe_ranks": 300},
-    "train": {"context": 32, "batch_size": 4, "steps": 100000, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 3,
-              "eval_interval": 10, "eval_windows": 2, "seed": 7},
-}
+LONG_TINY_RECIPE = {**TINY_RECIPE, "train": {**TINY_RECIPE["train"], "steps": 100000}}  # stopped long before the end
 
 
 @pytest.fixture()
@@ -157,7 +151,7 @@ def tiny_training(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text((REPO / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:20000], encoding="utf-8")
     recipe = tmp_path / "recipe.json"
-    recipe.write_text(json.dumps(TINY_RECIPE))
+    recipe.write_text(json.dumps(LONG_TINY_RECIPE))
     return ["--config", recipe, "--corpus", corpus, "--out", tmp_path / "out", "--no-progress"], tmp_path / "out"
 
 
