@@ -35,6 +35,8 @@ ARGPARSE_MESSAGES = [
     (r"argument (?P<flag>\S+?): invalid (?P<kind>.+) value: '?(?P<value>.*?)'?",
      "{flag} {value} is not a {kind}; pass a {kind}"),
     (r"argument (?P<flag>\S+?): expected one argument", "{flag} needs a value; write {flag} VALUE"),
+    (r"unrecognized arguments: (?P<words>[^-].*)",  # `run.py Once upon a time`: a prompt without quotes
+     "{words}: more words than this command takes; put a prompt of several words in quotes"),
     (r"unrecognized arguments: (?P<flags>\S+)", "{flags} is not a flag here; drop it or check its spelling"),
     (r"unrecognized arguments: (?P<flags>.*)", "{flags} are not flags here; drop them or check their spelling"),
     (r"the following arguments are required: (?P<flags>[^,]+)", "{flags} is required; add it"),

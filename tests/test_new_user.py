@@ -71,6 +71,7 @@ def test_chat_subcommand_answers_like_run_py_chat(gqa_checkpoint):
 
 @pytest.mark.parametrize("module, args, fragment", [
     (None, ["--temperature", "abc"], "--temperature abc is not a non-negative number"),
+    (None, ["Once", "upon", "a", "time"], "upon a time: more words than this command takes; put a prompt"),
     ("llama3_raw", ["chat", "--top-k", "-2"], "--top-k -2 is not a non-negative integer"),
     ("llama3_raw", ["inspect", "--dtype", "float16"], "--dtype float16 is not one of"),
     ("llama3_raw", ["score"], "FILE is required"),

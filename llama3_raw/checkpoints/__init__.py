@@ -14,7 +14,8 @@ from .places import SHIPPED_MODEL, WEIGHTS_ENV, find_default_checkpoint, is_ship
 from .loading import Checkpoint, cast_weights, count_parameters, default_tokenizer_path, load_checkpoint
 
 __all__ = [
-    "DTYPES", "SHIPPED_MODEL", "WEIGHTS_ENV", "Checkpoint", "CheckpointFolder", "DefaultsSource", "Model", "cast_weights", "check_quantize_request", "count_parameters",
-    "default_tokenizer_path", "defaults_source", "find_default_checkpoint", "is_shipped_model", "generation_defaults", "load_checkpoint", "load_model",
+    "DTYPES", "SHIPPED_MODEL", "WEIGHTS_ENV", "Checkpoint", "CheckpointFolder", "DefaultsSource", "Model",
+    "cast_weights", "check_quantize_request", "count_parameters", "default_tokenizer_path", "defaults_source",
+    "find_default_checkpoint", "generation_defaults", "is_shipped_model", "load_checkpoint", "load_model",
     "open_folder", "open_model",
 ]
