@@ -3,7 +3,7 @@
 
 import sys
 
-from llama3_raw.cli import main
+from llama3_raw.cli import run_script_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script_main())

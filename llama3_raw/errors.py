@@ -1,9 +1,12 @@
-"""The one exception type that means "the user gave us something we cannot use".
+"""The one exception type that means "the user gave us something we cannot use", and the command lines' parser.
 
 Anything raised as `UserError` is shown by the command line as a single sentence and exit code 2,
-without a traceback: its message must name the file or flag at fault and say how to fix it.
+without a traceback: its message must name the file or flag at fault and say how to fix it. Flag errors
+that argparse itself finds (a wrong type, an unknown flag) keep the same promise through `ArgumentParser`.
 """
 
+import argparse
+import re
 import sys
 
 
@@ -28,3 +31,37 @@ def run_tool(work, interrupted: str = "interrupted") -> int:
         print(f"\n{interrupted}", file=sys.stderr)
         return 130
     return 0
+
+
+# argparse's own messages, each rewritten as one sentence that names the flag and the fix.
+ARGPARSE_MESSAGES = [
+    (r"argument (?P<flag>\S+?): invalid choice: '?(?P<value>.*?)'? \(choose from (?P<choices>.*)\)",
+     "{flag} {value} is not one of {choices}; pass one of those"),
+    (r"argument (?P<flag>\S+?): invalid (?P<kind>.+) value: '?(?P<value>.*?)'?",
+     "{flag} {value} is not a {kind}; pass a {kind}"),
+    (r"argument (?P<flag>\S+?): expected one argument", "{flag} needs a value; write {flag} VALUE"),
+    (r"unrecognized arguments: (?P<words>[^-].*)",  # `run.py Once upon a time`: a prompt without quotes
+     "{words}: more words than this command takes; put a prompt of several words in quotes"),
+    (r"unrecognized arguments: (?P<flags>\S+)", "{flags} is not a flag here; drop it or check its spelling"),
+    (r"unrecognized arguments: (?P<flags>.*)", "{flags} are not flags here; drop them or check their spelling"),
+    (r"the following arguments are required: (?P<flags>[^,]+)", "{flags} is required; add it"),
+    (r"the following arguments are required: (?P<flags>.*)", "{flags} are required; add them"),
+    (r"ambiguous option: (?P<flag>\S+) could match (?P<matches>.*)", "{flag} is ambiguous ({matches}); spell it out"),
+]
+
+
+def one_sentence(message: str) -> str:
+    """argparse's error message as one sentence with its fix, without the full stop (unknown shapes keep their text)."""
+    for pattern, sentence in ARGPARSE_MESSAGES:
+        match = re.fullmatch(pattern, message)
+        if match:
+            return sentence.format(**match.groupdict())
+    return message.rstrip(".")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with every flag error in one line and exit code 2, no usage block (that is for --help)."""
+
+    def error(self, message: str):
+        print(f"error: {one_sentence(message)} (see {self.prog} --help).", file=sys.stderr)
+        sys.exit(2)

@@ -5,8 +5,9 @@ prompts of different lengths as one batch (left-padded, see model.forward's `pad
 tokens it would get alone; a chat (chat.py) runs it on top of the cache its earlier turns filled.
 """
 
+import secrets
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -37,6 +38,14 @@ def sample_next_token(logits: torch.Tensor, sampling: Sampling, generator: torch
     sorted_probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
     choice = torch.multinomial(sorted_probs.cpu(), num_samples=1, generator=generator).to(sorted_ids.device)
     return sorted_ids.gather(-1, choice).squeeze(-1)
+
+
+def seeded(sampling: Sampling) -> Sampling:
+    """`sampling` with a seed: its own, or for a sampled run without one a fresh random seed, which the caller
+    can report so that the run can be repeated; greedy decoding draws nothing and stays unseeded."""
+    if sampling.temperature == 0 or sampling.seed is not None:
+        return sampling
+    return replace(sampling, seed=secrets.randbelow(2**31))
 
 
 def new_generator(sampling: Sampling) -> torch.Generator | None:

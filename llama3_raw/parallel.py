@@ -112,7 +112,7 @@ def join_ranks(device: str, timeout_s: float = COLLECTIVE_TIMEOUT_S) -> tuple[Ra
     return Ranks(dist.get_rank(), dist.get_world_size()), device
 
 
-def wait_for_peers(ranks: Ranks, timeout_s: float = 10) -> None:
+def wait_for_peers(ranks: Ranks, timeout_s: float = 30) -> None:
     """Wait (a bounded time) until the other ranks arrive here too: ranks that fail the same check then all say
     so before the first one's exit makes torchrun stop the rest."""
     if ranks.world_size > 1 and dist.is_initialized() and dist.get_backend() == "gloo":
@@ -135,9 +135,3 @@ def only_rank_zero_prints(ranks: Ranks):
 def leave_ranks(ranks: Ranks) -> None:
     if ranks.world_size > 1 and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def threads_per_rank(cores: int | None = None) -> int:
-    """This rank's share of the machine's cores: torchrun starts LOCAL_WORLD_SIZE ranks on each machine."""
-    cores = cores or os.cpu_count() or 1
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))

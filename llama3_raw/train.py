@@ -12,38 +12,68 @@ import sys
 from pathlib import Path
 
 from .checkpoints.defaults import positive_int, thread_count
-from .errors import run_tool
-from .training import DEFAULT_RECIPE, load_recipe, train
+from .errors import ArgumentParser, run_tool
+from .training import DEFAULT_RECIPE, TrainingStop, load_recipe, train
 from .training.recipe import REPO_ROOT
-from .training.state import STATE_FILE
+from .training.loop import LOG_INTERVAL
+from .training.state import LOG_FILE, STATE_FILE
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m llama3_raw.train", description=__doc__.splitlines()[0])
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m llama3_raw.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_RECIPE,
                         help=f"training recipe JSON (default {DEFAULT_RECIPE.relative_to(REPO_ROOT)})")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "shakespeare",
+    parser.add_argument("--out", type=Path, default=Path("runs") / "shakespeare",
                         help="output directory (default runs/shakespeare; the shipped model is weights/shakespeare)")
     parser.add_argument("--resume", action="store_true", help=f"continue from DIR/{STATE_FILE}")
     parser.add_argument("--corpus", type=Path, help="text file to train on instead of the recipe's data.corpus")
     parser.add_argument("--stop-after", type=positive_int, metavar="STEP",
                         help="stop (and save a resumable checkpoint) after this step")
-    parser.add_argument("--threads", type=thread_count, help="CPU threads (default: all cores; 1 is faster when another "
-                        "busy process shares the cores)")
+    parser.add_argument("--threads", type=thread_count, help="CPU threads (default: the cores that other work "
+                        "leaves idle; 1 is faster when another busy process shares the cores)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    config = f" --config {args.config}" if args.config != DEFAULT_RECIPE else ""
+    corpus = f" --corpus {args.corpus}" if args.corpus is not None else ""
+    return f"python -m llama3_raw.train --out {args.out}{config}{corpus} --resume"
+
+
+def report(stop: TrainingStop, args: argparse.Namespace) -> str:
+    """What happened, where everything is, and what to do next: printed on every stop."""
+    how = {"finished": "finished", "stopped": "stopped as asked (--stop-after)",
+           "interrupted": "interrupted (Ctrl-C)"}[stop.reason]
+    lines = [f"training {how} at step {stop.step} of {stop.total_steps}."]
+    if stop.last_val is not None:
+        lines.append(f"validation at step {stop.last_val['step']}: {stop.last_val['nats_per_char']:.4f} nats/char.")
+    lines.append(f"state: {stop.state_path} (fp32 weights, optimizer, random state); "
+                 f"log: {args.out / LOG_FILE} ({stop.log_records} lines; a train loss every {LOG_INTERVAL} steps).")
+    if stop.reason != "finished":
+        lines.append(f"resume: {resume_command(args)}")
+    if stop.exported_step is None:
+        lines.append(f"runnable model: none yet; the first is exported at step {stop.next_export_step} "
+                     f"(every evaluation exports one).")
+    else:
+        lines.append(f"runnable model: {args.out} holds the model of step {stop.exported_step}; run it with "
+                     f"python run.py --ckpt-dir {args.out}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
+    stops = []
+
     def work():
         recipe = load_recipe(args.config, args.corpus)
-        result = train(recipe, args.out, args.resume, args.stop_after, not args.no_progress, args.threads)
-        if result:
-            print(f"validation: {result['nats_per_char']:.4f} nats/char; checkpoint in {args.out}", file=sys.stderr)
+        stops.append(train(recipe, args.out, args.resume, args.stop_after, not args.no_progress, args.threads))
+        print(report(stops[0], args), file=sys.stderr, flush=True)
 
-    return run_tool(work, f"interrupted; continue with --resume (from the last checkpoint in {args.out})")
+    code = run_tool(work, f"interrupted at once; if {args.out / STATE_FILE} exists it holds the last saved step "
+                          f"(resume: {resume_command(args)})")
+    return 130 if code == 0 and stops[0].reason == "interrupted" else code  # 130: the shell's code for Ctrl-C
 
 
 if __name__ == "__main__":

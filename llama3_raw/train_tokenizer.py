@@ -3,17 +3,16 @@
 A thin command line over training/bpe.py, which holds the algorithm.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 from .checkpoints.defaults import positive_int
-from .errors import run_tool
+from .errors import ArgumentParser, run_tool
 from .training.bpe import train_tokenizer_file
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llama3_raw.train_tokenizer",
+    parser = ArgumentParser(prog="python -m llama3_raw.train_tokenizer",
                                      description="Learn byte-level BPE merges and write a tiktoken tokenizer.model.")
     parser.add_argument("--input", type=Path, required=True, help="UTF-8 text file to learn from")
     parser.add_argument("--vocab-size", type=positive_int, required=True,

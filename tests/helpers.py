@@ -156,3 +156,14 @@ def spy_on_forward(monkeypatch, module) -> list[torch.Size]:
 
     monkeypatch.setattr(module, "forward", recording_forward)
     return shapes
+
+
+# A training recipe small enough for a test: trains in seconds on a few thousand characters.
+TINY_RECIPE = {
+    "model": {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 16, "norm_eps": 1e-5,
+              "rope_theta": 10000.0},
+    "tokenizer": {"bpe_ranks": 300},
+    "train": {"context": 32, "batch_size": 4, "steps": 20, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 3,
+              "eval_interval": 10, "eval_windows": 4, "seed": 7},
+    "generation": {"prompt": "ROMEO:\n", "max_new_tokens": 20},
+}

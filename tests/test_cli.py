@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from llama3_raw.errors import UserError
+
 from helpers import FORTY_TWO_PROMPT, TINY_GQA, random_state_dict, write_checkpoint, write_random_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -72,7 +74,8 @@ def bad_setups(tmp_path_factory):
 
 @pytest.mark.parametrize("case", [
     "missing dir", "truncated", "vocab mismatch", "not bpe", "missing tokenizer", "long prompt", "cuda",
-    "temperature", "top-p", "max-new-tokens", "dtype", "unknown flag", "bad generation.json",
+    "temperature", "top-p", "max-new-tokens", "dtype", "unknown flag", "bad generation.json", "flag without value",
+    "ckpt-dir is a file", "only params.json",
 ])
 def test_bad_input_exits_2_with_one_sentence(bad_setups, case):
     tmp, good, mismatch, not_bpe, broken = bad_setups
@@ -85,11 +88,14 @@ def test_bad_input_exits_2_with_one_sentence(bad_setups, case):
         "missing tokenizer": (["--ckpt-dir", good, "--tokenizer", tmp / "none.model"], "--tokenizer"),
         "long prompt": ([" word" * 8200, "--ckpt-dir", good], "context holds 8192"),
         "cuda": (["--ckpt-dir", good, "--device", "cuda"], "--device cuda"),
-        "temperature": (["--ckpt-dir", good, "--temperature", "hot"], "--temperature"),
-        "top-p": (["--ckpt-dir", good, "--top-p", "1.5"], "--top-p"),
-        "max-new-tokens": (["--ckpt-dir", good, "--max-new-tokens", "0"], "--max-new-tokens"),
-        "dtype": (["--ckpt-dir", good, "--dtype", "float8"], "--dtype"),
-        "unknown flag": (["--ckpt-dir", good, "--frobnicate"], "unrecognized arguments"),
+        "temperature": (["--ckpt-dir", good, "--temperature", "hot"], "--temperature hot is not a temperature of 0 (greedy) or at least 1e-06"),
+        "top-p": (["--ckpt-dir", good, "--top-p", "1.5"], "--top-p 1.5 is not a probability in (0, 1]"),
+        "max-new-tokens": (["--ckpt-dir", good, "--max-new-tokens", "-1"], "--max-new-tokens -1 is not a positive integer"),
+        "dtype": (["--ckpt-dir", good, "--dtype", "float16"], "--dtype float16 is not one of 'auto', 'float32'"),
+        "unknown flag": (["--ckpt-dir", good, "--frobnicate"], "--frobnicate is not a flag here"),
+        "flag without value": (["--ckpt-dir"], "--ckpt-dir needs a value"),
+        "ckpt-dir is a file": (["--ckpt-dir", good / "params.json"], "params.json is a file, not a folder"),
+        "only params.json": (["--ckpt-dir", tmp / "only_params"], "lacks consolidated.00.pth and tokenizer.model"),
         "bad generation.json": (["--ckpt-dir", tmp], ""),
     }[case]
     if case == "bad generation.json":
@@ -99,30 +105,56 @@ def test_bad_input_exits_2_with_one_sentence(bad_setups, case):
             (gen_dir / "generation.json").write_text('{"temperature": "warm"}')
             before = tree_digest(tmp)
         args, fragment = ["--ckpt-dir", gen_dir], "generation.json"
+    if case == "only params.json" and not (tmp / "only_params").exists():
+        (tmp / "only_params").mkdir()
+        (tmp / "only_params" / "params.json").write_bytes((good / "params.json").read_bytes())
+        before = tree_digest(tmp)
     result = run_cli(*args)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert fragment in result.stderr
     error_lines = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(error_lines) == 1, result.stderr
+    assert "usage:" not in result.stderr  # the usage block is for --help, not for every mistake
     assert result.stdout == ""
     assert tree_digest(tmp) == before  # nothing on disk changed
 
 
-def test_no_checkpoint_says_what_to_download(tmp_path, monkeypatch, capsys):
+def test_no_checkpoint_says_where_it_looked_and_what_to_download(tmp_path, monkeypatch, capsys):
     from llama3_raw import cli
-    from llama3_raw.checkpoints import folder
+    from llama3_raw.checkpoints import places
 
-    monkeypatch.setattr(folder, "WEIGHTS_DIR", tmp_path)
+    monkeypatch.setattr(places, "SHIPPED_MODEL", tmp_path / "no_shipped_model")
+    monkeypatch.setattr(places, "CLONE_WEIGHTS_DIR", tmp_path / "no_clone")
+    monkeypatch.delenv("LLAMA3_RAW_WEIGHTS", raising=False)
+    monkeypatch.chdir(tmp_path)
     assert cli.main([]) == 2
     err = capsys.readouterr().err
-    assert "Meta-Llama-3-8B" in err and str(tmp_path) in err and "--ckpt-dir" in err
+    assert "Meta-Llama-3-8B" in err and "./weights/" in err and "LLAMA3_RAW_WEIGHTS" in err and "--ckpt-dir" in err
+    assert "site-packages" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_official_weights_are_found_in_the_env_folder_then_in_dot_weights(tmp_path, monkeypatch):
+    from llama3_raw.checkpoints import find_default_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LLAMA3_RAW_WEIGHTS", raising=False)
+    in_cwd = write_random_checkpoint(tmp_path / "weights" / "Meta-Llama-3-8B", TINY_GQA, tokenizer=None)
+    assert find_default_checkpoint().resolve() == in_cwd.resolve()
+    elsewhere = write_random_checkpoint(tmp_path / "mine" / "A-Llama", TINY_GQA, tokenizer=None)
+    monkeypatch.setenv("LLAMA3_RAW_WEIGHTS", str(tmp_path / "mine"))
+    assert find_default_checkpoint() == elsewhere
+    monkeypatch.setenv("LLAMA3_RAW_WEIGHTS", str(tmp_path / "nowhere"))
+    with pytest.raises(UserError, match="LLAMA3_RAW_WEIGHTS=.*is not a folder"):
+        find_default_checkpoint()
 
 
 def test_official_checkpoint_under_weights_wins_over_the_shipped_model(tmp_path):
     from llama3_raw.checkpoints import find_default_checkpoint
 
-    shipped = write_random_checkpoint(tmp_path / "shakespeare", TINY_GQA, tokenizer=None)
-    assert find_default_checkpoint(tmp_path) == shipped
-    official = write_random_checkpoint(tmp_path / "Meta-Llama-3-8B" / "original", TINY_GQA, tokenizer=None)
-    assert find_default_checkpoint(tmp_path) == official
+    shipped = write_random_checkpoint(tmp_path / "shipped", TINY_GQA, tokenizer=None)
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    assert find_default_checkpoint([weights], shipped) == shipped
+    official = write_random_checkpoint(weights / "Meta-Llama-3-8B" / "original", TINY_GQA, tokenizer=None)
+    assert find_default_checkpoint([weights], shipped) == official

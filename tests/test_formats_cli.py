@@ -31,14 +31,16 @@ def test_prompts_file_json_lines_equal_single_runs(gqa_checkpoint, tmp_path):
         assert line["prompt_tokens"] == alone["prompt_tokens"]
 
 
-def test_plain_prompts_file_prints_each_completion(gqa_checkpoint, tmp_path):
+def test_plain_prompts_file_prints_each_prompt_and_its_completion_apart(gqa_checkpoint, tmp_path):
     ckpt_dir, _, _ = gqa_checkpoint
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("Hello\n\n1, 2, 3,\n")
-    result = run_cli("--ckpt-dir", ckpt_dir, "--prompts-file", prompts_file, "--max-new-tokens", 3)
+    args = ("--ckpt-dir", ckpt_dir, "--prompts-file", prompts_file, "--max-new-tokens", 3)
+    result = run_cli(*args)
     assert result.returncode == 0, result.stderr
-    blocks = result.stdout.split("\n\n")
-    assert blocks[0].startswith("Hello") and "1, 2, 3," in result.stdout
+    texts = [json.loads(line)["text"] for line in run_cli(*args, "--json").stdout.splitlines()]  # greedy: the same
+    assert result.stdout == (f"=== prompt 1 ===\nHello\n--- completion ---\n{texts[0]}\n\n"
+                             f"=== prompt 2 ===\n1, 2, 3,\n--- completion ---\n{texts[1]}\n\n")
     assert "2 prompts in one batch" in result.stderr
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import meta_transformer
+from helpers import TINY_RECIPE, meta_transformer
 from llama3_raw.checkpoints import load_checkpoint
 from llama3_raw.model import forward
 from llama3_raw.params import params_from_dict
@@ -26,14 +26,6 @@ REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO / "data" / "tinyshakespeare.txt"
 SHIPPED = REPO / "weights" / "shakespeare"
 
-TINY_RECIPE = {
-    "model": {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 16, "norm_eps": 1e-5,
-              "rope_theta": 10000.0},
-    "tokenizer": {"bpe_ranks": 300},
-    "train": {"context": 32, "batch_size": 4, "steps": 20, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 3,
-              "eval_interval": 10, "eval_windows": 4, "seed": 7},
-    "generation": {"prompt": "ROMEO:\n", "max_new_tokens": 20},
-}
 
 
 def write_recipe(directory: Path, recipe: dict, name: str = "recipe.json") -> Path:

@@ -8,12 +8,14 @@ saved int8 weights (int8.py) all come out as one flat dict with Meta's key names
 """
 
 from .defaults import DTYPES, generation_defaults
-from .folder import (CheckpointFolder, Model, check_quantize_request, find_default_checkpoint, load_model,
+from .folder import (CheckpointFolder, DefaultsSource, Model, check_quantize_request, defaults_source, load_model,
                      open_folder, open_model)
+from .places import SHIPPED_MODEL, WEIGHTS_ENV, find_default_checkpoint, is_shipped_model
 from .loading import Checkpoint, cast_weights, count_parameters, default_tokenizer_path, load_checkpoint
 
 __all__ = [
-    "DTYPES", "Checkpoint", "CheckpointFolder", "Model", "cast_weights", "check_quantize_request", "count_parameters",
-    "default_tokenizer_path", "find_default_checkpoint", "generation_defaults", "load_checkpoint", "load_model",
+    "DTYPES", "SHIPPED_MODEL", "WEIGHTS_ENV", "Checkpoint", "CheckpointFolder", "DefaultsSource", "Model",
+    "cast_weights", "check_quantize_request", "count_parameters", "default_tokenizer_path", "defaults_source",
+    "find_default_checkpoint", "generation_defaults", "is_shipped_model", "load_checkpoint", "load_model",
     "open_folder", "open_model",
 ]

@@ -67,29 +67,44 @@ def fraction(text: str) -> float:
 
 
 non_negative_float.__name__ = "non-negative number"
-temperature.__name__ = f"temperature (0 for greedy, else at least {MIN_TEMPERATURE:g})"
+temperature.__name__ = f"temperature of 0 (greedy) or at least {MIN_TEMPERATURE:g}"
 probability.__name__ = "probability in (0, 1]"
 fraction.__name__ = "fraction in (0, 1]"
 
 GENERATION_CHECKS = {"prompt": str, "max_new_tokens": positive_int, "temperature": temperature,
                      "top_p": probability, "top_k": non_negative_int,
-                     "context_len": positive_int}  # the context the model was trained for, if shorter than its family's
+                     "context_len": positive_int,  # the context the model was trained for, if shorter than its family's
+                     "instruct": bool}  # false: a base model, which a chat would only confuse (run.py warns)
+
+
+def is_valid_setting(key: str, value) -> bool:
+    """Whether generation.json's `value` for `key` is one the matching flag would accept, with the same type."""
+    if GENERATION_CHECKS.get(key) is bool:
+        return isinstance(value, bool)
+    if key not in GENERATION_CHECKS or isinstance(value, bool):
+        return False
+    try:
+        return GENERATION_CHECKS[key](str(value)) == value
+    except ValueError:
+        return False
+
+
+def generation_file_settings(ckpt_dir: Path) -> dict:
+    """What the checkpoint's generation.json sets (nothing without one), every value checked."""
+    path = ckpt_dir / GENERATION_DEFAULTS_FILE
+    if not path.exists():  # anything else there (a folder, a FIFO) is refused by read_json
+        return {}
+    fix = f"fix or delete it (an object with only {', '.join(GENERATION_CHECKS)})"
+    raw = read_json(path, fix, expect=dict)
+    for key, value in raw.items():
+        if not is_valid_setting(key, value):
+            raise UserError(f"{path} is not a valid generation.json ({key}: {value!r}); {fix}.")
+    return raw
 
 
 def generation_defaults(ckpt_dir: Path) -> dict:
     """Built-in defaults, overridden by the checkpoint's generation.json (e.g. a Shakespeare prompt)."""
-    path = ckpt_dir / GENERATION_DEFAULTS_FILE
-    if not path.exists():
-        return dict(BUILTIN_DEFAULTS)
-    fix = f"fix or delete it (an object with only {', '.join(GENERATION_CHECKS)})"
-    raw = read_json(path, fix, expect=dict)
-    for key, value in raw.items():
-        try:
-            if key not in GENERATION_CHECKS or isinstance(value, bool) or GENERATION_CHECKS[key](str(value)) != value:
-                raise ValueError
-        except ValueError:
-            raise UserError(f"{path} is not a valid generation.json ({key}: {value!r}); {fix}.") from None
-    return BUILTIN_DEFAULTS | raw
+    return BUILTIN_DEFAULTS | generation_file_settings(ckpt_dir)
 
 
 def compute_dtype(requested: str, device: str, weights: dict, quantize: str = "none") -> torch.dtype:

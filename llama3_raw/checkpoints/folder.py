@@ -18,20 +18,14 @@ from ..parallel import SINGLE_PROCESS, Ranks
 from ..params import ModelParams
 from ..quantize import quantize_weights
 from ..tokenizer import Tokenizer, load_tokenizer
-from .defaults import GENERATION_DEFAULTS_FILE, compute_dtype, generation_defaults, refuse_float32_with_int8
-from .int8 import int8_checkpoint_bytes, save_int8_checkpoint
-from .loading import (cast_weights, checkpoint_params, conversion_note, count_parameters, default_tokenizer_path,
-                      is_checkpoint_dir, is_int8, load_checkpoint)
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-WEIGHTS_DIR = REPO_ROOT / "weights"
-SHIPPED_MODEL_NAME = "shakespeare"  # weights/shakespeare: the small model this project trains and ships
-
-DOWNLOAD_HELP = (
-    "no checkpoint found under {weights}; download Meta-Llama-3-8B (from llama.meta.com, or the 'original/' folder "
-    "of meta-llama/Meta-Llama-3-8B on Hugging Face: consolidated.00.pth, params.json, tokenizer.model) into "
-    "{weights}/Meta-Llama-3-8B/, or pass --ckpt-dir DIR."
-)
+from ..threads import use_threads
+from .defaults import (GENERATION_DEFAULTS_FILE, compute_dtype, generation_defaults, generation_file_settings,
+                       refuse_float32_with_int8)
+from .int8 import INT8_CHECKPOINT_FILE, int8_checkpoint_bytes, save_int8_checkpoint
+from .loading import (cast_weights, check_folder_files, checkpoint_params, conversion_note, count_parameters,
+                      default_tokenizer_path, is_hf_format, is_int8, load_checkpoint)
+from .meta import checkpoint_files
+from .places import find_default_checkpoint
 
 
 @dataclass(frozen=True)
@@ -42,6 +36,12 @@ class CheckpointFolder:
     params: ModelParams  # as the folder's params.json (or config.json) says
     tokenizer: Tokenizer
     defaults: dict  # generation settings: built-in, overridden by the folder's generation.json
+
+    @property
+    def is_base_model(self) -> bool:
+        """The folder's generation.json says `"instruct": false`: a base model, which continues text but does
+        not answer in Meta's chat format. Without that key nothing is known (official folders do not say)."""
+        return self.defaults.get("instruct") is False
 
     def params_for_generation(self, context_len: int | None) -> ModelParams:
         """The params a generation run uses: its context is `context_len` (--context-len) if given, else the
@@ -74,22 +74,6 @@ class Model:
         return is_int8(self.weights)
 
 
-def find_default_checkpoint(weights_dir: Path | None = None) -> Path:
-    """An official checkpoint under weights/ (or its original/ subfolder) first, then the shipped model."""
-    weights_dir = weights_dir or WEIGHTS_DIR
-    shipped = weights_dir / SHIPPED_MODEL_NAME
-    if weights_dir.is_dir():
-        for folder in sorted(weights_dir.iterdir()):
-            if folder == shipped:
-                continue
-            for candidate in (folder, folder / "original"):
-                if is_checkpoint_dir(candidate):
-                    return candidate
-    if is_checkpoint_dir(shipped):
-        return shipped
-    raise UserError(DOWNLOAD_HELP.format(weights=weights_dir))
-
-
 def check_device(device: str) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but PyTorch sees no CUDA GPU here; use --device cpu.")
@@ -107,13 +91,31 @@ def open_tokenizer(ckpt_dir: Path, params: ModelParams, tokenizer_path: str | No
     return tokenizer
 
 
+def check_folder_complete(ckpt_dir: Path, tokenizer_path: str | None) -> None:
+    """Refuse a --ckpt-dir that is a file, or a folder in Meta's layout that lacks files (all named at once)."""
+    if ckpt_dir.is_file():
+        raise UserError(f"--ckpt-dir {ckpt_dir} is a file, not a folder; pass the folder that holds it "
+                        f"({ckpt_dir.parent}) or another checkpoint folder.")
+    if not ckpt_dir.is_dir():
+        raise UserError(f"checkpoint directory {ckpt_dir} does not exist; pass --ckpt-dir with the folder holding "
+                        f"params.json and consolidated.00.pth.")
+    check_folder_files(ckpt_dir)  # what is there is a regular file inside the folder (safety.py)
+    if is_hf_format(ckpt_dir):
+        return  # config.json + safetensors: huggingface.py names what is missing
+    present = {"params.json": (ckpt_dir / "params.json").is_file(),
+               "consolidated.00.pth": bool(checkpoint_files(ckpt_dir)) or (ckpt_dir / INT8_CHECKPOINT_FILE).is_file(),
+               "tokenizer.model": tokenizer_path is not None or default_tokenizer_path(ckpt_dir).is_file()}
+    missing = [name for name, found in present.items() if not found]
+    if missing:
+        raise UserError(f"checkpoint directory {ckpt_dir} lacks {' and '.join(missing)}; put Meta's params.json, "
+                        f"consolidated.00.pth and tokenizer.model there, or pass another --ckpt-dir.")
+
+
 def open_folder(ckpt_dir: Path | None, tokenizer_path: str | None = None, device: str = "cpu") -> CheckpointFolder:
     """Step 1: the folder (None: the default checkpoint), its params, tokenizer and generation defaults."""
     check_device(device)
     ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else find_default_checkpoint()
-    if not ckpt_dir.is_dir():
-        raise UserError(f"checkpoint directory {ckpt_dir} does not exist; pass --ckpt-dir with the folder holding "
-                        f"params.json and consolidated.00.pth.")
+    check_folder_complete(ckpt_dir, tokenizer_path)
     params = checkpoint_params(ckpt_dir)
     defaults = generation_defaults(ckpt_dir)
     return CheckpointFolder(ckpt_dir, params, open_tokenizer(ckpt_dir, params, tokenizer_path), defaults)
@@ -168,7 +170,27 @@ def check_quantize_request(quantize: str, dtype: str, save_quantized: Path | Non
 
 
 def open_model(ckpt_dir: Path | None, tokenizer_path: str | None = None, dtype: str = "auto", device: str = "cpu",
-               show_progress: bool = True) -> Model:
-    """Both steps at once, for tools that check nothing in between (inspect, compare, score)."""
-    return load_model(open_folder(ckpt_dir, tokenizer_path, device), dtype=dtype, device=device,
-                      show_progress=show_progress)
+               show_progress: bool = True, threads: int | None = None) -> Model:
+    """Both steps at once, for tools that check nothing in between (inspect, score); `threads` as
+    threads.use_threads chooses for this model's size when None."""
+    folder = open_folder(ckpt_dir, tokenizer_path, device)
+    use_threads(threads, folder.params.parameter_count())
+    return load_model(folder, dtype=dtype, device=device, show_progress=show_progress)
+
+
+@dataclass(frozen=True)
+class DefaultsSource:
+    """For --help: the checkpoint a run would open and what its generation.json sets over the built-in defaults."""
+
+    directory: Path | None  # None when no checkpoint can be found or read (`problem` says why)
+    file_settings: dict
+    problem: str | None = None
+
+
+def defaults_source(ckpt_dir: Path | None) -> DefaultsSource:
+    """Never raises: help must print even when the checkpoint is missing or broken."""
+    try:
+        directory = Path(ckpt_dir) if ckpt_dir is not None else find_default_checkpoint()
+        return DefaultsSource(directory, generation_file_settings(directory) if directory.is_dir() else {})
+    except UserError as err:
+        return DefaultsSource(None, {}, str(err))

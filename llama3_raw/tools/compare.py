@@ -19,7 +19,8 @@ from ..checkpoints.int8 import INT8_CHECKPOINT_FILE
 from ..errors import UserError, run_tool
 from ..model import forward
 from ..params import ModelParams
-from .common import tool_parser
+from ..threads import use_threads
+from .common import add_common_arguments, tool_main
 from .reference import import_reference, meta_block_outputs, meta_transformer
 
 # Relative to the largest reference value. Two float32 implementations of the same math differ by
@@ -91,23 +92,22 @@ def report_text(comparison: Comparison) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = tool_parser("python -m llama3_raw compare", __doc__)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser)
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
     parser.add_argument("--tolerance", type=non_negative_float, help="relative tolerance per block (default 1e-5 fp32, 2e-2 bf16)")
     parser.add_argument("--perturb", metavar="KEY", help="add 5%% noise to this weight on our side, e.g. "
                         "layers.1.attention.wk.weight, to see how a bug shows up")
     parser.add_argument("--json", action="store_true", help="print the comparison as one JSON object")
-    return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     outcome = {}
 
     def work():
         import_reference()  # say how to install it before any slow work
         folder = open_folder(args.ckpt_dir, args.tokenizer)
+        use_threads(args.threads, folder.params.parameter_count())
         if (folder.directory / INT8_CHECKPOINT_FILE).is_file():
             raise UserError(f"{folder.directory} holds int8 weights, which Meta's reference cannot run; compare the "
                             f"checkpoint they were quantized from.")
@@ -126,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
 
     code = run_tool(work)
     return code if code else (0 if outcome.get("ok") else 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return tool_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ Writes into an output folder:
 """
 
 import argparse
-import math
 import sys
 import warnings
 from pathlib import Path
@@ -17,11 +16,12 @@ import torch
 
 from ..checkpoints import open_model
 from ..errors import UserError, run_tool
-from ..files import check_writable_folder, write_png, write_text
+from ..files import check_writable_folder, write_text
 from ..model import at_least_fp32, forward, rms_norm
 from ..params import ModelParams
 from ..tokenizer import Tokenizer
-from .common import tool_parser
+from .common import add_common_arguments, tool_main
+from .pictures import plot_attention, plot_logit_lens
 
 Tensor = torch.Tensor
 
@@ -63,64 +63,6 @@ def logit_lens_table(labels_in: list[str], top_ids: Tensor, top_probs: Tensor, t
     return "\n".join(rows) + "\n"
 
 
-def pyplot():
-    """matplotlib's pyplot drawing into files; imported when a picture is drawn, since it takes a while to load."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def plot_logit_lens(path: Path, labels_in: list[str], top_ids: Tensor, top_probs: Tensor, tokenizer: Tokenizer) -> None:
-    plt = pyplot()
-    n_layers, seq_len = top_probs.shape
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * seq_len + 2), max(3.0, 0.35 * n_layers + 1.5)))
-    image = ax.imshow(top_probs.float().numpy(), aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1)
-    font = max(4, min(8, int(120 / max(seq_len, 1))))
-    for layer in range(n_layers):
-        for pos in range(seq_len):
-            prob = float(top_probs[layer, pos])
-            ax.text(pos, layer, token_label(tokenizer, int(top_ids[layer, pos]))[:8], ha="center", va="center",
-                    fontsize=font, color="black" if prob > 0.6 else "white")
-    ax.set_xticks(range(seq_len), [label[:10] for label in labels_in], rotation=60, ha="right", fontsize=font + 1)
-    ax.set_yticks(range(n_layers))
-    ax.tick_params(axis="y", labelsize=font + 1)
-    ax.set_xlabel("input token (the prediction is for the token after it)")
-    ax.set_ylabel("after block")
-    ax.set_title("Logit lens: top next-token guess and its probability")
-    fig.colorbar(image, ax=ax, label="probability")
-    fig.tight_layout()
-    write_png(path, fig, dpi=120)
-    plt.close(fig)
-
-
-def plot_attention(path: Path, layer: int, attention_weights: Tensor, labels: list[str]) -> None:
-    """One layer's heads as panels: row = query token, column = key token it attends to."""
-    plt = pyplot()
-    n_heads, seq_len, _ = attention_weights.shape
-    cols = math.ceil(math.sqrt(n_heads))
-    rows = math.ceil(n_heads / cols)
-    panel = max(2.2, min(4.0, 0.18 * seq_len + 1))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * panel, rows * panel), squeeze=False)
-    show_labels = seq_len <= 40
-    for head, ax in enumerate(axes.flat):
-        if head >= n_heads:
-            ax.axis("off")
-            continue
-        ax.imshow(attention_weights[head].float().numpy(), cmap="magma", vmin=0, vmax=1)
-        ax.set_title(f"head {head}", fontsize=8)
-        if show_labels:
-            ax.set_xticks(range(seq_len), [label[:8] for label in labels], rotation=90, fontsize=5)
-            ax.set_yticks(range(seq_len), [label[:8] for label in labels], fontsize=5)
-        else:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    fig.suptitle(f"layer {layer} attention\n(row: query, column: key)", fontsize=9)
-    fig.tight_layout()
-    write_png(path, fig, dpi=110)
-    plt.close(fig)
-
-
 def parse_layers(text: str, n_layers: int) -> list[int]:
     """"all", or a comma list of indices and ranges like "0,3-5"."""
     if text == "all":
@@ -159,7 +101,8 @@ def inspect_prompt(weights, params: ModelParams, tokenizer: Tokenizer, prompt: s
     attention_files = []
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")  # CJK/emoji labels: a box is fine
-        plot_logit_lens(out_dir / "logit_lens.png", labels, top_ids, top_probs, tokenizer)
+        top_labels = [[token_label(tokenizer, int(t)) for t in row] for row in top_ids]
+        plot_logit_lens(out_dir / "logit_lens.png", labels, top_labels, top_probs)
         for layer in layers:
             path = out_dir / f"attention_layer_{layer:02d}.png"
             plot_attention(path, layer, record[f"layers.{layer}.attention.weights"][0].cpu(), labels)
@@ -170,21 +113,18 @@ def inspect_prompt(weights, params: ModelParams, tokenizer: Tokenizer, prompt: s
             "files": ["shapes.txt", "logit_lens.md", "logit_lens.png", *attention_files]}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = tool_parser("python -m llama3_raw inspect", __doc__)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser)
     parser.add_argument("--out", type=Path, default=Path("inspect_out"), help="output folder (default inspect_out/)")
     parser.add_argument("--layers", default="all", help="layers to draw attention maps for: 'all' or e.g. 0,3-5")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
-    return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-
+def run(args: argparse.Namespace) -> int:
     def work():
         check_writable_folder(args.out, "--out")  # before the model is loaded
-        model = open_model(args.ckpt_dir, args.tokenizer, args.dtype, args.device)
+        model = open_model(args.ckpt_dir, args.tokenizer, args.dtype, args.device, threads=args.threads)
         prompt = args.prompt if args.prompt is not None else model.defaults["prompt"]
         layers = parse_layers(args.layers, model.params.n_layers)
         summary = inspect_prompt(model.weights, model.params, model.tokenizer, prompt, args.out, layers)
@@ -194,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {', '.join(summary['files'][:4])}{' ...' if len(summary['files']) > 4 else ''} to {args.out}/")
 
     return run_tool(work)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return tool_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from ..errors import UserError, run_tool
 from ..files import read_text
 from ..model import forward
 from ..params import ModelParams
-from .common import tool_parser
+from .common import add_common_arguments, tool_main
 
 
 @dataclass(frozen=True)
@@ -81,9 +81,9 @@ def score_text(weights, params: ModelParams, tokenizer, text: str, window: int, 
     return Score(len(token_ids), len(text), nll)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = tool_parser("python -m llama3_raw score", __doc__, with_prompt=False)
-    parser.add_argument("file", type=Path, help="UTF-8 text file to score")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser, with_prompt=False)
+    parser.add_argument("file", metavar="FILE", type=Path, help="UTF-8 text file to score")
     parser.add_argument("--window", type=positive_int, help="tokens per window including BOS (default: the model's "
                         "trained context from generation.json, else min(context, 2048))")
     parser.add_argument("--stride", type=positive_int, help="new tokens scored per window after the first (default window/2)")
@@ -92,19 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-
+def run(args: argparse.Namespace) -> int:
     def work():
         text = read_text(args.file, fix="pass the path of a UTF-8 text file to score")
         if not text:
             raise UserError(f"{args.file} is empty; there is nothing to score.")
         if args.tail is not None:
             text = text[len(text) - int(len(text) * args.tail):]  # the split training uses: last 10 % by characters
-        model = open_model(args.ckpt_dir, args.tokenizer, args.dtype, args.device, show_progress=not args.json)
+        model = open_model(args.ckpt_dir, args.tokenizer, args.dtype, args.device, show_progress=not args.json,
+                           threads=args.threads)
         trained = model.defaults.get("context_len")
         window = args.window or trained or min(model.params.context_len, 2048)
         if not 2 <= window <= model.params.context_len:
@@ -123,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{score.nats_per_char:.4f} nats/char ({score.nats_per_char / math.log(2):.4f} bits/char)")
 
     return run_tool(work)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return tool_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ state.py       the resumable state and the JSONL log on disk
 export.py      the weights in Meta's checkpoint format; loss_curve.py the PNG
 """
 
-from .loop import train
+from .loop import TrainingStop, train
 from .recipe import DEFAULT_RECIPE, Recipe, TrainSettings, load_recipe
 
-__all__ = ["DEFAULT_RECIPE", "Recipe", "TrainSettings", "load_recipe", "train"]
+__all__ = ["DEFAULT_RECIPE", "Recipe", "TrainSettings", "TrainingStop", "load_recipe", "train"]

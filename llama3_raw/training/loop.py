@@ -6,8 +6,9 @@ training split, encode the text (cached), train with AdamW, and write the result
 format (export.py), which `python run.py --ckpt-dir DIR` (or Meta's own code) loads unchanged.
 """
 
-import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from .data import Split, load_splits
 from .export import export_checkpoint
 from .loss_curve import plot_loss_curve
 from .objective import batch_loss, init_weights, learning_rate, param_groups, sample_batch, validation_nll, validation_windows
+from ..threads import use_training_threads
 from .recipe import Recipe
 from .state import LOG_FILE, STATE_FILE, append_log, load_train_state, read_log, save_train_state, write_log
 
@@ -180,13 +182,58 @@ def describe(run: TrainingRun) -> str:
     return (f"model: {params.parameter_count() / 1e6:.2f}M parameters ({params.n_layers} layers, dim {params.dim}, "
             f"{params.n_heads} heads / {params.n_kv_heads} kv heads, vocab {params.vocab_size}); "
             f"data: {len(train_split.ids)} train / {len(run.val_split.ids)} validation tokens "
-            f"({run.chars_per_token:.2f} chars/token); {torch.get_num_threads()} threads")
+            f"({run.chars_per_token:.2f} chars/token); {torch.get_num_threads()} thread(s)")
+
+
+@dataclass(frozen=True)
+class TrainingStop:
+    """How a call to train() ended, for the command line to tell: where the state is and what is runnable."""
+
+    reason: str  # "finished" (the recipe's last step), "stopped" (stop_after) or "interrupted" (Ctrl-C)
+    step: int
+    total_steps: int
+    state_path: Path  # resumable state (fp32 weights, optimizer, RNG)
+    exported_step: int | None  # the step of the model in Meta's format in out_dir; None: none exported yet
+    next_export_step: int  # where the next evaluation (and export) comes
+    last_val: dict | None
+    log_records: int  # lines in train_log.jsonl
+
+
+class StopRequest:
+    """Ctrl-C during the steps asks the loop to stop after the current step and save its state; a second one
+    stops at once. Only the main thread can catch signals, so elsewhere Ctrl-C keeps its usual meaning."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self.request)
+        return self
+
+    def request(self, _signum, _frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)
+
+    def __exit__(self, *_):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def stop_report(run: TrainingRun, reason: str, last_val: dict | None) -> TrainingStop:
+    settings = run.recipe.train
+    exported = last_val["step"] if last_val and (run.out_dir / "consolidated.00.pth").is_file() else None
+    next_export = min(settings.steps, (run.step // settings.eval_interval + 1) * settings.eval_interval)
+    return TrainingStop(reason, run.step, settings.steps, run.out_dir / STATE_FILE, exported, next_export, last_val,
+                        len(run.records))
 
 
 def train(recipe: Recipe, out_dir: Path, resume: bool = False, stop_after: int | None = None,
-          show_progress: bool = True, threads: int | None = None) -> dict:
-    """Run (or continue) the recipe up to its last step (or `stop_after`); returns the last validation record."""
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+          show_progress: bool = True, threads: int | None = None) -> TrainingStop:
+    """Run (or continue) the recipe up to its last step (or `stop_after`, or Ctrl-C, after which the state is
+    saved); returns how it ended. Threads: `threads`, else the idle cores (threads.py)."""
+    use_training_threads(threads)
     settings = recipe.train
     run = start_run(recipe, out_dir, resume, show_progress)
     print(describe(run), file=sys.stderr)
@@ -197,22 +244,37 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, stop_after: int |
     bar = tqdm(range(start_step, end_step), initial=start_step, total=settings.steps, desc="training",
                unit="step", disable=not show_progress, mininterval=1.0, dynamic_ncols=True)
     t0 = time.perf_counter()
-    for _ in bar:
-        loss, lr = train_step(run, train_ids)
-        done = run.step
-        tok_s = (done - start_step) * settings.batch_size * settings.context / (time.perf_counter() - t0)
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}",
-                        val=f"{last_val['nats_per_char']:.3f}" if last_val else "-", refresh=False)
-        if done % LOG_INTERVAL == 0 or done == settings.steps:
-            log_training(run, lr, tok_s, time.perf_counter() - t0)
-        if done % settings.eval_interval == 0 or done == settings.steps:
-            last_val = evaluate(run, final=done == settings.steps)
-            record(run, last_val)
-            bar.write(f"step {done}: validation {last_val['nats_per_char']:.4f} nats/char "
-                      f"({last_val['nats_per_token']:.4f} nats/token)", file=sys.stderr)
-            save_state(run)
-            export(run)
-        elif done == end_step:
-            save_state(run)  # --stop-after: an interruption on purpose, resumable bit-identically
+    reason = "finished" if end_step == settings.steps else "stopped"
+    with StopRequest() as stop:
+        for _ in bar:
+            last_val = take_step(run, train_ids, bar, last_val, end_step, (start_step, t0))
+            if stop.requested and run.step < end_step:
+                save_state(run)
+                reason = "interrupted"
+                break
     bar.close()
-    return last_val or {}
+    return stop_report(run, reason, last_val)
+
+
+def take_step(run: TrainingRun, train_ids: torch.Tensor, bar, last_val: dict | None, end_step: int,
+              started: tuple[int, float]) -> dict | None:
+    """One step, with its log line, evaluation, state and export when due; returns the last validation record."""
+    settings = run.recipe.train
+    start_step, t0 = started
+    loss, lr = train_step(run, train_ids)
+    done = run.step
+    tok_s = (done - start_step) * settings.batch_size * settings.context / (time.perf_counter() - t0)
+    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}",
+                    val=f"{last_val['nats_per_char']:.3f}" if last_val else "-", refresh=False)
+    if done % LOG_INTERVAL == 0 or done == settings.steps:
+        log_training(run, lr, tok_s, time.perf_counter() - t0)
+    if done % settings.eval_interval == 0 or done == settings.steps:
+        last_val = evaluate(run, final=done == settings.steps)
+        record(run, last_val)
+        bar.write(f"step {done}: validation {last_val['nats_per_char']:.4f} nats/char "
+                  f"({last_val['nats_per_token']:.4f} nats/token)", file=sys.stderr)
+        save_state(run)
+        export(run)
+    elif done == end_step:
+        save_state(run)  # --stop-after: an interruption on purpose, resumable bit-identically
+    return last_val

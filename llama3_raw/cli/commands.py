@@ -1,0 +1,104 @@
+"""`llama3-raw` / `python -m llama3_raw`: one command line with a subcommand per tool, and `run.py`.
+
+    llama3-raw [run] [PROMPT] ...      complete a prompt (the command when the first word names none)
+    llama3-raw chat ...                chat with an Instruct model
+    llama3-raw inspect | compare | score ...
+
+Each subcommand has its own --help; `run.py` is the `run` command alone, as the README first shows it.
+"""
+
+import argparse
+import json
+import sys
+
+from ..errors import ArgumentParser, UserError, run_tool
+from ..parallel import join_ranks, leave_ranks, only_rank_zero_prints, wait_for_peers
+from ..tools import compare, inspection, score
+from ..version import __version__
+from .chat_command import run_chat
+from .options import add_chat_command_arguments, add_run_arguments, epilog, source_for
+from .run_command import run
+
+DESCRIPTION = "Llama 3 written with raw tensors: complete a prompt, chat, and look inside the model."
+TOOLS = {"inspect": inspection, "compare": compare, "score": score}  # each: __doc__, add_arguments, run
+COMMAND_SUMMARIES = {
+    "run": "complete a prompt (the command when the first word is not one of these)",
+    "chat": "chat with an Instruct model: one message per line, or one reply with --message",
+    "inspect": "look inside one forward pass: logit lens, attention maps, shapes",
+    "compare": "this project's forward pass against Meta's reference, block by block",
+    "score": "perplexity and nats per character of a text file",
+}
+HELP_WORDS = ("-h", "--help", "--version")
+
+
+def print_result(args: argparse.Namespace, result) -> None:
+    if args.json and isinstance(result, list):  # --prompts-file: JSON lines, one object per prompt
+        for item in result:
+            print(json.dumps(item))
+    elif args.json:
+        print(json.dumps(result))
+
+
+def generate_main(args: argparse.Namespace) -> int:
+    """`run` and `chat`: UserErrors become one line and exit code 2. Under torchrun every rank runs this,
+    on its slice of the model (parallel.py); rank 0 alone prints, every rank states its own error."""
+    def work():
+        args.ranks, args.device = join_ranks(args.device)  # without torchrun: one process, nothing joined
+        try:
+            with only_rank_zero_prints(args.ranks):
+                print_result(args, run_chat(args) if args.chat else run(args))
+        except UserError as err:
+            if args.ranks.world_size == 1:
+                raise
+            print(f"error: {err}", file=sys.stderr, flush=True)  # every rank says it, then they stop together
+            wait_for_peers(args.ranks)
+            raise SystemExit(2) from None
+        finally:
+            leave_ranks(args.ranks)
+
+    return run_tool(work)
+
+
+def build_parser(prog: str, argv: list[str]) -> ArgumentParser:
+    source = source_for(argv)
+    parser = ArgumentParser(prog=prog, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+                            epilog=f"With no COMMAND, {prog} runs `run`: `{prog} \"ROMEO:\"` = `{prog} run \"ROMEO:\"`.\n"
+                            f"Each command has its own help: {prog} COMMAND --help.")
+    parser.add_argument("--version", action="version", version=f"llama3_raw {__version__}")
+    commands = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
+    for name, summary in COMMAND_SUMMARIES.items():
+        tool = TOOLS.get(name)
+        sub = commands.add_parser(name, help=summary, description=tool.__doc__ if tool else summary + ".",
+                                  formatter_class=argparse.RawDescriptionHelpFormatter,
+                                  epilog=epilog(f"{prog} run", prog, source) if name == "run" else None)
+        sub.add_argument("--version", action="version", version=f"llama3_raw {__version__}")
+        if tool:
+            tool.add_arguments(sub)
+            sub.set_defaults(main=tool.run, parser=sub)
+        else:
+            (add_run_arguments if name == "run" else add_chat_command_arguments)(sub, source)
+            sub.set_defaults(main=generate_main, parser=sub)
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str = "llama3-raw") -> int:
+    """The `llama3-raw` console command (and `python -m llama3_raw`): a subcommand, or `run` when none is named."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or (argv[0] not in COMMAND_SUMMARIES and argv[0] not in HELP_WORDS):
+        argv = ["run", *argv]
+    args, unknown = build_parser(prog, argv).parse_known_args(argv)
+    if unknown:  # said by the subcommand's parser, whose --help lists the flags it takes
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args.main(args)
+
+
+def run_script_main(argv: list[str] | None = None) -> int:
+    """`python run.py [PROMPT] ...`: the run command alone, under run.py's own name."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    source = source_for(argv)
+    parser = ArgumentParser(prog="run.py", description="Complete a prompt with a Llama 3 checkpoint, written with raw "
+                            "tensors.", formatter_class=argparse.RawDescriptionHelpFormatter,
+                            epilog=epilog("python run.py", "python -m llama3_raw", source))
+    parser.add_argument("--version", action="version", version=f"llama3_raw {__version__}")
+    add_run_arguments(parser, source)
+    return generate_main(parser.parse_args(argv))
