@@ -20,8 +20,7 @@ from .checkpoints.defaults import (CHAT_MAX_NEW_TOKENS, non_negative_int, positi
                                    temperature, thread_count)
 from .errors import UserError, run_tool
 from .generate import Sampling, generate, generate_batch
-from .parallel import (join_ranks, launched_ranks, leave_ranks, only_rank_zero_prints, threads_per_rank,
-                       wait_for_peers)
+from .parallel import as_one_of, join_ranks, launched_ranks, threads_per_rank
 from .prompts_file import read_prompts_file
 from .tokenizer import REMOTE_TIMEOUT_S, TextStream
 
@@ -276,21 +275,12 @@ def main(argv: list[str] | None = None) -> int:
     def work():
         check_mode_flags(args)
         args.ranks, args.device = join_ranks(args.device)  # under torchrun: this rank's place; else one process
-        try:
-            with only_rank_zero_prints(args.ranks):
-                result = run(args)
-                if args.json and isinstance(result, list):  # --prompts-file: JSON lines, one object per prompt
-                    for item in result:
-                        print(json.dumps(item))
-                elif args.json:
-                    print(json.dumps(result))
-        except UserError as err:
-            if args.ranks.world_size == 1:
-                raise
-            print(f"error: {err}", file=sys.stderr, flush=True)  # every rank says it, then they stop together
-            wait_for_peers(args.ranks)
-            raise SystemExit(2) from None
-        finally:
-            leave_ranks(args.ranks)
+        with as_one_of(args.ranks):
+            result = run(args)
+            if args.json and isinstance(result, list):  # --prompts-file: JSON lines, one object per prompt
+                for item in result:
+                    print(json.dumps(item))
+            elif args.json:
+                print(json.dumps(result))
 
     return run_tool(work)

@@ -1,9 +1,12 @@
 """Train a Llama 3 model from scratch: `python -m llama3_raw.train [--config RECIPE.json] [--out DIR] [--resume]`.
 
+Data-parallel on several processes, GPUs or machines: `torchrun --nproc-per-node N -m llama3_raw.train ...`
+(the recipe's batch_size stays the global batch; rank 0 alone writes). On a GPU: `--device cuda`.
+
 A thin command line over the training package (training/loop.py). The output directory holds, besides
 Meta's files (training/export.py):
   train_state.pt    fp32 weights, optimizer state, step and RNG state, to --resume bit-identically
-  train_log.jsonl   one line per log interval (train loss) and per evaluation (validation loss)
+  train_log.jsonl   one line per log interval (train loss), per evaluation (validation loss) and its sample
   loss_curve.png    both losses in nats per character
 """
 
@@ -11,8 +14,11 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 from .checkpoints.defaults import positive_int, thread_count
-from .errors import run_tool
+from .errors import UserError, run_tool
+from .parallel import as_one_of, join_ranks
 from .training import DEFAULT_RECIPE, load_recipe, train
 from .training.recipe import REPO_ROOT
 from .training.state import STATE_FILE
@@ -30,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stop (and save a resumable checkpoint) after this step")
     parser.add_argument("--threads", type=thread_count, help="CPU threads (default: all cores; 1 is faster when another "
                         "busy process shares the cores)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu (fp32), or cuda: bf16 autocast, fp32 weights and optimizer state (default cpu)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -38,10 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def work():
-        recipe = load_recipe(args.config, args.corpus)
-        result = train(recipe, args.out, args.resume, args.stop_after, not args.no_progress, args.threads)
-        if result:
-            print(f"validation: {result['nats_per_char']:.4f} nats/char; checkpoint in {args.out}", file=sys.stderr)
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda: PyTorch sees no CUDA GPU here; train with --device cpu (the default).")
+        ranks, device = join_ranks(args.device)  # under torchrun: this rank's place (and GPU); else one process
+        with as_one_of(ranks):
+            recipe = load_recipe(args.config, args.corpus)
+            result = train(recipe, args.out, args.resume, args.stop_after, not args.no_progress, args.threads,
+                           ranks, device)
+            if result:
+                print(f"validation: {result['nats_per_char']:.4f} nats/char; checkpoint in {args.out}", file=sys.stderr)
 
     return run_tool(work, f"interrupted; continue with --resume (from the last checkpoint in {args.out})")
 

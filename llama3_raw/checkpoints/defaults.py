@@ -83,13 +83,21 @@ def generation_defaults(ckpt_dir: Path) -> dict:
         return dict(BUILTIN_DEFAULTS)
     fix = f"fix or delete it (an object with only {', '.join(GENERATION_CHECKS)})"
     raw = read_json(path, fix, expect=dict)
-    for key, value in raw.items():
+    problem = generation_problem(raw)
+    if problem:
+        raise UserError(f"{path} is not a valid generation.json ({problem}); {fix}.")
+    return BUILTIN_DEFAULTS | raw
+
+
+def generation_problem(settings: dict) -> str | None:
+    """The first entry of generation settings that run.py could not use, as "key: value"; None if all are fine."""
+    for key, value in settings.items():
         try:
             if key not in GENERATION_CHECKS or isinstance(value, bool) or GENERATION_CHECKS[key](str(value)) != value:
                 raise ValueError
         except ValueError:
-            raise UserError(f"{path} is not a valid generation.json ({key}: {value!r}); {fix}.") from None
-    return BUILTIN_DEFAULTS | raw
+            return f"{key}: {value!r}"
+    return None
 
 
 def compute_dtype(requested: str, device: str, weights: dict, quantize: str = "none") -> torch.dtype:
