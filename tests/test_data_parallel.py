@@ -9,6 +9,7 @@ loss in test_train.py); the ranks must match it to fp32 rounding, step by step a
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -214,3 +215,17 @@ def test_cuda_training(one_process, small_corpus, tmp_path):
     assert all(w.dtype == torch.float32 for w in state["weights"].values())
     for key, loss in losses(one_process).items():
         assert losses(out)[key] == pytest.approx(loss, rel=0.02), key
+
+
+def test_a_state_saved_before_dropout_existed_still_resumes(one_process, small_corpus, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(one_process, out)
+    state = torch.load(out / STATE_FILE, weights_only=True)
+    saved_recipe = json.loads(state["recipe"])
+    del saved_recipe["train"]["dropout"]  # as train_state.pt files written before this option
+    torch.save({**state, "recipe": json.dumps(saved_recipe)}, out / STATE_FILE)
+    recipe = load_recipe(write_recipe(tmp_path, TINY_RECIPE), small_corpus)
+    assert train(recipe, out, resume=True, show_progress=False, threads=1)["step"] == 20
+    with pytest.raises(UserError, match="different recipe"):  # a dropout it did not run with is still refused
+        train(load_recipe(write_recipe(tmp_path, {**TINY_RECIPE, "train": {**TINY_RECIPE["train"], "dropout": 0.1}}),
+                          small_corpus), out, resume=True, show_progress=False, threads=1)
