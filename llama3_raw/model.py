@@ -10,6 +10,7 @@ where it goes to float32 (RMSNorm statistics, RoPE, softmax), so fp32 and bf16 r
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -21,6 +22,7 @@ from .params import ModelParams
 
 Tensor = torch.Tensor
 Weights = dict[str, Weight]  # Meta's key names -> tensors (or int8 matrices, see quantize.py)
+Dropout = Callable[[Tensor], Tensor] | None  # training's regularizer (training/dropout.py); None: the model as Meta runs it
 
 
 @dataclass(frozen=True)
@@ -184,7 +186,7 @@ def feed_forward(x: Tensor, w1: Weight, w2: Weight, w3: Weight, ranks: Ranks = S
 def transformer_block(
     x: Tensor, weights: Weights, layer: int, params: ModelParams, rotations: Tensor,
     mask: Tensor | None, cache: KVCache | None, start_pos: int, record: dict | None = None,
-    ranks: Ranks = SINGLE_PROCESS,
+    ranks: Ranks = SINGLE_PROCESS, dropout: Dropout = None,
 ) -> Tensor:
     p = f"layers.{layer}."
     layer_cache = None if cache is None else (cache.keys[layer], cache.values[layer])
@@ -196,21 +198,21 @@ def transformer_block(
         rotations, mask, layer_cache, start_pos, record, name=p + "attention", ranks=ranks,
     )
     keep(record, p + "attention", attention_out)
-    h = x + attention_out  # residual stream after attention
+    h = x + regularized(attention_out, dropout)  # residual stream after attention
     keep(record, p + "attention_residual", h)
     ffn_in = rms_norm(h, weights[p + "ffn_norm.weight"], params.norm_eps)
     keep(record, p + "ffn_norm", ffn_in)
     ffn_out = feed_forward(ffn_in, weights[p + "feed_forward.w1.weight"], weights[p + "feed_forward.w2.weight"],
                            weights[p + "feed_forward.w3.weight"], ranks)
     keep(record, p + "feed_forward", ffn_out)
-    out = h + ffn_out  # residual stream after the block
+    out = h + regularized(ffn_out, dropout)  # residual stream after the block
     keep(record, p + "output", out)
     return out
 
 
 def forward(
     weights: Weights, params: ModelParams, tokens: Tensor, cache: KVCache | None = None, record: dict | None = None,
-    padding: Tensor | None = None, last_only: bool = False, ranks: Ranks = SINGLE_PROCESS,
+    padding: Tensor | None = None, last_only: bool = False, ranks: Ranks = SINGLE_PROCESS, dropout: Dropout = None,
 ) -> tuple[Tensor, KVCache | None]:
     """Logits (B, S, V) in float32 (float64 for float64 weights) for token ids (B, S) that follow the cache's positions.
 
@@ -230,12 +232,15 @@ def forward(
 
     `ranks` says which slice of every weight this process holds under tensor parallelism (parallel.py);
     the default, one process, holds them whole. The weights, cache and intermediates are then the rank's.
+
+    `dropout` is training's alone: a function applied to the embeddings and to each attention and feed-forward
+    output before it joins the residual stream (nanoGPT's places). Evaluation and generation never pass it.
     """
     batch, seq_len = tokens.shape
     start_pos = 0 if cache is None else cache.length
     if cache is not None and start_pos + seq_len > cache.capacity:
         raise ValueError(f"{start_pos} cached + {seq_len} new positions exceed the cache's capacity {cache.capacity}")
-    h = embed(weights["tok_embeddings.weight"], tokens, ranks)  # (B, S, D)
+    h = regularized(embed(weights["tok_embeddings.weight"], tokens, ranks), dropout)  # (B, S, D)
     keep(record, "tok_embeddings", h)
     rotations = rope_rotations(params, start_pos, seq_len, h.device, padding)  # (S, Dh/2), padded: (B, S, Dh/2)
     if padding is None:
@@ -243,7 +248,7 @@ def forward(
     else:
         mask = padded_causal_mask(padding, seq_len, start_pos, h.dtype, h.device)  # (B, 1, S, T)
     for layer in range(params.n_layers):
-        h = transformer_block(h, weights, layer, params, rotations, mask, cache, start_pos, record, ranks)
+        h = transformer_block(h, weights, layer, params, rotations, mask, cache, start_pos, record, ranks, dropout)
     if last_only:
         h = h[:, -1:]  # (B, 1, D)
     h = rms_norm(h, weights["norm.weight"], params.norm_eps)
@@ -267,6 +272,10 @@ def embed(table: Tensor, tokens: Tensor, ranks: Ranks = SINGLE_PROCESS) -> Tenso
     outside = (local_ids < 0) | (local_ids >= table.shape[0])  # (B, S): ids another rank holds
     rows = table[local_ids.masked_fill(outside, 0)].masked_fill(outside[..., None], 0)
     return ranks.all_reduce(rows)
+
+
+def regularized(x: Tensor, dropout: Dropout) -> Tensor:
+    return x if dropout is None else dropout(x)
 
 
 def keep(record: dict | None, name: str, tensor: Tensor) -> None:

@@ -15,6 +15,7 @@ vocabulary's). `Ranks` carries what those places need. The default, `SINGLE_PROC
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -130,6 +131,24 @@ def only_rank_zero_prints(ranks: Ranks):
         return
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
         yield
+
+
+@contextlib.contextmanager
+def as_one_of(ranks: Ranks):
+    """A command's body on every rank: rank 0 alone prints; a UserError on any rank is said by that rank, which
+    waits (a bounded time) for the others and exits with code 2; the process group is left at the end.
+    In one process a UserError goes up unchanged, to run_tool."""
+    try:
+        with only_rank_zero_prints(ranks):
+            yield
+    except UserError as err:
+        if ranks.world_size == 1:
+            raise
+        print(f"error: {err}", file=sys.stderr, flush=True)  # every rank says it, then they stop together
+        wait_for_peers(ranks)
+        raise SystemExit(2) from None
+    finally:
+        leave_ranks(ranks)
 
 
 def leave_ranks(ranks: Ranks) -> None:

@@ -1,9 +1,12 @@
 """Train a Llama 3 model from scratch: `python -m llama3_raw.train [--config RECIPE.json] [--out DIR] [--resume]`.
 
+Data-parallel on several processes, GPUs or machines: `torchrun --nproc-per-node N -m llama3_raw.train ...`
+(the recipe's batch_size stays the global batch; rank 0 alone writes). On a GPU: `--device cuda`.
+
 A thin command line over the training package (training/loop.py). The output directory holds, besides
 Meta's files (training/export.py):
   train_state.pt    fp32 weights, optimizer state, step and RNG state, to --resume bit-identically
-  train_log.jsonl   one line per log interval (train loss) and per evaluation (validation loss)
+  train_log.jsonl   one line per log interval (train loss), per evaluation (validation loss) and its sample
   loss_curve.png    both losses in nats per character
 """
 
@@ -11,8 +14,11 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 from .checkpoints.defaults import positive_int, thread_count
-from .errors import ArgumentParser, run_tool
+from .errors import ArgumentParser, UserError, run_tool
+from .parallel import as_one_of, join_ranks
 from .training import DEFAULT_RECIPE, TrainingStop, load_recipe, train
 from .training.recipe import REPO_ROOT
 from .training.loop import LOG_INTERVAL
@@ -31,6 +37,8 @@ def build_parser() -> ArgumentParser:
                         help="stop (and save a resumable checkpoint) after this step")
     parser.add_argument("--threads", type=thread_count, help="CPU threads (default: the cores that other work "
                         "leaves idle; 1 is faster when another busy process shares the cores)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu (fp32), or cuda: bf16 autocast, fp32 weights and optimizer state (default cpu)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -67,9 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     stops = []
 
     def work():
-        recipe = load_recipe(args.config, args.corpus)
-        stops.append(train(recipe, args.out, args.resume, args.stop_after, not args.no_progress, args.threads))
-        print(report(stops[0], args), file=sys.stderr, flush=True)
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda: PyTorch sees no CUDA GPU here; train with --device cpu (the default).")
+        ranks, device = join_ranks(args.device)  # under torchrun: this rank's place (and GPU); else one process
+        with as_one_of(ranks):
+            recipe = load_recipe(args.config, args.corpus)
+            stops.append(train(recipe, args.out, args.resume, args.stop_after, not args.no_progress, args.threads,
+                               ranks, device))
+            print(report(stops[0], args), file=sys.stderr, flush=True)
 
     code = run_tool(work, f"interrupted at once; if {args.out / STATE_FILE} exists it holds the last saved step "
                           f"(resume: {resume_command(args)})")

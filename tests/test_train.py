@@ -44,9 +44,12 @@ def small_corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, small_corpus) -> Path:
     """One uninterrupted tiny training run, shared by several tests."""
-    work = tmp_path_factory.mktemp("tiny")
-    recipe = load_recipe(write_recipe(work, TINY_RECIPE), small_corpus)
-    train(recipe, work / "out", show_progress=False)
+    return train_tiny(tmp_path_factory.mktemp("tiny"), small_corpus)
+
+
+def train_tiny(work: Path, corpus: Path, **options) -> Path:
+    """The tiny recipe trained from the start into work/out."""
+    train(load_recipe(write_recipe(work, TINY_RECIPE), corpus), work / "out", show_progress=False, **options)
     return work / "out"
 
 

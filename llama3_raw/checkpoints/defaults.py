@@ -96,10 +96,15 @@ def generation_file_settings(ckpt_dir: Path) -> dict:
         return {}
     fix = f"fix or delete it (an object with only {', '.join(GENERATION_CHECKS)})"
     raw = read_json(path, fix, expect=dict)
-    for key, value in raw.items():
-        if not is_valid_setting(key, value):
-            raise UserError(f"{path} is not a valid generation.json ({key}: {value!r}); {fix}.")
+    problem = generation_problem(raw)
+    if problem:
+        raise UserError(f"{path} is not a valid generation.json ({problem}); {fix}.")
     return raw
+
+
+def generation_problem(settings: dict) -> str | None:
+    """The first generation setting that run.py could not use, as "key: value"; None if all are fine."""
+    return next((f"{key}: {value!r}" for key, value in settings.items() if not is_valid_setting(key, value)), None)
 
 
 def generation_defaults(ckpt_dir: Path) -> dict:

@@ -11,8 +11,8 @@ import argparse
 import json
 import sys
 
-from ..errors import ArgumentParser, UserError, run_tool
-from ..parallel import join_ranks, leave_ranks, only_rank_zero_prints, wait_for_peers
+from ..errors import ArgumentParser, run_tool
+from ..parallel import as_one_of, join_ranks
 from ..tools import compare, inspection, score
 from ..version import __version__
 from .chat_command import run_chat
@@ -44,17 +44,8 @@ def generate_main(args: argparse.Namespace) -> int:
     on its slice of the model (parallel.py); rank 0 alone prints, every rank states its own error."""
     def work():
         args.ranks, args.device = join_ranks(args.device)  # without torchrun: one process, nothing joined
-        try:
-            with only_rank_zero_prints(args.ranks):
-                print_result(args, run_chat(args) if args.chat else run(args))
-        except UserError as err:
-            if args.ranks.world_size == 1:
-                raise
-            print(f"error: {err}", file=sys.stderr, flush=True)  # every rank says it, then they stop together
-            wait_for_peers(args.ranks)
-            raise SystemExit(2) from None
-        finally:
-            leave_ranks(args.ranks)
+        with as_one_of(args.ranks):
+            print_result(args, run_chat(args) if args.chat else run(args))
 
     return run_tool(work)
 

@@ -15,8 +15,8 @@ from ..params import ModelParams
 
 
 def meta_state_dict(weights: dict[str, torch.Tensor], params: ModelParams) -> dict[str, torch.Tensor]:
-    """bf16 copies in Meta's key order, detached from autograd."""
-    return {key: weights[key].detach().to(torch.bfloat16).contiguous().clone() for key in params.weight_shapes()}
+    """bf16 copies on the CPU (wherever training ran) in Meta's key order, detached from autograd."""
+    return {key: weights[key].detach().to("cpu", torch.bfloat16).contiguous().clone() for key in params.weight_shapes()}
 
 
 def export_checkpoint(out_dir: Path, weights: dict[str, torch.Tensor], params: ModelParams,

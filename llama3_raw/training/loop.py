@@ -6,9 +6,7 @@ training split, encode the text (cached), train with AdamW, and write the result
 format (export.py), which `python run.py --ckpt-dir DIR` (or Meta's own code) loads unchanged.
 """
 
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,15 +17,20 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from ..files import check_writable_folder, read_text
+from ..parallel import SINGLE_PROCESS, Ranks
+from ..threads import threads_per_rank, use_training_threads
 from ..params import ModelParams
 from ..tokenizer import Tokenizer, tokenizer_from_bytes
 from .bpe import bpe_file_text, learn_bpe
 from .data import Split, load_splits
+from .data_parallel import check_batch_shares, from_rank_zero, rows_of_rank, sum_gradients, sum_over_ranks
+from .dropout import row_dropout
+from .evaluation import autocast, sample_text, validation_record
 from .export import export_checkpoint
 from .loss_curve import plot_loss_curve
-from .objective import batch_loss, init_weights, learning_rate, param_groups, sample_batch, validation_nll, validation_windows
-from ..threads import use_training_threads
+from .objective import batch_loss, init_weights, learning_rate, param_groups, sample_batch
 from .recipe import Recipe
+from .stops import StopRequest, TrainingStop, stop_report
 from .state import LOG_FILE, STATE_FILE, append_log, load_train_state, read_log, save_train_state, write_log
 
 CURVE_FILE = "loss_curve.png"
@@ -50,39 +53,41 @@ class TrainingRun:
     step: int  # optimizer steps taken
     running: dict  # train loss summed since the last log line: {"loss_sum", "count"}
     records: list[dict]  # the log so far
+    ranks: Ranks = SINGLE_PROCESS  # data parallel: every rank holds all of the above, rank 0 alone writes
+    device: str = "cpu"
+
+    @property
+    def writes(self) -> bool:
+        return self.ranks.rank == 0
 
     @property
     def chars_per_token(self) -> float:
         return self.train_split.chars / len(self.train_split.ids)
 
 
-def learn_tokenizer(train_text: str, bpe_ranks: int, show_progress: bool) -> tuple[Tokenizer, bytes]:
-    """Learn the BPE ranks on the training split only (the validation text stays unseen), then load them
-    through the project's tokenizer exactly as run.py will."""
-    return tokenizer_with_bytes(bpe_file_text(learn_bpe(train_text, bpe_ranks, show_progress)).encode("ascii"))
+def learn_tokenizer(train_text: str, bpe_ranks: int, show_progress: bool) -> bytes:
+    """Learn the BPE ranks on the training split only (the validation text stays unseen): the tokenizer.model
+    file, which run.py will load through the project's tokenizer."""
+    return bpe_file_text(learn_bpe(train_text, bpe_ranks, show_progress)).encode("ascii")
 
 
-def tokenizer_with_bytes(tokenizer_bytes: bytes) -> tuple[Tokenizer, bytes]:
-    return tokenizer_from_bytes(tokenizer_bytes), tokenizer_bytes
-
-
-def prepare_data(recipe: Recipe, state: dict | None, show_progress: bool) -> tuple[Tokenizer, bytes, Split, Split]:
+def prepare_data(recipe: Recipe, state: dict | None, show_progress: bool) -> tuple[bytes, Split, Split]:
     """The tokenizer (learned now, or the resumed run's) and both splits encoded, checked against the context."""
     text = read_text(recipe.corpus, "corpus (--corpus or data.corpus)")
     if not text:
         raise UserError(f"the corpus {recipe.corpus} is empty; pass a text file with content.")
     if state is None:
         train_text = text[:int(len(text) * (1 - recipe.val_fraction))]
-        tokenizer, tokenizer_bytes = learn_tokenizer(train_text, recipe.bpe_ranks, show_progress)
+        tokenizer_bytes = learn_tokenizer(train_text, recipe.bpe_ranks, show_progress)
     else:
-        tokenizer, tokenizer_bytes = tokenizer_with_bytes(bytes(state["tokenizer"].numpy()))
-    train_split, val_split = load_splits(text, recipe.val_fraction, tokenizer, tokenizer_bytes)
+        tokenizer_bytes = bytes(state["tokenizer"].numpy())
+    train_split, val_split = load_splits(text, recipe.val_fraction, tokenizer_from_bytes(tokenizer_bytes), tokenizer_bytes)
     context = recipe.train.context
     for name, split in (("training", train_split), ("validation", val_split)):
         if len(split.ids) < context + 1:
             raise UserError(f"--config {recipe.source}: train.context {context} is longer than the {name} "
                             f"split ({len(split.ids)} tokens); lower train.context or use a bigger corpus.")
-    return tokenizer, tokenizer_bytes, train_split, val_split
+    return tokenizer_bytes, train_split, val_split
 
 
 def run_files_bytes(params: ModelParams) -> int:
@@ -91,22 +96,36 @@ def run_files_bytes(params: ModelParams) -> int:
     return (2 * 12 + 2) * params.parameter_count() + (1 << 20)
 
 
-def start_run(recipe: Recipe, out_dir: Path, resume: bool, show_progress: bool) -> TrainingRun:
-    """A new run from the recipe's seed, or the interrupted one in `out_dir` exactly where it stopped."""
-    settings, params = recipe.train, recipe.params
-    check_writable_folder(out_dir, "--out", run_files_bytes(params))  # before the tokenizer is learned
+def read_saved_state(recipe: Recipe, out_dir: Path, resume: bool) -> dict | None:
+    """The interrupted run's state (--resume), or None for a new run; refuses to start over an existing run."""
+    check_writable_folder(out_dir, "--out", run_files_bytes(recipe.params))  # before the tokenizer is learned
     state_path = out_dir / STATE_FILE
     state = load_train_state(state_path, recipe) if resume else None
     if state is None and state_path.exists():
         raise UserError(f"--out {out_dir} already holds a training run ({STATE_FILE}); pass --resume to continue "
                         f"it, or choose another --out.")
-    tokenizer, tokenizer_bytes, train_split, val_split = prepare_data(recipe, state, show_progress)
-    generator = torch.Generator().manual_seed(settings.seed)
-    weights = init_weights(params, settings, generator)
+    return state
+
+
+def start_run(recipe: Recipe, out_dir: Path, resume: bool, show_progress: bool, ranks: Ranks = SINGLE_PROCESS,
+              device: str = "cpu") -> TrainingRun:
+    """A new run from the recipe's seed, or the interrupted one in `out_dir` exactly where it stopped.
+    Rank 0 reads the state, the corpus and learns the tokenizer; every other rank gets them from it, and
+    needs neither --out nor the corpus (on another machine: neither is read nor written there)."""
+    settings, params = recipe.train, recipe.params
+    check_batch_shares(settings.batch_size, ranks, recipe.source)
+    state = prepared = None
+    if ranks.rank == 0:
+        state = read_saved_state(recipe, out_dir, resume)
+        prepared = prepare_data(recipe, state, show_progress)
+    state, (tokenizer_bytes, train_split, val_split) = from_rank_zero((state, prepared), ranks)
+    tokenizer = tokenizer_from_bytes(tokenizer_bytes)
+    generator = torch.Generator().manual_seed(settings.seed)  # on the CPU wherever the model is: the same batches
+    weights = {k: w.detach().to(device).requires_grad_(True) for k, w in init_weights(params, settings, generator).items()}
     optimizer = torch.optim.AdamW(param_groups(weights, settings.weight_decay), lr=settings.lr,
                                   betas=(settings.beta1, settings.beta2), eps=1e-8)
     run = TrainingRun(recipe, out_dir, tokenizer, tokenizer_bytes, train_split, val_split, weights, optimizer,
-                      generator, step=0, running={"loss_sum": 0.0, "count": 0}, records=[])
+                      generator, step=0, running={"loss_sum": 0.0, "count": 0}, records=[], ranks=ranks, device=device)
     if state is not None:
         with torch.no_grad():
             for key, tensor in weights.items():
@@ -114,56 +133,73 @@ def start_run(recipe: Recipe, out_dir: Path, resume: bool, show_progress: bool) 
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         run.step, run.running = state["step"], dict(state["running"])
-        run.records = read_log(out_dir / LOG_FILE, run.step)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_log(out_dir / LOG_FILE, run.records)
+        run.records = read_log(out_dir / LOG_FILE, run.step) if run.writes else []
+    if run.writes:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_log(out_dir / LOG_FILE, run.records)
     return run
 
 
 def train_step(run: TrainingRun, train_ids: torch.Tensor) -> tuple[float, float]:
-    """One optimizer step on a fresh random batch; returns (loss in nats per token, learning rate)."""
+    """One optimizer step on a fresh random batch; returns (loss in nats per token, learning rate).
+
+    Every rank draws the same global batch and trains on its rows; its loss is weighted by its share of the
+    rows, so the gradients summed over the ranks are the whole batch's (data_parallel.py)."""
     settings = run.recipe.train
     lr = learning_rate(run.step, settings)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     inputs, targets = sample_batch(train_ids, settings.context, settings.batch_size, run.tokenizer.bos_id,
-                                   run.generator)  # (B, C) each
-    loss = batch_loss(run.weights, run.recipe.params, inputs, targets)
+                                   run.generator)  # (B, C) each: the global batch
+    rows = rows_of_rank(settings.batch_size, run.ranks)
+    dropout = row_dropout(settings.dropout, settings.seed, run.step, rows, run.device)
+    with autocast(run.device):
+        loss = batch_loss(run.weights, run.recipe.params, inputs[rows.start:rows.stop].to(run.device),
+                          targets[rows.start:rows.stop].to(run.device), dropout=dropout)
+        loss = loss * (len(rows) / settings.batch_size)  # one process: * 1.0, exactly today's loss
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    sum_gradients(run.weights, run.ranks)
     torch.nn.utils.clip_grad_norm_(list(run.weights.values()), settings.grad_clip)
     run.optimizer.step()
     run.step += 1
-    run.running["loss_sum"] += loss.item()
+    batch_mean = sum_over_ranks(loss.item(), run.ranks, run.device)
+    run.running["loss_sum"] += batch_mean
     run.running["count"] += 1
-    return loss.item(), lr
+    return batch_mean, lr
 
 
 def log_training(run: TrainingRun, lr: float, tok_s: float, elapsed_s: float) -> None:
     """One train line: the mean loss since the last one."""
     mean = run.running["loss_sum"] / run.running["count"]
     record(run, {"kind": "train", "step": run.step, "nats_per_token": mean, "nats_per_char": mean / run.chars_per_token,
-                 "lr": lr, "tokens_per_s": round(tok_s, 1), "elapsed_s": round(elapsed_s, 1)})
+                 "lr": lr, "tokens_per_s": round(tok_s, 1), "elapsed_s": round(elapsed_s, 1),
+                 "world_size": run.ranks.world_size})
     run.running = {"loss_sum": 0.0, "count": 0}
 
 
 def record(run: TrainingRun, line: dict) -> None:
-    run.records.append(line)
-    append_log(run.out_dir / LOG_FILE, line)
+    if run.writes:
+        run.records.append(line)
+        append_log(run.out_dir / LOG_FILE, line)
 
 
 def evaluate(run: TrainingRun, final: bool) -> dict:
     """Validation loss: the first eval_windows windows of the split, or (final) all of it."""
-    settings = run.recipe.train
-    windows = validation_windows(run.val_split.ids, settings.context, None if final else settings.eval_windows)
-    chars = len(run.tokenizer.decode(np.concatenate(windows).tolist()))
-    nll = validation_nll(run.weights, run.recipe.params, windows, run.tokenizer.bos_id, settings.batch_size)
-    n_tokens = sum(len(w) for w in windows)
-    return {"kind": "val", "step": run.step, "nats_per_char": nll / chars, "nats_per_token": nll / n_tokens,
-            "tokens": n_tokens, "chars": chars, "full": final}
+    return validation_record(run.weights, run.recipe.params, run.val_split, run.tokenizer, run.recipe.train,
+                             run.step, final, run.ranks, run.device)
+
+
+def sample(run: TrainingRun) -> dict:
+    """A short sample from the recipe's prompt (rank 0 only: the others go on to the next step's batch)."""
+    text = sample_text(run.weights, run.recipe.params, run.tokenizer, run.recipe.generation, run.recipe.train,
+                       run.device)
+    return {"kind": "sample", "step": run.step, "text": text}
 
 
 def save_state(run: TrainingRun) -> None:
+    if not run.writes:
+        return
     save_train_state(run.out_dir / STATE_FILE, run.recipe, run.step, run.running, run.weights, run.optimizer,
                      run.generator, run.tokenizer_bytes)
 
@@ -171,6 +207,8 @@ def save_state(run: TrainingRun) -> None:
 def export(run: TrainingRun) -> None:
     """The model as it is now, in Meta's format, with its loss curve: runnable at every evaluation."""
     recipe, params = run.recipe, run.recipe.params
+    if not run.writes:
+        return
     generation = {**recipe.generation, "context_len": recipe.train.context}  # run.py and score stay within it
     export_checkpoint(run.out_dir, run.weights, params, run.tokenizer_bytes, generation)
     plot_loss_curve(run.records, run.out_dir / CURVE_FILE,
@@ -179,63 +217,38 @@ def export(run: TrainingRun) -> None:
 
 def describe(run: TrainingRun) -> str:
     params, train_split = run.recipe.params, run.train_split
+    ranks = f"; {run.ranks.world_size} ranks, {len(rows_of_rank(run.recipe.train.batch_size, run.ranks))} rows each" \
+        if run.ranks.world_size > 1 else ""
     return (f"model: {params.parameter_count() / 1e6:.2f}M parameters ({params.n_layers} layers, dim {params.dim}, "
             f"{params.n_heads} heads / {params.n_kv_heads} kv heads, vocab {params.vocab_size}); "
             f"data: {len(train_split.ids)} train / {len(run.val_split.ids)} validation tokens "
-            f"({run.chars_per_token:.2f} chars/token); {torch.get_num_threads()} thread(s)")
+            f"({run.chars_per_token:.2f} chars/token); {run.device}, {torch.get_num_threads()} threads{ranks}")
 
 
-@dataclass(frozen=True)
-class TrainingStop:
-    """How a call to train() ended, for the command line to tell: where the state is and what is runnable."""
-
-    reason: str  # "finished" (the recipe's last step), "stopped" (stop_after) or "interrupted" (Ctrl-C)
-    step: int
-    total_steps: int
-    state_path: Path  # resumable state (fp32 weights, optimizer, RNG)
-    exported_step: int | None  # the step of the model in Meta's format in out_dir; None: none exported yet
-    next_export_step: int  # where the next evaluation (and export) comes
-    last_val: dict | None
-    log_records: int  # lines in train_log.jsonl
-
-
-class StopRequest:
-    """Ctrl-C during the steps asks the loop to stop after the current step and save its state; a second one
-    stops at once. Only the main thread can catch signals, so elsewhere Ctrl-C keeps its usual meaning."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self.request)
-        return self
-
-    def request(self, _signum, _frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, self.previous)
-
-    def __exit__(self, *_):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-
-
-def stop_report(run: TrainingRun, reason: str, last_val: dict | None) -> TrainingStop:
-    settings = run.recipe.train
-    exported = last_val["step"] if last_val and (run.out_dir / "consolidated.00.pth").is_file() else None
-    next_export = min(settings.steps, (run.step // settings.eval_interval + 1) * settings.eval_interval)
-    return TrainingStop(reason, run.step, settings.steps, run.out_dir / STATE_FILE, exported, next_export, last_val,
-                        len(run.records))
+def evaluate_and_save(run: TrainingRun, final: bool) -> dict:
+    """Validation loss (every rank scores its share), then rank 0 samples, saves the state and exports."""
+    val = evaluate(run, final)
+    record(run, val)
+    tqdm.write(f"step {run.step}: validation {val['nats_per_char']:.4f} nats/char "
+               f"({val['nats_per_token']:.4f} nats/token)", file=sys.stderr)
+    if run.writes:
+        line = sample(run)
+        record(run, line)
+        tqdm.write(f"sample at step {run.step}:\n{line['text']}\n", file=sys.stderr)
+    save_state(run)
+    export(run)
+    return val
 
 
 def train(recipe: Recipe, out_dir: Path, resume: bool = False, stop_after: int | None = None,
-          show_progress: bool = True, threads: int | None = None) -> TrainingStop:
+          show_progress: bool = True, threads: int | None = None, ranks: Ranks = SINGLE_PROCESS,
+          device: str = "cpu") -> TrainingStop:
     """Run (or continue) the recipe up to its last step (or `stop_after`, or Ctrl-C, after which the state is
-    saved); returns how it ended. Threads: `threads`, else the idle cores (threads.py)."""
-    use_training_threads(threads)
+    saved); returns how it ended. Under torchrun every rank calls this with its `ranks`; rank 0 alone writes.
+    Threads: `threads`, else the rank's share of the cores, else the idle cores (threads.py)."""
+    use_training_threads(threads or (threads_per_rank() if ranks.world_size > 1 else None))
     settings = recipe.train
-    run = start_run(recipe, out_dir, resume, show_progress)
+    run = start_run(recipe, out_dir, resume, show_progress, ranks, device)
     print(describe(run), file=sys.stderr)
     train_ids = torch.from_numpy(run.train_split.ids.astype(np.int64))
     last_val = next((r for r in reversed(run.records) if r["kind"] == "val"), None)
@@ -269,12 +282,7 @@ def take_step(run: TrainingRun, train_ids: torch.Tensor, bar, last_val: dict | N
     if done % LOG_INTERVAL == 0 or done == settings.steps:
         log_training(run, lr, tok_s, time.perf_counter() - t0)
     if done % settings.eval_interval == 0 or done == settings.steps:
-        last_val = evaluate(run, final=done == settings.steps)
-        record(run, last_val)
-        bar.write(f"step {done}: validation {last_val['nats_per_char']:.4f} nats/char "
-                  f"({last_val['nats_per_token']:.4f} nats/token)", file=sys.stderr)
-        save_state(run)
-        export(run)
+        last_val = evaluate_and_save(run, final=done == settings.steps)
     elif done == end_step:
         save_state(run)  # --stop-after: an interruption on purpose, resumable bit-identically
     return last_val

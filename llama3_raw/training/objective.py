@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..model import forward
+from ..model import Dropout, forward
 from ..params import ModelParams
 from .recipe import TrainSettings
 
@@ -54,7 +54,7 @@ def learning_rate(step: int, settings: TrainSettings) -> float:
 
 def with_bos(targets: torch.Tensor, bos_id: int) -> torch.Tensor:
     """(B, C) targets -> (B, C) inputs: BOS, then each target's predecessor."""
-    bos = torch.full((targets.shape[0], 1), bos_id, dtype=targets.dtype)
+    bos = torch.full((targets.shape[0], 1), bos_id, dtype=targets.dtype, device=targets.device)
     return torch.cat([bos, targets[:, :-1]], dim=1)
 
 
@@ -67,9 +67,9 @@ def sample_batch(ids: torch.Tensor, context: int, batch_size: int, bos_id: int,
 
 
 def batch_loss(weights: dict[str, torch.Tensor], params: ModelParams, inputs: torch.Tensor,
-               targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross entropy in nats per token of the model's next-token predictions."""
-    logits, _ = forward(weights, params, inputs)  # (B, C, V)
+               targets: torch.Tensor, reduction: str = "mean", dropout: Dropout = None) -> torch.Tensor:
+    """Cross entropy in nats per token of the model's next-token predictions (with `dropout` in training only)."""
+    logits, _ = forward(weights, params, inputs, dropout=dropout)  # (B, C, V)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction=reduction)
 
 
@@ -81,15 +81,15 @@ def validation_windows(ids: np.ndarray, context: int, max_windows: int | None = 
 
 @torch.no_grad()
 def validation_nll(weights: dict[str, torch.Tensor], params: ModelParams, windows: list[np.ndarray],
-                   bos_id: int, batch_size: int) -> float:
+                   bos_id: int, batch_size: int, device="cpu") -> float:
     """Total negative log-likelihood (nats) of every token in `windows`, each window starting from BOS."""
     total = 0.0
     full = [w for w in windows if len(w) == len(windows[0])]
     ragged = [w for w in windows if len(w) != len(windows[0])]
     for i in range(0, len(full), batch_size):
-        targets = torch.from_numpy(np.stack(full[i:i + batch_size]).astype(np.int64))  # (b, C)
+        targets = torch.from_numpy(np.stack(full[i:i + batch_size]).astype(np.int64)).to(device)  # (b, C)
         total += batch_loss(weights, params, with_bos(targets, bos_id), targets, reduction="sum").item()
     for window in ragged:
-        targets = torch.from_numpy(window.astype(np.int64))[None]  # (1, c)
+        targets = torch.from_numpy(window.astype(np.int64))[None].to(device)  # (1, c)
         total += batch_loss(weights, params, with_bos(targets, bos_id), targets, reduction="sum").item()
     return total

@@ -14,7 +14,7 @@
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from ..checkpoints.defaults import INT64_MAX, available_memory_bytes
+from ..checkpoints.defaults import INT64_MAX, available_memory_bytes, generation_problem
 from ..errors import UserError
 from ..files import read_json
 from ..params import ModelParams, params_from_dict
@@ -41,6 +41,7 @@ class TrainSettings:
     eval_interval: int = 250  # steps between validation losses (and checkpoints)
     eval_windows: int = 64  # validation windows used at intermediate evaluations; the final one uses all
     init_std: float = 0.02
+    dropout: float = 0.0  # training only: the share of activations zeroed (training/dropout.py); 0 adds nothing
 
 
 @dataclass(frozen=True)
@@ -126,11 +127,15 @@ def load_recipe(path: Path, corpus_override: Path | None = None) -> Recipe:
     if not 0 < train.min_lr <= train.lr:
         raise bad("train.min_lr must be positive and at most train.lr")
     ranges = {"beta1": 0 <= train.beta1 < 1, "beta2": 0 <= train.beta2 < 1, "weight_decay": train.weight_decay >= 0,
-              "grad_clip": train.grad_clip > 0, "init_std": train.init_std > 0, "seed": 0 <= train.seed <= INT64_MAX}
+              "grad_clip": train.grad_clip > 0, "init_std": train.init_std > 0, "seed": 0 <= train.seed <= INT64_MAX,
+              "dropout": 0 <= train.dropout < 1}
     for name, in_range in ranges.items():  # AdamW and torch.manual_seed would raise deep inside otherwise
         if not in_range:
             raise bad(f"train.{name} {getattr(train, name)!r} is out of range (betas in [0, 1), weight_decay >= 0, "
-                      f"grad_clip and init_std > 0, seed in 0..2**63-1)")
+                      f"grad_clip and init_std > 0, seed in 0..2**63-1, dropout in [0, 1))")
     check_fits_in_memory(params, train, bad)
     generation = raw.get("generation", {})
+    if not isinstance(generation, dict) or generation_problem(generation):
+        raise bad(f"generation ({generation_problem(generation) if isinstance(generation, dict) else 'not an object'}) "
+                  f"is not what run.py takes: prompt, max_new_tokens, temperature, top_p, top_k")
     return Recipe(Path(path), model, bpe_ranks, corpus, float(val_fraction), train, generation)

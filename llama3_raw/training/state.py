@@ -5,13 +5,14 @@ train_log.jsonl   one JSON line per log interval (train loss) and per evaluation
 """
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError, notice
 from ..files import atomic_path, read_text, write_failure, write_text
-from .recipe import Recipe
+from .recipe import Recipe, TrainSettings
 
 STATE_FILE = "train_state.pt"
 LOG_FILE = "train_log.jsonl"
@@ -38,10 +39,18 @@ def load_train_state(path: Path, recipe: Recipe) -> dict:
                         f"start again without --resume.") from None
     if not isinstance(state, dict) or "recipe" not in state:
         raise UserError(f"--resume: {path} is not a training checkpoint written by llama3_raw.train; start again without --resume.")
-    if json.loads(state["recipe"]) != recipe.to_dict():
+    if with_defaults(json.loads(state["recipe"])) != recipe.to_dict():
         raise UserError(f"--resume: {path} was trained with a different recipe than --config {recipe.source}; "
                         f"pass the recipe it was started with, or another --out.")
     return state
+
+
+def with_defaults(saved_recipe: dict) -> dict:
+    """A saved recipe with the train settings added since it was saved at their defaults (dropout: 0), which
+    are the very settings it ran with."""
+    if isinstance(saved_recipe.get("train"), dict):
+        saved_recipe["train"] = {**asdict(TrainSettings()), **saved_recipe["train"]}
+    return saved_recipe
 
 
 def read_log(path: Path, up_to_step: int) -> list[dict]:
