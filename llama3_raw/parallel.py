@@ -26,6 +26,7 @@ from .errors import UserError
 from .params import ModelParams
 
 COLLECTIVE_TIMEOUT_S = 120  # how long a rank waits for the others (to join, or in a collective) before giving up
+TIMEOUT_ENV = "LLAMA3_RAW_RANK_TIMEOUT_S"  # ... unless this environment variable says otherwise
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ def peers_answer(ranks: Ranks):
     except (RuntimeError, dist.DistError) as err:
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise UserError(f"rank {ranks.rank} of {ranks.world_size}: another rank stopped or did not answer within "
-                        f"{COLLECTIVE_TIMEOUT_S} s ({first_line}); see the first rank's error.") from None
+                        f"{rank_timeout_s():g} s ({first_line}); see the first rank's error.") from None
 
 
 def launched_ranks() -> int:
@@ -95,11 +96,27 @@ def launched_ranks() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def join_ranks(device: str, timeout_s: float = COLLECTIVE_TIMEOUT_S) -> tuple[Ranks, str]:
+def rank_timeout_s() -> float:
+    """COLLECTIVE_TIMEOUT_S, or the seconds that $LLAMA3_RAW_RANK_TIMEOUT_S gives."""
+    text = os.environ.get(TIMEOUT_ENV, "")
+    if not text:
+        return COLLECTIVE_TIMEOUT_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds <= 86400:
+        raise UserError(f"{TIMEOUT_ENV}={text!r} is not a number of seconds between 0 and 86400; set it to, say, 60, "
+                        f"or unset it for {COLLECTIVE_TIMEOUT_S} s.")
+    return seconds
+
+
+def join_ranks(device: str, timeout_s: float | None = None) -> tuple[Ranks, str]:
     """Under torchrun, join the other ranks (gloo on the CPU, NCCL on CUDA, one GPU per local rank) and
     return (this rank's Ranks, its device). Without torchrun: (SINGLE_PROCESS, device), nothing joined."""
     if launched_ranks() == 1:
         return SINGLE_PROCESS, device
+    timeout_s = timeout_s or rank_timeout_s()
     if device == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         torch.cuda.set_device(device)

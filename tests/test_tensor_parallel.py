@@ -306,3 +306,21 @@ def test_a_rank_killed_mid_run_ends_the_others(two_shards):
     assert launcher.returncode != 0 and time.monotonic() - started < 60
     for pid in ranks:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+
+
+def test_a_rendezvous_that_never_completes_ends_in_one_sentence(two_shards):
+    """Rank 0 of 2 started alone (its peer never comes): it gives up after LLAMA3_RAW_RANK_TIMEOUT_S."""
+    _, two = two_shards
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "RANK": "0",
+           "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "LLAMA3_RAW_RANK_TIMEOUT_S": "3"}
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, str(REPO / "run.py"), "--ckpt-dir", str(two)], capture_output=True,
+                            text=True, cwd=REPO, env=env, timeout=120)
+    assert time.monotonic() - started < 60
+    assert error_lines(result) == [line for line in result.stderr.splitlines() if "could not join" in line]
+    assert "within 3 s" in result.stderr and result.returncode == 2
+    env["LLAMA3_RAW_RANK_TIMEOUT_S"] = "soon"
+    bad = subprocess.run([sys.executable, str(REPO / "run.py"), "--ckpt-dir", str(two)], capture_output=True,
+                         text=True, cwd=REPO, env=env, timeout=120)
+    assert error_lines(bad) and "LLAMA3_RAW_RANK_TIMEOUT_S='soon' is not a number of seconds" in bad.stderr
