@@ -19,6 +19,13 @@ def notice(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def first_line(err: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (its type's name when it has none), at most `limit` characters:
+    what a one-sentence error quotes of a library's longer complaint."""
+    lines = str(err).strip().splitlines()
+    return (lines[0] if lines else type(err).__name__)[:limit]
+
+
 def run_tool(work, interrupted: str = "interrupted") -> int:
     """Run a command-line tool's body: a UserError becomes one line on stderr and exit code 2;
     Ctrl-C prints `interrupted` (what happens now) and exit code 130."""

@@ -157,10 +157,15 @@ def sync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def named(path: str | Path, what: str) -> str:
+    """How an error names a file: with `what`, the flag that gave it, in front ("--chat-file chat.json")."""
+    return f"{what} {path}" if what else str(path)
+
+
 def regular_file_size(path: str | Path, what: str = "", fix: str = "pass the path of a file") -> int:
     """The size of `path` after checking, before anything opens it, that it is a regular file (a symlink is
     followed): a FIFO would hang the open, /dev/zero a read, and a folder would raise IsADirectoryError."""
-    name = f"{what} {path}" if what else str(path)
+    name = named(path, what)
     try:
         info = os.stat(path)
     except FileNotFoundError:
@@ -178,7 +183,7 @@ def read_text(path: str | Path, what: str = "", fix: str = "pass the path of a U
     """The UTF-8 text in `path`, or a UserError naming the file (and `what`, the flag that named it) and the fix.
     With `max_bytes`, a bigger file is refused before it is read."""
     path = Path(path)
-    name = f"{what} {path}" if what else str(path)
+    name = named(path, what)
     size = regular_file_size(path, what, fix)
     if max_bytes is not None and size > max_bytes:
         raise UserError(f"{name} is {megabytes(size)}, more than the {megabytes(max_bytes)} such a file can be; {fix}.")
@@ -196,7 +201,7 @@ def read_json(path: str | Path, fix: str, what: str = "", expect: type | None = 
     """The parsed JSON in `path`, or a UserError naming the file and the fix:
     "[{what} ]{path} is not valid JSON (...); {fix}." -- `what` is the flag that named the file, if any.
     With `expect` (dict or list), a file holding another kind of JSON value is refused the same way."""
-    name = f"{what} {path}" if what else str(path)
+    name = named(path, what)
     try:
         value = json.loads(read_text(path, what, fix, MAX_JSON_BYTES), parse_constant=refuse_constant)
     except json.JSONDecodeError as err:

@@ -74,7 +74,7 @@ def decode(
     """
     rows = list(range(tokens.shape[0]))  # the batch row each remaining row started as
     with torch.inference_mode():
-        for step in range(n_new):
+        for _ in range(n_new):
             logits, cache = forward(weights, params, tokens, cache, padding=padding, last_only=True, ranks=ranks)  # (B, 1, V)
             next_ids = ranks.same_on_every_rank(sample_next_token(logits[:, -1], sampling, generator))  # (B,)
             going = [i for i, token in enumerate(next_ids.tolist()) if token not in stop_ids]

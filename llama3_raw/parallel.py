@@ -22,7 +22,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .params import ModelParams
 
 COLLECTIVE_TIMEOUT_S = 120  # how long a rank waits for the others (to join, or in a collective) before giving up
@@ -86,9 +86,8 @@ def peers_answer(ranks: Ranks):
     try:
         yield
     except (RuntimeError, dist.DistError) as err:
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise UserError(f"rank {ranks.rank} of {ranks.world_size}: another rank stopped or did not answer within "
-                        f"{rank_timeout_s():g} s ({first_line}); see the first rank's error.") from None
+                        f"{rank_timeout_s():g} s ({first_line(err, 200)}); see the first rank's error.") from None
 
 
 def launched_ranks() -> int:
@@ -123,9 +122,8 @@ def join_ranks(device: str, timeout_s: float | None = None) -> tuple[Ranks, str]
     try:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(seconds=timeout_s))
     except (RuntimeError, ValueError, dist.DistError) as err:
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise UserError(f"rank {os.environ.get('RANK', '?')} could not join the other ranks within {timeout_s:.0f} s "
-                        f"({first_line}); check torchrun's --rdzv-endpoint / --master-addr and that every node "
+                        f"({first_line(err, 200)}); check torchrun's --rdzv-endpoint / --master-addr and that every node "
                         f"started.") from None
     return Ranks(dist.get_rank(), dist.get_world_size()), device
 

@@ -11,6 +11,8 @@ import os
 
 import torch
 
+from .parallel import launched_ranks
+
 SMALL_MODEL_PARAMETERS = 50_000_000  # below this, one thread: the per-product work is too small to share
 
 
@@ -32,7 +34,10 @@ def idle_cores() -> int:
 
 
 def default_threads(n_parameters: int) -> int:
-    """One thread for a small model; for a bigger one, the cores that no other work keeps busy."""
+    """Under torchrun, the rank's share of the cores; otherwise one thread for a small model, and for a bigger
+    one the cores that no other work keeps busy."""
+    if launched_ranks() > 1:
+        return threads_per_rank()
     return 1 if n_parameters < SMALL_MODEL_PARAMETERS else idle_cores()
 
 
@@ -45,13 +50,18 @@ def use_threads(requested: int | None, n_parameters: int) -> int:
 
 def use_training_threads(requested: int | None) -> int:
     """Training multiplies a whole batch (thousands of tokens) at once: enough work to share at any model size,
-    so the default is the cores other work leaves idle."""
-    threads = requested if requested is not None else idle_cores()
+    so the default is the cores other work leaves idle (under torchrun, the rank's share of the cores)."""
+    threads = requested if requested is not None else threads_per_rank() if launched_ranks() > 1 else idle_cores()
     torch.set_num_threads(threads)
     return threads
 
 
+def ranks_on_this_machine() -> int:
+    """How many ranks torchrun started on this machine (its LOCAL_WORLD_SIZE); 1 without torchrun."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def threads_per_rank() -> int:
-    """A tensor-parallel rank's share of this machine's cores: torchrun starts LOCAL_WORLD_SIZE ranks on it,
-    and ranks that together ask for more threads than cores stall each other at every collective."""
-    return max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    """A rank's share of this machine's cores: ranks that together ask for more threads than there are cores
+    stall each other at every collective."""
+    return max(1, usable_cores() // ranks_on_this_machine())

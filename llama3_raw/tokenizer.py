@@ -13,7 +13,7 @@ from pathlib import Path
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .files import megabytes, regular_file_size
 
 # Meta's pre-tokenizer split pattern (llama_models/llama3/tokenizer.py).
@@ -165,8 +165,7 @@ def read_remote(url: str, what: str) -> bytes:
     try:
         data = read_http(url, deadline) if url.startswith(("http://", "https://")) else read_blob(url, deadline)
     except Exception as err:  # network libraries raise many types; all mean "could not get it" here
-        detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        raise UserError(f"{what} {url} could not be read ({detail}); check the URL and the network (a remote "
+        raise UserError(f"{what} {url} could not be read ({first_line(err, 160)}); check the URL and the network (a remote "
                         f"tokenizer gets {REMOTE_TIMEOUT_S} s), or download the file and pass its path.") from None
     if len(data) > MAX_TOKENIZER_BYTES:
         raise UserError(f"{what} {url} is more than {megabytes(MAX_TOKENIZER_BYTES)}, too big for a tokenizer; "

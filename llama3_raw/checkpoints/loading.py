@@ -125,15 +125,16 @@ def load_rank_slice(ckpt_dir: Path, ranks: Ranks, show_progress: bool) -> Checkp
     if is_hf_format(ckpt_dir) or (ckpt_dir / INT8_CHECKPOINT_FILE).is_file():
         check_rank_count(checkpoint_params(ckpt_dir), ranks.world_size, 1, ckpt_dir)  # before any weight is read
         whole = load_checkpoint(ckpt_dir, show_progress)
-        weights = slice_whole(whole.weights, whole.params, ranks, ckpt_dir, copy=whole.source_format == "huggingface")
+        weights = slice_whole(whole.weights, whole.params, ranks, copy=whole.source_format == "huggingface")
         return replace(whole, weights=in_meta_order(weights, whole.params, whole.tied_output))
     params = load_params(ckpt_dir / "params.json")
     files = meta_files(ckpt_dir)
-    check_params_fit_files(params, sum(path.stat().st_size for path in files), ckpt_dir / "params.json")
-    weights = load_rank_files(ckpt_dir, params, ranks)
+    file_bytes = sum(path.stat().st_size for path in files)
+    check_params_fit_files(params, file_bytes, ckpt_dir / "params.json")
+    check_rank_count(params, ranks.world_size, len(files), ckpt_dir)  # before any weight is read
+    weights = load_rank_files(files, params, ranks)
     tied_output = check_weights(weights, params, ckpt_dir / files[0].name, shapes=rank_shapes(params, ranks))
-    return Checkpoint(ckpt_dir, params, in_meta_order(weights, params, tied_output),
-                      sum(path.stat().st_size for path in files), tied_output)
+    return Checkpoint(ckpt_dir, params, in_meta_order(weights, params, tied_output), file_bytes, tied_output)
 
 
 def opened_state_dict(path: Path, params: ModelParams, show_progress: bool) -> dict[str, torch.Tensor]:

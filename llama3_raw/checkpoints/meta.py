@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..params import ModelParams
 
 READ_CHUNK_BYTES = 64 << 20
@@ -53,16 +53,14 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if "weights only load failed" in str(err).lower() or "unsupported global" in str(err).lower():
             raise UserError(
                 f"{path} holds Python objects other than plain tensors, which are refused because loading them "
                 f"could run code; re-save it as a dict of tensors (torch.save(model.state_dict(), ...))."
             ) from None
-        raise UserError(f"{path} is not a readable PyTorch checkpoint ({first_line}); download it again.") from None
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({first_line(err)}); download it again.") from None
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path} is truncated or corrupt ({first_line}); download it again.") from None
+        raise UserError(f"{path} is truncated or corrupt ({first_line(err)}); download it again.") from None
     if not isinstance(state, dict):
         raise UserError(f"{path} holds a {type(state).__name__}, not a dict of tensors; point --ckpt-dir at Meta's consolidated checkpoint.")
     not_tensors = [k for k, v in state.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]

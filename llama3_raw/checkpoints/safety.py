@@ -10,7 +10,7 @@ by file metadata alone, before anything is opened or allocated.
 from pathlib import Path
 
 from ..errors import UserError
-from ..files import megabytes, regular_file_size
+from ..files import megabytes, named, regular_file_size
 from ..params import ModelParams
 
 MIN_BYTES_PER_PARAMETER = 1  # int8 matrices; every other format stores more per parameter
@@ -28,7 +28,7 @@ def allowed_roots(ckpt_dir: Path) -> tuple[Path, ...]:
 def folder_file_size(ckpt_dir: Path, path: Path, what: str = "") -> int:
     """The size of `path`, a file of the checkpoint folder `ckpt_dir`, once it is known to resolve (symlinks
     followed) to a regular file inside the folder. `what` says what named it (e.g. an index's entry)."""
-    name = f"{what} {path}" if what else str(path)
+    name = named(path, what)
     resolved = path.resolve()
     if not any(resolved.is_relative_to(root) for root in allowed_roots(ckpt_dir)):
         raise UserError(f"{name} resolves to {resolved}, outside the checkpoint folder {ckpt_dir}; a checkpoint's "

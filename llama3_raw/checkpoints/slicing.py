@@ -20,8 +20,8 @@ from ..errors import UserError
 from ..parallel import Ranks
 from ..params import ModelParams
 from ..quantize import Int8Weight
-from .meta import checkpoint_files, read_state_dict
-from .shards import numbered_shards, split_dim
+from .meta import read_state_dict
+from .shards import split_dim
 
 
 def check_rank_count(params: ModelParams, world_size: int, n_files: int, ckpt_dir: Path) -> None:
@@ -62,10 +62,9 @@ def slice_of(tensor: torch.Tensor, dim: int | None, start: int, stop: int) -> to
     return part if part.is_contiguous() else part.contiguous()
 
 
-def load_rank_files(ckpt_dir: Path, params: ModelParams, ranks: Ranks) -> dict[str, torch.Tensor]:
-    """This rank's slice of every tensor of Meta's consolidated.NN.pth files, reading only the files it needs."""
-    files = numbered_shards(checkpoint_files(ckpt_dir))
-    check_rank_count(params, ranks.world_size, len(files), ckpt_dir)
+def load_rank_files(files: list[Path], params: ModelParams, ranks: Ranks) -> dict[str, torch.Tensor]:
+    """This rank's slice of every tensor of Meta's consolidated.NN.pth `files` (numbered 00..NN), reading only
+    the files it needs. The caller has checked that the rank count fits (check_rank_count)."""
     opened: dict[int, dict[str, torch.Tensor]] = {}  # file index -> its memory-mapped tensors
     weights, replicated = {}, []
     for key, full_shape in params.weight_shapes().items():
@@ -127,11 +126,10 @@ def rank_shapes(params: ModelParams, ranks: Ranks) -> dict[str, tuple[int, ...]]
     return shapes
 
 
-def slice_whole(weights: dict, params: ModelParams, ranks: Ranks, source: Path, copy: bool = False) -> dict:
+def slice_whole(weights: dict, params: ModelParams, ranks: Ranks, copy: bool = False) -> dict:
     """This rank's slice of a checkpoint read whole (one file, Hugging Face, saved int8): views of the mapped
     file where possible. `copy`: the whole tensors are copies (Hugging Face's re-ordered wq, wk), so the
-    slices are copied too and the whole ones can go."""
-    check_rank_count(params, ranks.world_size, 1, source)
+    slices are copied too and the whole ones can go. The caller has checked that the rank count fits."""
     out = {}
     for key, full_shape in params.weight_shapes().items():
         if key in weights:

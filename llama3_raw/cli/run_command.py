@@ -15,7 +15,7 @@ from ..checkpoints import WEIGHTS_ENV, Model, check_quantize_request, is_shipped
 from ..errors import UserError
 from ..generate import Sampling, generate, generate_batch, seeded
 from ..prompts_file import read_prompts_file
-from ..threads import threads_per_rank, use_threads
+from ..threads import use_threads
 from ..tokenizer import TextStream
 
 
@@ -61,8 +61,7 @@ def open_checkpoint(args: argparse.Namespace):
     """The cheap part of opening a checkpoint: the folder, its generation defaults, params and tokenizer;
     and the thread count for a model of its size."""
     folder = open_folder(args.ckpt_dir, args.tokenizer, args.device)
-    ranks_share = threads_per_rank() if args.ranks.world_size > 1 else None  # ranks on one machine share its cores
-    use_threads(args.threads or ranks_share, folder.params.parameter_count())
+    use_threads(args.threads, folder.params.parameter_count())
     return folder, folder.params_for_generation(args.context_len)
 
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from ..errors import UserError
 from ..files import check_writable_folder, read_text
 from ..parallel import SINGLE_PROCESS, Ranks
-from ..threads import threads_per_rank, use_training_threads
+from ..threads import use_training_threads
 from ..params import ModelParams
 from ..tokenizer import Tokenizer, tokenizer_from_bytes
 from .bpe import bpe_file_text, learn_bpe
@@ -245,8 +245,8 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, stop_after: int |
           device: str = "cpu") -> TrainingStop:
     """Run (or continue) the recipe up to its last step (or `stop_after`, or Ctrl-C, after which the state is
     saved); returns how it ended. Under torchrun every rank calls this with its `ranks`; rank 0 alone writes.
-    Threads: `threads`, else the rank's share of the cores, else the idle cores (threads.py)."""
-    use_training_threads(threads or (threads_per_rank() if ranks.world_size > 1 else None))
+    Threads: `threads`, else threads.py's default for training."""
+    use_training_threads(threads)
     settings = recipe.train
     run = start_run(recipe, out_dir, resume, show_progress, ranks, device)
     print(describe(run), file=sys.stderr)
