@@ -210,11 +210,15 @@ def test_int8_of_a_rank_slice_stays_within_one_step_of_the_merged_quantization()
 
 # ---- the command line under torchrun ----
 
-def torchrun(*args, nproc: int = 2, extra=(), timeout: float = 180) -> subprocess.CompletedProcess:
+def torchrun(*args, nproc: int = 2, extra=(), timeout: float = 180, monitor_s: float | None = None) -> subprocess.CompletedProcess:
+    """`monitor_s`: how often torchrun looks at its workers. Its default (0.1 s) tears the other ranks down as soon
+    as one has failed, so a test that wants to see each rank end on its own leaves them longer."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), *extra,
                str(REPO / "run.py"), *map(str, args)]
     if not extra:
         command[3:3] = ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+    if monitor_s is not None:
+        command[3:3] = ["--monitor-interval", str(monitor_s)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
 
@@ -273,7 +277,9 @@ def error_lines(result) -> list[str]:
 
 def test_ranks_that_do_not_divide_the_heads_are_refused_on_every_rank(two_shards):
     one, _ = two_shards
-    lines = error_lines(torchrun("--ckpt-dir", one, nproc=3))
+    # Every rank refuses by itself, before any rank waits for another: with torchrun watching only every 15 s,
+    # no rank is torn down before it has said why (under the default 0.1 s a slow rank may be killed first).
+    lines = error_lines(torchrun("--ckpt-dir", one, nproc=3, monitor_s=15))
     assert len(lines) == 3 and all("cannot be shared by 3 ranks" in line and "1, 2, 4, 8" in line for line in lines)
 
 
@@ -282,7 +288,7 @@ def test_a_missing_shard_is_named_on_every_rank(tmp_path):
     ckpt_dir = write_sharded_checkpoint(tmp_path, dict(TINY_GQA, n_kv_heads=4),
                                         random_state_dict(dict(TINY_GQA, n_kv_heads=4)), 4, tokenizer=OFFICIAL_TOKENIZER)
     (ckpt_dir / "consolidated.02.pth").unlink()
-    lines = error_lines(torchrun("--ckpt-dir", ckpt_dir, nproc=2))
+    lines = error_lines(torchrun("--ckpt-dir", ckpt_dir, nproc=2, monitor_s=15))
     assert len(lines) == 2 and all("consolidated.02.pth is missing" in line for line in lines)
 
 
