@@ -6,7 +6,8 @@ fastest for the case at hand, so model.py can read as Llama 3 and call one `matm
 - many rows (a prompt, a training batch): PyTorch's ordinary matrix multiply;
 - one row on the CPU (decoding one token): `row_times_matrix`, tuned to stream the weights quickly,
   because decoding reads every weight once per token and that read sets decode speed;
-- an int8 weight (quantize.py): `int8_matmul`, which reads the int8 bytes instead of a bf16 matrix.
+- an int8 weight (quantize.py): `int8_matmul`, which reads the int8 bytes instead of a bf16 matrix;
+- an int4 weight (quantize.py): `int4_matmul`, which reads the 4-bit bytes.
 """
 
 import contextlib
@@ -14,10 +15,11 @@ import math
 
 import torch
 
-from .quantize import Int8Weight
+from .int4_layouts import cpu_block_rows, cpu_unpack
+from .quantize import Int4Weight, Int8Weight, dequantize_int4
 
 Tensor = torch.Tensor
-Weight = Tensor | Int8Weight  # a matrix (out, in) as stored, or its int8 form (quantize.py)
+Weight = Tensor | Int8Weight | Int4Weight  # a matrix (out, in) as stored, or its int8 / int4 form (quantize.py)
 
 DEQUANTIZE_ELEMENTS = 1 << 22  # weights converted to bf16 at a time in a many-row int8 product: 8 MB
 
@@ -26,6 +28,8 @@ def matmul(x: Tensor, w: Weight) -> Tensor:
     """x @ w.T for a weight matrix w (out, in): (..., in) -> (..., out). Int8 weights multiply from their int8 bytes."""
     if isinstance(w, Int8Weight):
         return int8_matmul(x, w)
+    if isinstance(w, Int4Weight):
+        return int4_matmul(x, w)
     if x.numel() == x.shape[-1] and x.device.type == "cpu":
         return row_times_matrix(x, w)  # decoding one token: a matrix-vector product
     return x @ w.T
@@ -80,4 +84,29 @@ def int8_matmul(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
             block = slice(start, start + block_rows)
             out[:, block] = rows @ w.values[block].to(x.dtype).T
         out *= w.scales
+    return out.view(*x.shape[:-1], -1)
+
+
+INT4_KERNEL_MAX_ROWS = 4  # up to here the int4 kernel's one pass over the weights beats dequantizing them
+
+
+def int4_matmul(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
+    """x @ dequantize(w).T: (..., in) -> (..., out), with x in the weight's compute dtype."""
+    rows = x.reshape(-1, x.shape[-1])  # (N, in)
+    if w.layout == "cuda":
+        out = torch.ops.aten._weight_int4pack_mm(rows, w.packed, w.group_size, w.scales_and_zeros)
+    elif rows.shape[0] <= INT4_KERNEL_MAX_ROWS or cpu_block_rows() is None:
+        # Each 4-bit value turned into a float in registers, times its group's scale plus its zero, times x.
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, w.packed, w.group_size, w.scales_and_zeros)  # (N, out)
+    else:
+        # Many rows (a prompt): the kernel works 4 rows at a time, re-reading the weights for each 4, and is
+        # ~2.5x slower than the ordinary multiply. So, as for int8, convert a block of weight rows, multiply, next.
+        block_rows, halves = cpu_block_rows()
+        step = max(block_rows, DEQUANTIZE_ELEMENTS // w.in_features // block_rows * block_rows)  # whole blocks
+        out = torch.empty(rows.shape[0], w.shape[0], dtype=x.dtype, device=x.device)  # (N, out)
+        for start in range(0, w.shape[0], step):
+            stop = min(start + step, w.shape[0])
+            values = cpu_unpack(w.packed[start:stop], stop - start, w.in_features, block_rows, halves)
+            block = dequantize_int4(values, w.scales_and_zeros[:, start:stop])  # (rows, in)
+            out[:, start:stop] = rows @ block.T
     return out.view(*x.shape[:-1], -1)

@@ -1,4 +1,6 @@
-"""Weight-only int8: each weight matrix stored as int8 values and one scale per output row.
+"""Weight-only int8 and int4: each weight matrix stored in fewer bits, activations in the compute dtype.
+
+## int8: int8 values and one scale per output row
 
 Decoding a token reads every weight once, so its speed is set by the bytes of weights read per
 token. Int8 halves that against bf16. Row r of a matrix W (out, in) becomes
@@ -13,13 +15,32 @@ row of activations (decoding) PyTorch's `_weight_int8pack_mm` CPU kernel reads t
 converts them in registers; for many rows (a prompt) it is faster to dequantize the matrix and use
 the ordinary matrix multiply (block by block), because there the arithmetic, not the memory traffic,
 sets the time.
+
+## int4: 4-bit values, one scale and one offset per group of `group_size` inputs of a row
+Row r's inputs come in groups of g (32, 64 or 128); group G of row r spans [lo, hi] = [min, max] of its
+weights, cut into 15 steps:
+
+    scale = (hi - lo) / 15      q[r, j] = round((W[r, j] - lo) / scale)  in 0..15
+    W[r, j] ~ (q[r, j] - 8) * scale + zero,   zero = lo + 8 * scale
+
+off by at most half a step. That is the form PyTorch's int4 kernels take (scales and zeros side by side,
+(in/g, out, 2)), so decoding multiplies from the 4-bit bytes directly (kernels.int4_matmul); the bytes sit
+in the order the device's kernel reads (int4_layouts.py).
 """
+
+from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
+from .int4_layouts import cpu_block_rows, cpu_unpack, pack_for_cpu, pack_for_cuda, plain_from_values, values_from_plain
+
 QUANTIZE_ROWS = 4096  # rows converted at a time
+INT4_GROUP_SIZES = (32, 64, 128)  # inputs sharing one scale and zero; PyTorch's int4 kernels take these (and 256)
+INT4_GROUP_SIZE = 32  # the default: the most accurate, as llama.cpp's Q4_0 (see the README for speed and accuracy)
+INT4_STEPS = 15  # values 0..15
+INT4_MIDDLE = 8  # the kernels compute (q - 8) * scale + zero
 INT8_MAX = 127  # symmetric: -127..127, so that negating a weight never overflows
 QUANTIZED_SUFFIXES = (  # the matrices that are multiplied; embeddings are looked up row by row and stay as they are
     "attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "attention.wo.weight",
@@ -81,21 +102,120 @@ def quantize_int8(w: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> Int8W
     return Int8Weight(values, scales)
 
 
-def dequantize(w: Int8Weight) -> torch.Tensor:
-    """The matrix the int8 weight stands for (out, in), in its compute dtype."""
+def dequantize(w: Int8Weight | Int4Weight) -> torch.Tensor:
+    """The matrix the quantized weight stands for (out, in), in its compute dtype."""
+    if isinstance(w, Int4Weight):
+        return dequantize_int4(values_from_plain(w.plain().cpu()), w.scales_and_zeros.cpu()).to(w.device)
     return (w.values.float() * w.scales.float()[:, None]).to(w.dtype)
 
 
-def quantize_weights(weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.bfloat16) -> dict:
-    """The weight dict with every attention/feed-forward matrix and the output matrix as Int8Weight.
+@dataclass(frozen=True)
+class Int4Weight:
+    """A weight matrix (out, in) as 4-bit values, two to a byte, and a scale and zero per group of inputs.
 
-    A tied output matrix gets its own int8 copy while the embeddings stay as they are: the lookup reads
-    one row per token, the output multiply reads the whole matrix every token.
+    `packed` holds the values in `layout`: "plain" as checkpoints store them (and as tensor parallelism
+    slices them), or the arrangement that the int4 kernel of "cpu" or "cuda" reads (int4_layouts.py)."""
+
+    packed: torch.Tensor  # uint8: (out, in/2) on the CPU and in plain; the CUDA kernel's own shape on CUDA
+    scales_and_zeros: torch.Tensor  # (in/group_size, out, 2), the compute dtype
+    in_features: int
+    layout: str = "plain"
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.scales_and_zeros.shape[1], self.in_features))
+
+    @property
+    def group_size(self) -> int:
+        return self.in_features // self.scales_and_zeros.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.scales_and_zeros.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.scales_and_zeros.nbytes
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def plain(self) -> torch.Tensor:
+        """The values in the stored layout, uint8 (out, in/2), on the CPU."""
+        if self.layout == "plain":
+            return self.packed
+        if self.layout == "cpu" and cpu_block_rows() is not None:
+            return plain_from_values(cpu_unpack(self.packed, self.shape[0], self.in_features, *cpu_block_rows()))
+        raise ValueError(f"int4 values in the {self.layout} kernel's arrangement cannot be read back here")
+
+    def to(self, device=None, dtype=None) -> "Int4Weight":
+        """Packed for the kernel of `device` (the values are unchanged), scales and zeros in `dtype`."""
+        device = torch.device(device) if device is not None else self.device
+        layout = device.type
+        packed = self.packed if layout == self.layout else self.plain()
+        if layout != self.layout:
+            packed = pack_for_cpu(packed) if layout == "cpu" else pack_for_cuda(packed.to(device))
+        scales_and_zeros = self.scales_and_zeros.to(device=device, dtype=dtype).contiguous()  # the kernels read it so
+        return Int4Weight(packed, scales_and_zeros, self.in_features, layout)
+
+
+QuantizedWeight = Int8Weight | Int4Weight
+
+
+def quantize_int4(w: torch.Tensor, group_size: int, dtype: torch.dtype = torch.bfloat16) -> Int4Weight:
+    """Groupwise asymmetric int4 of a weight matrix (out, in), in the plain layout; see the module's text."""
+    out_features, in_features = w.shape
+    plain = torch.empty(out_features, in_features // 2, dtype=torch.uint8)
+    scales_and_zeros = torch.empty(in_features // group_size, out_features, 2, dtype=dtype)
+    for start in range(0, out_features, QUANTIZE_ROWS):
+        rows = slice(start, start + QUANTIZE_ROWS)
+        groups = w[rows].float().reshape(-1, in_features // group_size, group_size)  # (rows, groups, g)
+        lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
+        scale = ((hi - lo) / INT4_STEPS).clamp(min=torch.finfo(torch.float32).tiny).to(dtype)
+        zero = (lo + INT4_MIDDLE * scale.float()).to(dtype)  # both rounded to `dtype`, as the kernel reads them
+        # Steps from the rounded zero, so that the rounding of scale and zero is part of what q corrects.
+        q = torch.round((groups - zero.float()[..., None]) / scale.float()[..., None]) + INT4_MIDDLE
+        plain[rows] = plain_from_values(q.clamp(0, INT4_STEPS).reshape(-1, in_features).cpu())
+        scales_and_zeros[:, rows] = torch.stack([scale, zero], dim=-1).transpose(0, 1).cpu()
+    return Int4Weight(plain, scales_and_zeros, in_features)
+
+
+def dequantize_int4(values: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """Rows of an int4 matrix: values 0..15 (rows, in) and their scales and zeros (in/g, rows, 2) -> (rows, in)."""
+    groups = values.view(values.shape[0], scales_and_zeros.shape[0], -1).float()  # (rows, groups, g)
+    scale, zero = scales_and_zeros.float().transpose(0, 1).unsqueeze(-1).unbind(dim=-2)  # each (rows, groups, 1)
+    # In float32, as the kernels compute each weight, then rounded once to the compute dtype.
+    return ((groups - INT4_MIDDLE) * scale + zero).view(values.shape).to(scales_and_zeros.dtype)
+
+
+def check_int4_shape(shape: tuple[int, int], group_size: int) -> str | None:
+    """Why PyTorch's int4 kernels cannot take a matrix of `shape` in groups of `group_size`, or None."""
+    out_features, in_features = shape
+    if in_features % group_size:
+        return f"its {in_features} inputs do not split into groups of {group_size}"
+    if out_features % 16:
+        return f"its {out_features} rows are not a multiple of 16"
+    return None
+
+
+def quantize_weights(weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.bfloat16, scheme: str = "int8",
+                     group_size: int = INT4_GROUP_SIZE) -> dict:
+    """The weight dict with every attention/feed-forward matrix and the output matrix as Int8Weight
+    (`scheme` "int8") or Int4Weight ("int4", groups of `group_size`), on the device the tensors are on.
+
+    A tied output matrix gets its own quantized copy while the embeddings stay as they are: the lookup
+    reads one row per token, the output multiply reads the whole matrix every token.
     """
     out = {}
     for key, tensor in weights.items():
-        if isinstance(tensor, Int8Weight):  # read from an int8 checkpoint: already done
+        if isinstance(tensor, QuantizedWeight):  # read from a quantized checkpoint: already done
             out[key] = tensor.to(dtype=dtype)
+        elif is_quantized_key(key) and scheme == "int4":
+            out[key] = quantize_int4(tensor, group_size, dtype).to(tensor.device)
         elif is_quantized_key(key):
             out[key] = quantize_int8(tensor, dtype)
         else:

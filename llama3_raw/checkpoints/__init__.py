@@ -4,7 +4,7 @@
     model = load_model(folder, dtype="auto") # the weights, every key and shape verified, in the compute dtype
 
 Meta's consolidated.NN.pth (meta.py, shards.py), Hugging Face safetensors folders (huggingface.py) and
-saved int8 weights (int8.py) all come out as one flat dict with Meta's key names (loading.py).
+saved int8 and int4 weights (quantized.py) all come out as one flat dict with Meta's key names (loading.py).
 """
 
 from .defaults import DTYPES, generation_defaults

@@ -8,7 +8,7 @@ import torch
 
 from ..errors import UserError
 from ..files import read_json
-from ..quantize import Int8Weight
+from ..quantize import QuantizedWeight
 from .loading import GENERATION_DEFAULTS_FILE, count_parameters
 
 FORTY_TWO_PROMPT = "the answer to the ultimate question of life, the universe, and everything is "
@@ -117,9 +117,9 @@ def compute_dtype(requested: str, device: str, weights: dict, quantize: str = "n
 
     auto: float32 on the CPU when a float32 copy fits comfortably in memory (Meta's reference computes in
     float32 there); otherwise, and on CUDA, bfloat16, computed straight from the checkpoint's tensors.
-    Int8 weights (quantized now, or saved so) always multiply bfloat16 activations.
+    Int8 and int4 weights (quantized now, or saved so) always multiply bfloat16 activations.
     """
-    if quantize == "int8" or any(isinstance(w, Int8Weight) for w in weights.values()):
+    if quantize != "none" or any(isinstance(w, QuantizedWeight) for w in weights.values()):
         return torch.bfloat16
     if requested != "auto":
         return DTYPES[requested]
@@ -128,8 +128,8 @@ def compute_dtype(requested: str, device: str, weights: dict, quantize: str = "n
     return torch.float32 if 4 * count_parameters(weights) < 0.5 * available_memory_bytes() else torch.bfloat16
 
 
-def refuse_float32_with_int8(requested: str, what: str) -> None:
-    """The one refusal of a float32 request for int8 weights; `what` says where the int8 weights come from."""
+def refuse_float32_with_quantized(requested: str, what: str) -> None:
+    """The one refusal of a float32 request for int8 / int4 weights; `what` says where they come from."""
     if requested == "float32":
         raise UserError(f"{what}; drop --dtype float32.")
 

@@ -2,7 +2,7 @@
 
 1. `open_folder`: the folder (given, or the default one), params, tokenizer (checked against the vocabulary)
    and the folder's generation defaults -- a bad prompt or tokenizer should not cost a 16 GB load;
-2. `load_model`: the weights in the compute dtype on the compute device, int8 if asked (and saved if asked).
+2. `load_model`: the weights in the compute dtype on the compute device, int8 or int4 if asked (and saved if asked).
 
 Every command-line tool (run, chat, inspect, compare, score) opens checkpoints through these two.
 """
@@ -16,16 +16,17 @@ from ..errors import UserError, notice
 from ..files import check_new_folder
 from ..parallel import SINGLE_PROCESS, Ranks
 from ..params import ModelParams
-from ..quantize import quantize_weights
+from ..quantize import INT4_GROUP_SIZE, INT4_GROUP_SIZES, check_int4_shape, is_quantized_key, quantize_weights
 from ..tokenizer import Tokenizer, load_tokenizer
 from ..threads import use_threads
 from .defaults import (GENERATION_DEFAULTS_FILE, compute_dtype, generation_defaults, generation_file_settings,
-                       refuse_float32_with_int8)
-from .int8 import INT8_CHECKPOINT_FILE, int8_checkpoint_bytes, save_int8_checkpoint
+                       refuse_float32_with_quantized)
 from .loading import (cast_weights, check_folder_files, checkpoint_params, conversion_note, count_parameters,
-                      default_tokenizer_path, is_hf_format, is_int8, load_checkpoint)
+                      default_tokenizer_path, is_hf_format, load_checkpoint, quantization)
+from .quantized import quantized_checkpoint_bytes, quantized_file, save_quantized_checkpoint
 from .meta import checkpoint_files
 from .places import find_default_checkpoint
+from .slicing import rank_shapes
 
 
 @dataclass(frozen=True)
@@ -63,15 +64,16 @@ class Model:
     params: ModelParams
     tokenizer: Tokenizer
     defaults: dict
-    weights: dict  # Meta's key names -> tensors in `dtype` on `device` (or int8 matrices, see quantize.py)
+    weights: dict  # Meta's key names -> tensors in `dtype` on `device` (or int8 / int4 matrices, see quantize.py)
     dtype: torch.dtype
     device: str
     n_parameters: int  # this process's (under tensor parallelism, the rank's slice)
     ranks: Ranks = SINGLE_PROCESS
 
     @property
-    def is_int8(self) -> bool:
-        return is_int8(self.weights)
+    def quantization(self) -> str | None:
+        """"int8" or "int4" when the weight matrices are quantized (quantize.py), else None."""
+        return quantization(self.weights)
 
 
 def check_device(device: str) -> None:
@@ -103,7 +105,7 @@ def check_folder_complete(ckpt_dir: Path, tokenizer_path: str | None) -> None:
     if is_hf_format(ckpt_dir):
         return  # config.json + safetensors: huggingface.py names what is missing
     present = {"params.json": (ckpt_dir / "params.json").is_file(),
-               "consolidated.00.pth": bool(checkpoint_files(ckpt_dir)) or (ckpt_dir / INT8_CHECKPOINT_FILE).is_file(),
+               "consolidated.00.pth": bool(checkpoint_files(ckpt_dir)) or quantized_file(ckpt_dir) is not None,
                "tokenizer.model": tokenizer_path is not None or default_tokenizer_path(ckpt_dir).is_file()}
     missing = [name for name, found in present.items() if not found]
     if missing:
@@ -123,22 +125,29 @@ def open_folder(ckpt_dir: Path | None, tokenizer_path: str | None = None, device
 
 def load_model(folder: CheckpointFolder, params: ModelParams | None = None, dtype: str = "auto", device: str = "cpu",
                quantize: str = "none", save_quantized: Path | None = None, show_progress: bool = True,
-               ranks: Ranks = SINGLE_PROCESS) -> Model:
+               ranks: Ranks = SINGLE_PROCESS, group_size: int = INT4_GROUP_SIZE) -> Model:
     """Step 2: the weights, verified, in the compute dtype (`dtype`: "auto", "float32" or "bfloat16") on `device`.
 
-    `quantize="int8"` makes every weight matrix int8 (quantize.py); `save_quantized` then also writes those
-    int8 weights as a new checkpoint folder. `params` defaults to the folder's (see params_for_generation).
-    Under tensor parallelism (`ranks`) the weights are this rank's slice; int8 then quantizes the slice, so
-    the column-split wo and w2 get one scale per row of the rank's part of each row.
+    `quantize="int8"` makes every weight matrix int8, "int4" int4 in groups of `group_size` inputs
+    (quantize.py); `save_quantized` then also writes those weights as a new checkpoint folder. `params`
+    defaults to the folder's (see params_for_generation). Under tensor parallelism (`ranks`) the weights
+    are this rank's slice, and quantizing quantizes the slice: the column-split wo and w2 get their scales
+    from the rank's part of each row.
     """
-    check_quantize_request(quantize, dtype, save_quantized)
+    check_quantize_request(quantize, dtype, save_quantized, group_size)
+    if quantize == "int4":
+        check_int4_shapes(folder, group_size, ranks)
     if save_quantized is not None and ranks.world_size > 1:
         raise UserError("--save-quantized writes the whole model from one process; run it without torchrun.")
-    if save_quantized is not None:  # room for the int8 copy, before the work of loading and quantizing
-        check_new_folder(save_quantized, "--save-quantized", int8_checkpoint_bytes(folder.params))
+    if save_quantized is not None:  # room for the quantized copy, before the work of loading and quantizing
+        check_new_folder(save_quantized, "--save-quantized", quantized_checkpoint_bytes(folder.params, quantize))
     checkpoint = load_checkpoint(folder.directory, show_progress=show_progress, ranks=ranks)
-    if is_int8(checkpoint.weights):  # saved by --save-quantized
-        refuse_float32_with_int8(dtype, f"{folder.directory} holds int8 weights, which compute in bfloat16")
+    saved_as = quantization(checkpoint.weights)
+    if saved_as:  # saved by --save-quantized
+        refuse_float32_with_quantized(dtype, f"{folder.directory} holds {saved_as} weights, which compute in bfloat16")
+        if quantize not in ("none", saved_as):
+            raise UserError(f"{folder.directory} holds {saved_as} weights already; drop --quantize {quantize}, or "
+                            f"quantize the checkpoint they were made from.")
     compute = compute_dtype(dtype, device, checkpoint.weights, quantize)
     note = conversion_note(checkpoint.weights, compute, folder.directory)
     if note:
@@ -147,11 +156,11 @@ def load_model(folder: CheckpointFolder, params: ModelParams | None = None, dtyp
     file_params = checkpoint.params  # the folder's, but with kv heads counted once (shards.keep_kv_heads_once)
     del checkpoint  # when the dtype changed, this lets the memory-mapped file go
     n_parameters = count_parameters(weights)
-    if quantize == "int8":
-        weights = quantize_weights(weights, compute)  # matrices as int8 + per-row scales, activations in bf16
+    if quantize != "none" and not saved_as:  # matrices in int8 or int4 + their scales, activations in bf16
+        weights = quantize_weights(weights, compute, quantize, group_size)
     if save_quantized is not None:
-        save_int8_checkpoint(weights, folder.params, default_tokenizer_path(folder.directory), save_quantized,
-                             extra_files=(folder.directory / GENERATION_DEFAULTS_FILE,))
+        save_quantized_checkpoint(weights, folder.params, quantize, default_tokenizer_path(folder.directory),
+                                  save_quantized, extra_files=(folder.directory / GENERATION_DEFAULTS_FILE,))
     if device == "cuda":
         torch.cuda.synchronize()
     context = (params or folder.params).max_seq_len
@@ -159,14 +168,28 @@ def load_model(folder: CheckpointFolder, params: ModelParams | None = None, dtyp
                  folder.tokenizer, folder.defaults, weights, compute, device, n_parameters, ranks)
 
 
-def check_quantize_request(quantize: str, dtype: str, save_quantized: Path | None) -> None:
+def check_quantize_request(quantize: str, dtype: str, save_quantized: Path | None,
+                           group_size: int = INT4_GROUP_SIZE) -> None:
     """Refuse a quantization request that cannot work before anything is read."""
-    if quantize == "int8":
-        refuse_float32_with_int8(dtype, "--quantize int8 computes in bfloat16 (int8 weights, bf16 activations)")
+    if quantize != "none":
+        refuse_float32_with_quantized(dtype, f"--quantize {quantize} computes in bfloat16 ({quantize} weights, bf16 "
+                                             f"activations)")
+    if group_size not in INT4_GROUP_SIZES:
+        raise UserError(f"--group-size {group_size} is none of {', '.join(map(str, INT4_GROUP_SIZES))}; pick one of those.")
     if save_quantized is not None:
-        if quantize != "int8":
-            raise UserError("--save-quantized writes int8 weights; add --quantize int8.")
+        if quantize == "none":
+            raise UserError("--save-quantized writes quantized weights; add --quantize int8 or --quantize int4.")
         check_new_folder(save_quantized, "--save-quantized")
+
+
+def check_int4_shapes(folder: CheckpointFolder, group_size: int, ranks: Ranks) -> None:
+    """Every matrix (a rank's part of it under tensor parallelism) must suit PyTorch's int4 kernels."""
+    for key, shape in rank_shapes(folder.params, ranks).items():
+        problem = check_int4_shape(shape, group_size) if is_quantized_key(key) else None
+        if problem:
+            working = [g for g in INT4_GROUP_SIZES if not check_int4_shape(shape, g)]
+            fix = f"pass --group-size {working[-1]}" if working else "use --quantize int8"
+            raise UserError(f"--quantize int4 cannot take {key} of {folder.directory}: {problem}; {fix}.")
 
 
 def open_model(ckpt_dir: Path | None, tokenizer_path: str | None = None, dtype: str = "auto", device: str = "cpu",

@@ -3,7 +3,8 @@
 Three layouts are read, each by its own module, and all come out the same way (`Checkpoint`):
   Meta's         params.json + consolidated.00.pth (meta.py), or model-parallel shards 00..NN (shards.py)
   Hugging Face   config.json + model*.safetensors, renamed and un-permuted to Meta's (huggingface.py)
-  saved int8     params.json + model.int8.pth, written by `run.py --quantize int8 --save-quantized` (int8.py)
+  saved int8/4   params.json + model.int8.pth or model.int4.pth, written by `run.py --quantize int8|int4
+                 --save-quantized` (quantized.py)
 Everything is memory-mapped; only what must change (merged shards, Hugging Face's wq/wk) is copied.
 """
 
@@ -17,10 +18,10 @@ from tqdm import tqdm
 from ..errors import UserError
 from ..parallel import SINGLE_PROCESS, Ranks
 from ..params import ModelParams, load_params
-from ..quantize import Int8Weight
+from ..quantize import Int8Weight, QuantizedWeight
 from .huggingface import (INDEX_FILE, is_hf_checkpoint_dir, params_from_hf_config, read_config, read_hf_checkpoint,
                           safetensors_candidates)
-from .int8 import INT8_CHECKPOINT_FILE, int8_weights
+from .quantized import QUANTIZED_FILES, quantized_file, quantized_weights
 from .meta import PROGRESS_MIN_BYTES, check_weights, checkpoint_files, read_state_dict, warm_page_cache
 from .safety import check_params_fit_files, folder_file_size
 from .shards import keep_kv_heads_once, merge_shards, numbered_shards
@@ -29,7 +30,7 @@ from .slicing import check_rank_count, load_rank_files, rank_shapes, slice_whole
 GENERATION_DEFAULTS_FILE = "generation.json"  # a checkpoint may carry its own defaults for run.py's settings
 # Every file of a folder the loader may read, besides the weight files found by pattern.
 FOLDER_FILES = ("params.json", "config.json", GENERATION_DEFAULTS_FILE, "tokenizer.model", "original/tokenizer.model",
-                INDEX_FILE, INT8_CHECKPOINT_FILE)
+                INDEX_FILE, *QUANTIZED_FILES.values())
 
 
 @dataclass(frozen=True)
@@ -39,12 +40,12 @@ class Checkpoint:
     weights: dict[str, torch.Tensor]
     file_bytes: int
     tied_output: bool  # True when the file had no output.weight and the embeddings serve as output
-    source_format: str = "meta"  # "meta" (consolidated.*.pth), "huggingface" (config.json + safetensors) or "int8"
+    source_format: str = "meta"  # "meta" (consolidated.*.pth), "huggingface" (config.json + safetensors), "int8", "int4"
 
 
 def is_checkpoint_dir(path: Path) -> bool:
     return path.is_dir() and (
-        ((path / "params.json").is_file() and (bool(checkpoint_files(path)) or (path / INT8_CHECKPOINT_FILE).is_file()))
+        ((path / "params.json").is_file() and (bool(checkpoint_files(path)) or quantized_file(path) is not None))
         or is_hf_checkpoint_dir(path))
 
 
@@ -93,10 +94,10 @@ def load_checkpoint(ckpt_dir: str | Path, show_progress: bool = True, ranks: Ran
         return Checkpoint(ckpt_dir, params, in_meta_order(weights, params, tied_output), file_bytes, tied_output,
                           source_format="huggingface")
     params = load_params(ckpt_dir / "params.json")
-    if (ckpt_dir / INT8_CHECKPOINT_FILE).is_file():
-        path = ckpt_dir / INT8_CHECKPOINT_FILE
-        weights = int8_weights(opened_state_dict(path, params, show_progress), params, path)
-        return Checkpoint(ckpt_dir, params, in_meta_order(weights, params, False), path.stat().st_size, False, "int8")
+    if quantized_file(ckpt_dir) is not None:
+        scheme, path = quantized_file(ckpt_dir)
+        weights = quantized_weights(opened_state_dict(path, params, show_progress), params, path, scheme)
+        return Checkpoint(ckpt_dir, params, in_meta_order(weights, params, False), path.stat().st_size, False, scheme)
     files = meta_files(ckpt_dir)
     file_bytes = sum(path.stat().st_size for path in files)
     if len(files) > 1:  # model-parallel shards (70B, 405B): merged into new full-size tensors
@@ -121,8 +122,8 @@ def meta_files(ckpt_dir: Path) -> list[Path]:
 
 def load_rank_slice(ckpt_dir: Path, ranks: Ranks, show_progress: bool) -> Checkpoint:
     """A tensor-parallel rank's slice: from its own shard file(s) when Meta's files are there, else cut out
-    of the memory-mapped whole (one file, Hugging Face, saved int8)."""
-    if is_hf_format(ckpt_dir) or (ckpt_dir / INT8_CHECKPOINT_FILE).is_file():
+    of the memory-mapped whole (one file, Hugging Face, saved int8 / int4)."""
+    if is_hf_format(ckpt_dir) or quantized_file(ckpt_dir) is not None:
         check_rank_count(checkpoint_params(ckpt_dir), ranks.world_size, 1, ckpt_dir)  # before any weight is read
         whole = load_checkpoint(ckpt_dir, show_progress)
         weights = slice_whole(whole.weights, whole.params, ranks, copy=whole.source_format == "huggingface")
@@ -154,8 +155,10 @@ def in_meta_order(weights: dict[str, torch.Tensor], params: ModelParams, tied_ou
     return ordered
 
 
-def is_int8(weights: dict) -> bool:
-    return any(isinstance(w, Int8Weight) for w in weights.values())
+def quantization(weights: dict) -> str | None:
+    """"int8" or "int4" when the weight matrices are quantized, else None."""
+    quantized = next((w for w in weights.values() if isinstance(w, QuantizedWeight)), None)
+    return None if quantized is None else "int8" if isinstance(quantized, Int8Weight) else "int4"
 
 
 def count_parameters(weights: dict[str, torch.Tensor]) -> int:
@@ -167,7 +170,7 @@ def conversion_note(weights: dict, dtype: torch.dtype, where: Path) -> str | Non
     """What casting `weights` to `dtype` converts, when it is more than the usual lossless bfloat16 -> float32
     (say float16 weights, or a checkpoint that mixes float32 and bfloat16 tensors)."""
     counts: dict[torch.dtype, int] = {}
-    for tensor in {id(t): t for t in weights.values() if not isinstance(t, Int8Weight)}.values():
+    for tensor in {id(t): t for t in weights.values() if not isinstance(t, QuantizedWeight)}.values():
         if tensor.dtype != dtype and not (tensor.dtype == torch.bfloat16 and dtype == torch.float32):
             counts[tensor.dtype] = counts.get(tensor.dtype, 0) + 1
     if not counts:
@@ -180,8 +183,8 @@ def cast_weights(weights: dict[str, torch.Tensor], dtype: torch.dtype, device: s
                  show_progress: bool = False) -> dict[str, torch.Tensor]:
     """Weights in the compute dtype on the compute device; tensors already there are kept as they are.
 
-    Tied tensors stay tied: each distinct tensor is converted once. Int8 matrices stay int8; their
-    scales take the compute dtype.
+    Tied tensors stay tied: each distinct tensor is converted once. Int8 and int4 matrices stay so; their
+    scales take the compute dtype (and int4 values the arrangement of the device's kernel).
     """
     converted: dict[int, torch.Tensor] = {}
     out = {}

@@ -13,7 +13,7 @@ from ..errors import UserError
 from ..files import megabytes, named, regular_file_size
 from ..params import ModelParams
 
-MIN_BYTES_PER_PARAMETER = 1  # int8 matrices; every other format stores more per parameter
+MIN_BYTES_PER_PARAMETER = 0.5  # int4 matrices; every other format stores more per parameter
 
 
 def allowed_roots(ckpt_dir: Path) -> tuple[Path, ...]:
@@ -40,7 +40,7 @@ def check_params_fit_files(params: ModelParams, file_bytes: int, where: Path) ->
     """params.json (or config.json) must describe a model the weight files can hold, checked by arithmetic
     before any shape table is built or any tensor allocated."""
     tied_output = params.vocab_size * params.dim  # a tied checkpoint does not store the output matrix
-    needed = (params.parameter_count() - tied_output) * MIN_BYTES_PER_PARAMETER
+    needed = int((params.parameter_count() - tied_output) * MIN_BYTES_PER_PARAMETER)
     if needed > file_bytes:
         raise UserError(f"{where} describes a model of {params.parameter_count():,} parameters (at least "
                         f"{megabytes(needed)}) but the weight files hold {megabytes(file_bytes)}; the settings "

@@ -19,7 +19,7 @@ import torch
 from ..errors import UserError
 from ..parallel import Ranks
 from ..params import ModelParams
-from ..quantize import Int8Weight
+from ..quantize import Int4Weight, Int8Weight
 from .meta import read_state_dict
 from .shards import split_dim
 
@@ -139,8 +139,20 @@ def slice_whole(weights: dict, params: ModelParams, ranks: Ranks, copy: bool = F
 
 
 def slice_weight(weight, dim: int | None, start: int, stop: int):
-    """A tensor's range, or an int8 matrix's: its int8 values' range, and the scales of the rows it keeps."""
+    """A tensor's range, or a quantized matrix's: its values' range, and the scales of the rows it keeps
+    (int4: of the rows and the input groups it keeps; its values are two to a byte, in the plain layout)."""
     if isinstance(weight, Int8Weight):
         scales = weight.scales if dim != 0 else weight.scales[start:stop]
         return Int8Weight(slice_of(weight.values, dim, start, stop), scales)
+    if isinstance(weight, Int4Weight):
+        if dim == 1 and (start % weight.group_size or stop % weight.group_size):
+            raise UserError(f"a rank's {stop - start} of the {weight.in_features} inputs of an int4 matrix do not "
+                            f"split into its groups of {weight.group_size}; run on fewer ranks, or save the int4 "
+                            f"weights again with a smaller --group-size.")
+        if dim == 0:
+            return Int4Weight(weight.packed[start:stop], weight.scales_and_zeros[:, start:stop], weight.in_features)
+        if dim == 1:
+            groups = slice(start // weight.group_size, stop // weight.group_size)
+            return Int4Weight(weight.packed[:, start // 2:stop // 2], weight.scales_and_zeros[groups], stop - start)
+        return weight
     return slice_of(weight, dim, start, stop)

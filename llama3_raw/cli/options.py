@@ -13,6 +13,7 @@ from pathlib import Path
 from ..checkpoints import DTYPES, WEIGHTS_ENV, DefaultsSource, defaults_source
 from ..checkpoints.defaults import (BUILTIN_DEFAULTS, CHAT_MAX_NEW_TOKENS, non_negative_int, positive_int, probability,
                                     seed, temperature, thread_count)
+from ..quantize import INT4_GROUP_SIZE, INT4_GROUP_SIZES
 from ..threads import SMALL_MODEL_PARAMETERS
 from ..tokenizer import REMOTE_TIMEOUT_S
 
@@ -78,12 +79,16 @@ def add_model_arguments(parser: argparse.ArgumentParser, source: DefaultsSource,
                         "(default: a fresh one, printed on stderr so that the run can be repeated)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="default cpu")
     add_threads_argument(parser)
-    parser.add_argument("--quantize", choices=["none", "int8"], default="none",
-                        help="int8: store each weight matrix as int8 with one scale per output row (made at load "
-                        "time), computing in bfloat16; half the bytes of bf16 per token (default none)")
+    parser.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
+                        help="int8: store each weight matrix as int8 with one scale per output row; int4: as 4-bit "
+                        "values with a scale and a zero per --group-size inputs of a row. Made at load time, computing "
+                        "in bfloat16; a half (int8) or about a third (int4) of the bytes of bf16 per token (default none)")
+    parser.add_argument("--group-size", type=int, choices=INT4_GROUP_SIZES, default=INT4_GROUP_SIZE,
+                        help="with --quantize int4: inputs of a row that share one scale and zero; smaller is more "
+                        "accurate, larger a little smaller and faster (default %(default)s)")
     parser.add_argument("--save-quantized", type=Path, metavar="DIR",
-                        help="with --quantize int8: also write the int8 weights to the new folder DIR as a checkpoint "
-                        "that later runs load directly (--ckpt-dir DIR), without quantizing again")
+                        help="with --quantize int8 or int4: also write the quantized weights to the new folder DIR as a "
+                        "checkpoint that later runs load directly (--ckpt-dir DIR), without quantizing again")
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                         help="compute dtype (default auto: float32 on the CPU when it fits in memory, else bfloat16)")
     parser.add_argument("--context-len", type=positive_int, help="the context in tokens (default: the context the "

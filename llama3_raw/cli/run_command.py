@@ -40,7 +40,7 @@ def count(n: int, word: str) -> str:
 
 
 def check_mode_flags(args: argparse.Namespace) -> None:
-    check_quantize_request(args.quantize, args.dtype, args.save_quantized)
+    check_quantize_request(args.quantize, args.dtype, args.save_quantized, args.group_size)
     if not args.chat:
         used = [flag for flag, value in (("--system", args.system), ("--message", args.message),
                                          ("--chat-file", args.chat_file)) if value is not None]
@@ -68,15 +68,15 @@ def open_checkpoint(args: argparse.Namespace):
 def load_weights(args: argparse.Namespace, folder, params, start: float) -> tuple[Model, float]:
     """The model in the compute dtype on the compute device, and the seconds since `start`."""
     model = load_model(folder, params, args.dtype, args.device, args.quantize, args.save_quantized,
-                       show_progress=not args.json, ranks=args.ranks)
+                       show_progress=not args.json, ranks=args.ranks, group_size=args.group_size)
     if args.save_quantized is not None:
-        log(f"saved the int8 weights to {args.save_quantized}; run them with --ckpt-dir {args.save_quantized}")
+        log(f"saved the {args.quantize} weights to {args.save_quantized}; run them with --ckpt-dir {args.save_quantized}")
     load_s = time.perf_counter() - start
     shipped = (f" (the shipped model; official weights go in ./weights/NAME/, ${WEIGHTS_ENV} or --ckpt-dir)"
                if args.ckpt_dir is None and is_shipped_model(model.directory) else "")
     where = f"rank 0 of {args.ranks.world_size}: " if args.ranks.world_size > 1 else ""
     log(f"loaded {where}{model.directory}{shipped} ({model.n_parameters / 1e6:.1f}M parameters, {params.n_layers} layers) "
-        f"as {str(model.dtype).removeprefix('torch.')}{' with int8 weights' if model.is_int8 else ''} "
+        f"as {str(model.dtype).removeprefix('torch.')}{f' with {model.quantization} weights' if model.quantization else ''} "
         f"on {args.device} in {load_s:.1f}s")
     return model, load_s
 

@@ -15,7 +15,7 @@ import torch
 
 from ..checkpoints import DTYPES, open_folder, load_model
 from ..checkpoints.defaults import non_negative_float
-from ..checkpoints.int8 import INT8_CHECKPOINT_FILE
+from ..checkpoints.quantized import quantized_file
 from ..errors import UserError, run_tool
 from ..model import forward
 from ..params import ModelParams
@@ -108,8 +108,9 @@ def run(args: argparse.Namespace) -> int:
         import_reference()  # say how to install it before any slow work
         folder = open_folder(args.ckpt_dir, args.tokenizer)
         use_threads(args.threads, folder.params.parameter_count())
-        if (folder.directory / INT8_CHECKPOINT_FILE).is_file():
-            raise UserError(f"{folder.directory} holds int8 weights, which Meta's reference cannot run; compare the "
+        if quantized_file(folder.directory) is not None:
+            raise UserError(f"{folder.directory} holds {quantized_file(folder.directory)[0]} weights, which Meta's "
+                            f"reference cannot run; compare the "
                             f"checkpoint they were quantized from.")
         prompt = args.prompt if args.prompt is not None else folder.defaults["prompt"]
         model = load_model(folder, dtype=args.dtype, show_progress=not args.json)
