@@ -10,8 +10,8 @@ median and range of load seconds, peak RSS against the file size, prefill tokens
 512-token prompt, decode tokens/s over 32 steps, and decode's fraction of the bandwidth ceiling
 (bandwidth / bytes of weights read per token): against the bandwidth each worker reads right after its
 own decode (the VM's bandwidth drifts by 2x within a minute), and against the highest reading of the
-run. "ours-int8" runs the int8 weights saved as `run.py --quantize int8 --save-quantized` saves them
-(bench/out/ckpt-SHAPE-int8, written once). Output: bench/out/bench-SHAPE.{md,json,png}.
+run. "ours-int8" and "ours-int4" run the weights saved as `run.py --quantize int8|int4 --save-quantized`
+saves them (bench/out/ckpt-SHAPE-int8, -int4, written once). Output: bench/out/bench-SHAPE.{md,json,png}.
 """
 
 import argparse
@@ -38,7 +38,8 @@ SHAPES = {
                ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0),
 }
 TIED = {"1b": True, "8b": False}  # Llama 3.2 1B ships without output.weight
-IMPL_NAMES = {"ours": "llama3_raw", "ours-int8": "llama3_raw int8", "meta": "Meta reference", "hf": "HF transformers"}
+IMPL_NAMES = {"ours": "llama3_raw", "ours-int8": "llama3_raw int8", "ours-int4": "llama3_raw int4", "meta": "Meta reference",
+              "hf": "HF transformers"}
 FILL_ROWS = 4096  # random rows generated at a time while writing a checkpoint
 
 
@@ -80,24 +81,25 @@ def write_random_checkpoint(folder: Path, shape: str) -> Path:
     return folder
 
 
-def write_int8_checkpoint(ckpt: Path) -> tuple[Path, float | None]:
-    """The checkpoint's int8 weights saved as run.py saves them (`--quantize int8 --save-quantized`), once.
+def write_quantized_checkpoint(ckpt: Path, scheme: str) -> tuple[Path, float | None]:
+    """The checkpoint's int8 or int4 weights saved as run.py saves them (`--quantize SCHEME --save-quantized`,
+    int4 in its default groups), once.
 
-    "ours int8" loads this file, as a user with a 24 GiB machine would for the 8B shape: quantizing at load
-    maps the 16 GB bf16 file and builds the 8 GB of int8 beside it. Returns (folder, seconds to quantize
-    and save, or None when the folder was already there).
+    "ours int8" / "ours int4" load these files, as a user with a 24 GiB machine would for the 8B shape:
+    quantizing at load maps the 16 GB bf16 file and builds the quantized copy beside it. Returns (folder,
+    seconds to quantize and save, or None when the folder was already there).
     """
     from llama3_raw.checkpoints import default_tokenizer_path, load_checkpoint
-    from llama3_raw.checkpoints.int8 import INT8_CHECKPOINT_FILE, save_int8_checkpoint
+    from llama3_raw.checkpoints.quantized import QUANTIZED_FILES, save_quantized_checkpoint
     from llama3_raw.quantize import quantize_weights
 
-    folder = ckpt.with_name(ckpt.name + "-int8")
-    if (folder / INT8_CHECKPOINT_FILE).is_file():
+    folder = ckpt.with_name(f"{ckpt.name}-{scheme}")
+    if (folder / QUANTIZED_FILES[scheme]).is_file():
         return folder, None
     start = time.perf_counter()
     checkpoint = load_checkpoint(ckpt, show_progress=False)
-    save_int8_checkpoint(quantize_weights(checkpoint.weights, torch.bfloat16), checkpoint.params,
-                         default_tokenizer_path(ckpt), folder)
+    save_quantized_checkpoint(quantize_weights(checkpoint.weights, torch.bfloat16, scheme), checkpoint.params, scheme,
+                              default_tokenizer_path(ckpt), folder)
     return folder, time.perf_counter() - start
 
 
@@ -185,9 +187,9 @@ def bar_chart(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    short_names = {"ours": "ours", "ours-int8": "ours int8", "meta": "Meta", "hf": "HF"}
+    short_names = {"ours": "ours", "ours-int8": "ours int8", "ours-int4": "ours int4", "meta": "Meta", "hf": "HF"}
     labels = [f"{short_names[r['impl']]}\n{r['dtype'].replace('bfloat16', 'bf16').replace('float32', 'fp32')}" for r in rows]
-    colors = {"ours": "tab:blue", "ours-int8": "tab:cyan", "meta": "tab:orange", "hf": "tab:green"}
+    colors = {"ours": "tab:blue", "ours-int8": "tab:cyan", "ours-int4": "tab:purple", "meta": "tab:orange", "hf": "tab:green"}
     for ax, key, name in ((axes[0], "decode_tok_s", "decode tok/s"), (axes[1], "prefill_long_tok_s", "prefill tok/s (512 tokens)")):
         medians = [r[key]["median"] for r in rows]
         errors = [[r[key]["median"] - r[key]["min"] for r in rows], [r[key]["max"] - r[key]["median"] for r in rows]]
@@ -209,7 +211,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=SHAPES, default="1b")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
-    parser.add_argument("--impls", nargs="+", default=["ours", "meta", "hf", "ours-int8"], choices=list(IMPL_NAMES))
+    parser.add_argument("--impls", nargs="+", default=["ours", "meta", "hf", "ours-int8", "ours-int4"], choices=list(IMPL_NAMES))
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for every run (default: all cores)")
     parser.add_argument("--short-prompt", type=int, default=17, help=argparse.SUPPRESS)
@@ -224,19 +226,20 @@ def main() -> None:
     t0 = time.perf_counter()
     ckpt = write_random_checkpoint(args.out / f"ckpt-{args.shape}", args.shape)
     print(f"checkpoint {ckpt} ready in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
-    int8_ckpt, quantize_s = None, None
-    if "ours-int8" in args.impls and "bfloat16" in args.dtypes:
-        int8_ckpt, quantize_s = write_int8_checkpoint(ckpt)
-        print(f"int8 checkpoint {int8_ckpt} ready" + (f", quantized and saved in {quantize_s:.0f}s" if quantize_s else ""),
-              file=sys.stderr)
+    quantized_ckpts, quantize_s = {}, {}
+    for scheme in ("int8", "int4"):
+        if f"ours-{scheme}" in args.impls and "bfloat16" in args.dtypes:
+            quantized_ckpts[f"ours-{scheme}"], quantize_s[scheme] = write_quantized_checkpoint(ckpt, scheme)
+            print(f"{scheme} checkpoint {quantized_ckpts[f'ours-{scheme}']} ready" +
+                  (f", quantized and saved in {quantize_s[scheme]:.0f}s" if quantize_s[scheme] else ""), file=sys.stderr)
     bandwidths = [read_bandwidth(args.threads)]
     runs: dict[tuple[str, str], list[dict]] = {}
     for rep in range(args.reps):
         for dtype in args.dtypes:
             for impl in args.impls:
-                if impl == "ours-int8" and dtype != "bfloat16":
-                    continue  # int8 weights with bf16 activations
-                result = run_worker(impl, dtype, int8_ckpt if impl == "ours-int8" else ckpt, args.threads, args)
+                if impl in quantized_ckpts and dtype != "bfloat16":
+                    continue  # int8 / int4 weights with bf16 activations
+                result = run_worker(impl, dtype, quantized_ckpts.get(impl, ckpt), args.threads, args)
                 runs.setdefault((impl, dtype), []).append(result)
                 print(f"rep {rep + 1}: {impl} {dtype}: decode {result['decode_tok_s']:.2f} tok/s, prefill "
                       f"{result['prefill_long_tok_s']:.1f} tok/s, peak RSS {result['peak_rss_bytes'] / 1e9:.2f} GB "
@@ -250,7 +253,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"bench-{args.shape}.md").write_text(markdown + "\n")
     (args.out / f"bench-{args.shape}.json").write_text(json.dumps(
-        {"shape": args.shape, "threads": args.threads, "bandwidth_bytes_per_s": bandwidths, "int8_quantize_s": quantize_s,
+        {"shape": args.shape, "threads": args.threads, "bandwidth_bytes_per_s": bandwidths, "quantize_s": quantize_s,
          "rows": rows,
          "runs": [run for group in runs.values() for run in group]}, indent=1))
     bar_chart(rows, args.out / f"bench-{args.shape}.png",

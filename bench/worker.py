@@ -1,6 +1,6 @@
 """One benchmark measurement in its own process, so that peak RSS belongs to one implementation.
 
-    python -m bench.worker --impl ours|ours-int8|meta|hf --dtype bfloat16 --ckpt DIR --threads 2
+    python -m bench.worker --impl ours|ours-int8|ours-int4|meta|hf --dtype bfloat16 --ckpt DIR --threads 2
 
 Prints one JSON object: load seconds, peak RSS, prefill seconds for a long and a short prompt, decode
 tokens/s, the bytes of weights one decoded token reads, and the read bandwidth measured right after decoding. Every implementation gets the same
@@ -171,7 +171,7 @@ def hugging_face(weights: dict, params: ModelParams, dtype: torch.dtype, tied: b
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--impl", choices=["ours", "ours-int8", "meta", "hf"], required=True)
+    parser.add_argument("--impl", choices=["ours", "ours-int8", "ours-int4", "meta", "hf"], required=True)
     parser.add_argument("--dtype", choices=DTYPES, required=True)
     parser.add_argument("--ckpt", type=Path, required=True)
     parser.add_argument("--threads", type=int, required=True)
@@ -188,10 +188,10 @@ def main() -> None:
     checkpoint = load_checkpoint(args.ckpt, show_progress=False)
     params = checkpoint.params
     weights = cast_weights(checkpoint.weights, dtype, args.device)
-    if args.impl == "ours-int8":
+    if args.impl in ("ours-int8", "ours-int4"):  # a saved int8 / int4 folder: its matrices stay so
         weights = quantize_weights(weights, dtype)
     max_seq_len = args.long_prompt + args.decode_steps + 8
-    if args.impl in ("ours", "ours-int8"):
+    if args.impl in ("ours", "ours-int8", "ours-int4"):
         prefill, decode_step, state = ours(weights, params, dtype, args.device)
     elif args.impl == "meta":
         prefill, decode_step = meta_reference(weights, params, max_seq_len)

@@ -29,7 +29,7 @@ BLOCK_CANDIDATES = ((64, True), (32, True), (32, False))  # (BLOCK_N, halves) of
 def plain_from_values(q: Tensor) -> Tensor:
     """Values 0..15 (out, in) -> the stored layout, uint8 (out, in/2)."""
     q = q.to(torch.uint8)
-    return q[:, 0::2] << 4 | q[:, 1::2]
+    return (q[:, 0::2] << 4 | q[:, 1::2]).contiguous()
 
 
 def values_from_plain(plain: Tensor) -> Tensor:
@@ -40,7 +40,7 @@ def values_from_plain(plain: Tensor) -> Tensor:
 def pack_for_cpu(plain: Tensor) -> Tensor:
     """The stored layout -> the CPU kernel's (same size), a few thousand rows at a time so that the int32
     values PyTorch's packing takes stay small. Row blocks pack independently, so the pieces join up."""
-    packed = torch.empty_like(plain)
+    packed = torch.empty(plain.shape, dtype=torch.uint8)
     step = 4096  # a multiple of every BLOCK_N
     for start in range(0, plain.shape[0], step):
         rows = values_from_plain(plain[start:start + step]).to(torch.int32)
@@ -68,7 +68,7 @@ def cpu_unpack(packed: Tensor, n_rows: int, n_cols: int, block_rows: int, halves
     if n_rows > full:  # a last, partial block: neighbouring rows share a byte
         data = flat[full * n_cols // 2:n_rows * n_cols // 2].view(n_cols, -1)  # (in, rows/2)
         pieces.append(torch.stack([data & 15, data >> 4], dim=-1).view(n_cols, -1).T)
-    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0].contiguous()
 
 
 @functools.cache

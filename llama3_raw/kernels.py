@@ -93,6 +93,8 @@ INT4_KERNEL_MAX_ROWS = 4  # up to here the int4 kernel's one pass over the weigh
 def int4_matmul(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
     """x @ dequantize(w).T: (..., in) -> (..., out), with x in the weight's compute dtype."""
     rows = x.reshape(-1, x.shape[-1])  # (N, in)
+    if w.layout != x.device.type:  # e.g. straight from a saved file, not yet through cast_weights: pack it now
+        w = w.to(x.device)
     if w.layout == "cuda":
         out = torch.ops.aten._weight_int4pack_mm(rows, w.packed, w.group_size, w.scales_and_zeros)
     elif rows.shape[0] <= INT4_KERNEL_MAX_ROWS or cpu_block_rows() is None:

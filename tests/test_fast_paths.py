@@ -260,7 +260,7 @@ def error_lines(result) -> list[str]:
 def test_save_quantized_refuses_bad_requests_and_leaves_files_alone(gqa_checkpoint, tmp_path):
     ckpt_dir, _, _ = gqa_checkpoint
     assert error_lines(run_cli("--ckpt-dir", ckpt_dir, "--save-quantized", tmp_path / "new")) == [
-        "error: --save-quantized writes int8 weights; add --quantize int8."]
+        "error: --save-quantized writes quantized weights; add --quantize int8 or --quantize int4."]
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "notes.txt").write_text("keep me")

@@ -172,14 +172,14 @@ def test_hugging_face_and_saved_int8_folders_are_cut_per_rank(tmp_path):
     assert_same_run(torch.load(tmp_path / "hf.pt", weights_only=True), single_process(hf_dir))
 
     from llama3_raw.checkpoints import default_tokenizer_path
-    from llama3_raw.checkpoints.int8 import save_int8_checkpoint
+    from llama3_raw.checkpoints.quantized import save_quantized_checkpoint
     from llama3_raw.quantize import quantize_weights
     p = TINY_GQA
     source = write_checkpoint(tmp_path / "bf16", p, random_state_dict(p, seed=15), tokenizer=None)
     (source / "tokenizer.model").write_text("")  # the saver copies it; nothing here reads it
     whole = load_checkpoint(source, show_progress=False)
-    int8_dir = save_int8_checkpoint(quantize_weights(whole.weights), whole.params, default_tokenizer_path(source),
-                                    tmp_path / "int8")
+    int8_dir = save_quantized_checkpoint(quantize_weights(whole.weights), whole.params, "int8",
+                                         default_tokenizer_path(source), tmp_path / "int8")
     spawn(ours_worker, 2, str(int8_dir), str(tmp_path / "int8.pt"), torch.bfloat16)
     ranked = torch.load(tmp_path / "int8.pt", weights_only=True)
     alone_ckpt = load_checkpoint(int8_dir, show_progress=False)
