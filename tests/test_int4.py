@@ -103,7 +103,7 @@ def test_int4_model_within_tolerance_of_bf16(gqa_checkpoint):
 def test_a_rank_slice_of_saved_int4_weights_is_the_slice_of_the_whole():
     """Tensor parallelism cuts saved int4 matrices in their stored layout: rows with their scales and zeros,
     columns (wo, w2) along whole groups; a cut inside a group is refused in one sentence."""
-    from llama3_raw.checkpoints.slicing import slice_weight
+    from llama3_raw.checkpoints.slicing import check_int4_part, slice_weight
     from llama3_raw.errors import UserError
 
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
@@ -112,8 +112,12 @@ def test_a_rank_slice_of_saved_int4_weights_is_the_slice_of_the_whole():
         part = slice_weight(whole, dim, start, stop)
         expected = dequantize(whole).narrow(dim, start, stop - start)
         assert torch.equal(dequantize(part), expected) and torch.equal(dequantize(part.to("cpu")), expected)
-    with pytest.raises(UserError, match="do not split into its groups of 32"):
-        slice_weight(whole, 1, 16, 144)
+    with pytest.raises(UserError, match="layers.0.attention.wo.weight cannot be multiplied: its inputs from 16 on "
+                                        "do not start a group of 32; run on fewer ranks"):
+        check_int4_part("layers.0.attention.wo.weight", whole, 1, 16, 144)
+    with pytest.raises(UserError, match="its 8 rows are not a multiple of 16"):
+        check_int4_part("layers.0.attention.wk.weight", whole, 0, 8, 16)
+    check_int4_part("layers.0.attention.wo.weight", whole, 1, 128, 256)  # whole groups, 64 rows: fine
 
 
 def run_cli(*args):

@@ -163,7 +163,7 @@ def test_duplicated_kv_heads_are_kept_once_in_one_process_and_split_on_ranks(tmp
     assert_same_run(torch.load(tmp_path / "ours.pt", weights_only=True), alone)
 
 
-def test_hugging_face_and_saved_int8_folders_are_cut_per_rank(tmp_path):
+def test_hugging_face_and_saved_int8_and_int4_folders_are_cut_per_rank(tmp_path):
     from test_hf_checkpoint import hf_model
 
     hf_dir = tmp_path / "hf"
@@ -174,18 +174,20 @@ def test_hugging_face_and_saved_int8_folders_are_cut_per_rank(tmp_path):
     from llama3_raw.checkpoints import default_tokenizer_path
     from llama3_raw.checkpoints.quantized import save_quantized_checkpoint
     from llama3_raw.quantize import quantize_weights
-    p = TINY_GQA
+    # FFN hidden size 256: each rank's 128 inputs of w2 are 4 int4 groups of 32; 4 kv heads: 16 rows of wk per rank
+    p = dict(TINY_GQA, multiple_of=64, n_kv_heads=4)
     source = write_checkpoint(tmp_path / "bf16", p, random_state_dict(p, seed=15), tokenizer=None)
     (source / "tokenizer.model").write_text("")  # the saver copies it; nothing here reads it
     whole = load_checkpoint(source, show_progress=False)
-    int8_dir = save_quantized_checkpoint(quantize_weights(whole.weights), whole.params, "int8",
-                                         default_tokenizer_path(source), tmp_path / "int8")
-    spawn(ours_worker, 2, str(int8_dir), str(tmp_path / "int8.pt"), torch.bfloat16)
-    ranked = torch.load(tmp_path / "int8.pt", weights_only=True)
-    alone_ckpt = load_checkpoint(int8_dir, show_progress=False)
-    alone = greedy_run(cast_weights(alone_ckpt.weights, torch.bfloat16, "cpu"), alone_ckpt.params, dtype=torch.bfloat16)
-    scale = alone["prefill"].abs().max()
-    assert (ranked["prefill"] - alone["prefill"]).abs().max() <= 0.02 * scale  # bf16 partial sums, added in bf16
+    for scheme in ("int8", "int4"):  # int4: rows and whole groups of columns cut from the stored layout
+        saved = save_quantized_checkpoint(quantize_weights(whole.weights, torch.bfloat16, scheme), whole.params, scheme,
+                                          default_tokenizer_path(source), tmp_path / scheme)
+        spawn(ours_worker, 2, str(saved), str(tmp_path / f"{scheme}.pt"), torch.bfloat16)
+        ranked = torch.load(tmp_path / f"{scheme}.pt", weights_only=True)
+        alone_ckpt = load_checkpoint(saved, show_progress=False)
+        alone = greedy_run(cast_weights(alone_ckpt.weights, torch.bfloat16, "cpu"), alone_ckpt.params, dtype=torch.bfloat16)
+        scale = alone["prefill"].abs().max()
+        assert (ranked["prefill"] - alone["prefill"]).abs().max() <= 0.02 * scale  # bf16 partial sums, added in bf16
 
 
 def test_int8_of_a_rank_slice_stays_within_one_step_of_the_merged_quantization():

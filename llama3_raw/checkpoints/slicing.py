@@ -19,7 +19,7 @@ import torch
 from ..errors import UserError
 from ..parallel import Ranks
 from ..params import ModelParams
-from ..quantize import Int4Weight, Int8Weight
+from ..quantize import Int4Weight, Int8Weight, check_int4_shape
 from .meta import read_state_dict
 from .shards import split_dim
 
@@ -133,6 +133,7 @@ def slice_whole(weights: dict, params: ModelParams, ranks: Ranks, copy: bool = F
     out = {}
     for key, full_shape in params.weight_shapes().items():
         if key in weights:
+            check_int4_part(key, weights[key], *rank_range(key, full_shape, params, ranks))
             part = slice_weight(weights[key], *rank_range(key, full_shape, params, ranks))
             out[key] = part.clone() if copy and isinstance(part, torch.Tensor) and part is not weights[key] else part
     return out
@@ -145,10 +146,6 @@ def slice_weight(weight, dim: int | None, start: int, stop: int):
         scales = weight.scales if dim != 0 else weight.scales[start:stop]
         return Int8Weight(slice_of(weight.values, dim, start, stop), scales)
     if isinstance(weight, Int4Weight):
-        if dim == 1 and (start % weight.group_size or stop % weight.group_size):
-            raise UserError(f"a rank's {stop - start} of the {weight.in_features} inputs of an int4 matrix do not "
-                            f"split into its groups of {weight.group_size}; run on fewer ranks, or save the int4 "
-                            f"weights again with a smaller --group-size.")
         if dim == 0:
             return Int4Weight(weight.packed[start:stop], weight.scales_and_zeros[:, start:stop], weight.in_features)
         if dim == 1:
@@ -156,3 +153,16 @@ def slice_weight(weight, dim: int | None, start: int, stop: int):
             return Int4Weight(weight.packed[:, start // 2:stop // 2], weight.scales_and_zeros[groups], stop - start)
         return weight
     return slice_of(weight, dim, start, stop)
+
+
+def check_int4_part(key: str, weight, dim: int | None, start: int, stop: int) -> None:
+    """A rank's part of a saved int4 matrix must keep whole groups and suit the int4 kernels."""
+    if not isinstance(weight, Int4Weight) or dim is None:
+        return
+    shape = (stop - start, weight.in_features) if dim == 0 else (weight.shape[0], stop - start)
+    problem = check_int4_shape(shape, weight.group_size)
+    if dim == 1 and start % weight.group_size:
+        problem = f"its inputs from {start} on do not start a group of {weight.group_size}"
+    if problem:
+        raise UserError(f"a rank's part of the int4 matrix {key} cannot be multiplied: {problem}; run on fewer ranks, "
+                        f"or save the int4 weights again with a smaller --group-size.")
