@@ -8,12 +8,23 @@ fastest for the case at hand, so model.py can read as Llama 3 and call one `matm
   because decoding reads every weight once per token and that read sets decode speed;
 - an int8 weight (quantize.py): `int8_matmul`, which reads the int8 bytes instead of a bf16 matrix;
 - an int4 weight (quantize.py): `int4_matmul`, which reads the 4-bit bytes.
+
+Optional: the compiled one-row products of ./matvec (`pip install --no-build-isolation ./matvec`), which read
+bf16 and int8 weights at the speed of memory where PyTorch's own run out of arithmetic first. Used when
+installed and the CPU has AVX-512 BF16, unless LLAMA3_RAW_COMPILED=0; PyTorch's products are the fallback
+and the reference they are tested against.
 """
 
 import contextlib
 import math
+import os
 
 import torch
+
+try:
+    import llama3_raw_matvec as compiled
+except ImportError:  # not built: PyTorch's own products serve
+    compiled = None
 
 from .int4_layouts import cpu_block_rows, cpu_unpack
 from .quantize import Int4Weight, Int8Weight, dequantize_int4
@@ -21,6 +32,7 @@ from .quantize import Int4Weight, Int8Weight, dequantize_int4
 Tensor = torch.Tensor
 Weight = Tensor | Int8Weight | Int4Weight  # a matrix (out, in) as stored, or its int8 / int4 form (quantize.py)
 
+INT8_KERNEL_COLUMNS = 16  # _weight_int8pack_mm multiplies correctly only inputs that come in whole tiles of these
 DEQUANTIZE_ELEMENTS = 1 << 22  # weights converted to bf16 at a time in a many-row int8 product: 8 MB
 
 
@@ -35,6 +47,12 @@ def matmul(x: Tensor, w: Weight) -> Tensor:
     return x @ w.T
 
 
+def compiled_kernels():
+    """The compiled one-row products when installed, usable on this CPU and not switched off; else None."""
+    usable = compiled is not None and compiled.supported() and os.environ.get("LLAMA3_RAW_COMPILED", "1") != "0"
+    return compiled if usable else None
+
+
 def row_times_matrix(x: Tensor, w: Tensor) -> Tensor:
     """x @ w.T for a single row of activations on the CPU, with the kernels that stream weights fastest.
 
@@ -46,6 +64,8 @@ def row_times_matrix(x: Tensor, w: Tensor) -> Tensor:
     batch of row blocks (blocks, out/blocks, in) -- a view, no copy -- it is shared out among the
     threads. Each output is still the dot product of one weight row with x.
     """
+    if x.dtype == w.dtype == torch.bfloat16 and w.is_contiguous() and compiled_kernels():
+        return compiled_kernels().bf16_matvec(x.reshape(-1), w).view(*x.shape[:-1], -1)  # ~ the speed of memory
     threads = torch.get_num_threads()
     blocks = 1
     if x.dtype == torch.float32 and threads > 1 and w.is_contiguous():
@@ -71,8 +91,12 @@ def without_onednn():
 def int8_matmul(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
     """x @ dequantize(w).T: (..., in) -> (..., out), with x in the weight's compute dtype."""
     rows = x.reshape(-1, x.shape[-1])  # (N, in)
-    if rows.shape[0] == 1 and x.device.type == "cpu":
+    if rows.shape[0] == 1 and x.device.type == "cpu" and w.values.is_contiguous() and compiled_kernels():
+        out = compiled_kernels().int8_matvec(rows[0], w.values, w.scales).view(1, -1)  # (1, out)
+    elif rows.shape[0] == 1 and x.device.type == "cpu" and w.shape[1] % INT8_KERNEL_COLUMNS == 0:
         # values.T converted one tile at a time inside the kernel, then each output column times its scale.
+        # (Only for whole tiles of inputs: with any other count PyTorch 2.13's kernel reads past the row, giving
+        # wrong sums or a crash -- measured with 36, 100 and 2050 inputs; 48, 96, 128 are right.)
         out = torch._weight_int8pack_mm(rows, w.values, w.scales)  # (1, out)
     else:
         # Many rows: convert a block of weight rows to the compute dtype, multiply, next block. Each conversion

@@ -111,6 +111,19 @@ def test_int8_matmul_kernel_and_dequantized_formula_agree(monkeypatch):
     torch.testing.assert_close(in_blocks.float(), many_rows.float(), rtol=0, atol=tolerance)
 
 
+@pytest.mark.parametrize("rows, cols", [(7, 100), (16, 36), (24, 2050), (8, 48)])
+def test_int8_one_row_products_are_right_for_any_input_count(rows, cols):
+    """PyTorch 2.13's _weight_int8pack_mm reads past the row unless the inputs come in whole tiles of 16 (wrong sums,
+    or a segmentation fault, with 36, 100 or 2050 inputs): such matrices (a model trained here with an unusual
+    size) must take the other path and still be right."""
+    w = quantize_int8(torch.randn(rows, cols, generator=torch.Generator().manual_seed(cols)), torch.bfloat16)
+    expected = dequantize(w).float()
+    for seed in range(20):  # the misreads depend on what lies past the row; a few tries catch them
+        x = torch.randn(1, cols, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+        reference = x.float() @ expected.T
+        torch.testing.assert_close(int8_matmul(x, w).float(), reference, rtol=0, atol=0.01 * reference.abs().max().item())
+
+
 def test_int8_model_within_tolerance_of_bf16(gqa_checkpoint):
     ckpt_dir, _, _ = gqa_checkpoint
     ckpt = load_checkpoint(ckpt_dir, show_progress=False)
