@@ -8,23 +8,12 @@ fastest for the case at hand, so model.py can read as Llama 3 and call one `matm
   because decoding reads every weight once per token and that read sets decode speed;
 - an int8 weight (quantize.py): `int8_matmul`, which reads the int8 bytes instead of a bf16 matrix;
 - an int4 weight (quantize.py): `int4_matmul`, which reads the 4-bit bytes.
-
-Optional: the compiled one-row products of ./matvec (`pip install --no-build-isolation ./matvec`), which read
-bf16 and int8 weights at the speed of memory where PyTorch's own run out of arithmetic first. Used when
-installed and the CPU has AVX-512 BF16, unless LLAMA3_RAW_COMPILED=0; PyTorch's products are the fallback
-and the reference they are tested against.
 """
 
 import contextlib
 import math
-import os
 
 import torch
-
-try:
-    import llama3_raw_matvec as compiled
-except ImportError:  # not built: PyTorch's own products serve
-    compiled = None
 
 from .int4_layouts import cpu_block_rows, cpu_unpack
 from .quantize import Int4Weight, Int8Weight, dequantize_int4
@@ -47,12 +36,6 @@ def matmul(x: Tensor, w: Weight) -> Tensor:
     return x @ w.T
 
 
-def compiled_kernels():
-    """The compiled one-row products when installed, usable on this CPU and not switched off; else None."""
-    usable = compiled is not None and compiled.supported() and os.environ.get("LLAMA3_RAW_COMPILED", "1") != "0"
-    return compiled if usable else None
-
-
 def row_times_matrix(x: Tensor, w: Tensor) -> Tensor:
     """x @ w.T for a single row of activations on the CPU, with the kernels that stream weights fastest.
 
@@ -64,8 +47,6 @@ def row_times_matrix(x: Tensor, w: Tensor) -> Tensor:
     batch of row blocks (blocks, out/blocks, in) -- a view, no copy -- it is shared out among the
     threads. Each output is still the dot product of one weight row with x.
     """
-    if x.dtype == w.dtype == torch.bfloat16 and w.is_contiguous() and compiled_kernels():
-        return compiled_kernels().bf16_matvec(x.reshape(-1), w).view(*x.shape[:-1], -1)  # ~ the speed of memory
     threads = torch.get_num_threads()
     blocks = 1
     if x.dtype == torch.float32 and threads > 1 and w.is_contiguous():
@@ -91,9 +72,7 @@ def without_onednn():
 def int8_matmul(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
     """x @ dequantize(w).T: (..., in) -> (..., out), with x in the weight's compute dtype."""
     rows = x.reshape(-1, x.shape[-1])  # (N, in)
-    if rows.shape[0] == 1 and x.device.type == "cpu" and w.values.is_contiguous() and compiled_kernels():
-        out = compiled_kernels().int8_matvec(rows[0], w.values, w.scales).view(1, -1)  # (1, out)
-    elif rows.shape[0] == 1 and x.device.type == "cpu" and w.shape[1] % INT8_KERNEL_COLUMNS == 0:
+    if rows.shape[0] == 1 and x.device.type == "cpu" and w.shape[1] % INT8_KERNEL_COLUMNS == 0:
         # values.T converted one tile at a time inside the kernel, then each output column times its scale.
         # (Only for whole tiles of inputs: with any other count PyTorch 2.13's kernel reads past the row, giving
         # wrong sums or a crash -- measured with 36, 100 and 2050 inputs; 48, 96, 128 are right.)
