@@ -11,7 +11,9 @@ median and range of load seconds, peak RSS against the file size, prefill tokens
 (bandwidth / bytes of weights read per token): against the bandwidth each worker reads right after its
 own decode (the VM's bandwidth drifts by 2x within a minute), and against the highest reading of the
 run. "ours-int8" and "ours-int4" run the weights saved as `run.py --quantize int8|int4 --save-quantized`
-saves them (bench/out/ckpt-SHAPE-int8, -int4, written once). Output: bench/out/bench-SHAPE.{md,json,png}.
+saves them (bench/out/ckpt-SHAPE-int8, -int4, written once). "llamacpp" (optional: `python -m bench.llamacpp
+setup` builds it) adds llama.cpp's llama-bench on BF16, Q8_0 and Q4_0 GGUF conversions of the same
+checkpoint, and a table of ratios ours / llama.cpp (bench/llamacpp.py). Output: bench/out/bench-SHAPE.{md,json,png}.
 """
 
 import argparse
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from bench import llamacpp
 from bench.worker import read_bandwidth
 from llama3_raw.params import params_from_dict
 
@@ -40,6 +43,7 @@ SHAPES = {
 TIED = {"1b": True, "8b": False}  # Llama 3.2 1B ships without output.weight
 IMPL_NAMES = {"ours": "llama3_raw", "ours-int8": "llama3_raw int8", "ours-int4": "llama3_raw int4", "meta": "Meta reference",
               "hf": "HF transformers"}
+NAMES = {**IMPL_NAMES, **llamacpp.IMPL_NAMES}  # "--impls llamacpp" adds three rows (bench/llamacpp.py)
 FILL_ROWS = 4096  # random rows generated at a time while writing a checkpoint
 
 
@@ -113,7 +117,19 @@ def run_worker(impl: str, dtype: str, ckpt: Path, threads: int, args) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def summary(values: list[float]) -> dict:
+def impl_runs(impl: str, dtype: str, args, ckpt: Path, quantized_ckpts: dict[str, Path], ggufs: dict):
+    """One repetition's runs of an implementation at a dtype: a worker, or for "llamacpp" one llama-bench per
+    GGUF file, at the first dtype only (its weights have their own types)."""
+    if impl in quantized_ckpts and dtype != "bfloat16":
+        return []  # int8 / int4 weights with bf16 activations
+    if impl == "llamacpp":
+        return llamacpp.run_all(ggufs, args.threads, params_from_dict(SHAPES[args.shape])) if dtype == args.dtypes[0] else []
+    return [run_worker(impl, dtype, quantized_ckpts.get(impl, ckpt), args.threads, args)]
+
+
+def summary(values: list[float]) -> dict | None:
+    if None in values:  # not measured (llama-bench reports no load time)
+        return None
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
@@ -150,7 +166,9 @@ def shape_parameters(shape: str) -> int:
     return sum(math.prod(dims) for key, dims in shapes.items() if not (key == "output.weight" and TIED[shape]))
 
 
-def cell(s: dict, fmt: str) -> str:
+def cell(s: dict | None, fmt: str) -> str:
+    if s is None:
+        return "–"
     return f"{s['median']:{fmt}} ({s['min']:{fmt}}–{s['max']:{fmt}})"
 
 
@@ -169,7 +187,7 @@ def markdown_table(rows: list[dict], args, bandwidth: float, threads: int) -> st
         adjacent = (f"{cell(r['bandwidth_after_decode_gb_s'], '.1f')} | {percent_cell(r['fraction_of_ceiling'])}"
                     if r["fraction_of_ceiling"] else "– | –")
         lines.append(
-            f"| {IMPL_NAMES[r['impl']]} | {r['dtype']} | {r['file_gb']:.2f} | {cell(r['load_s'], '.1f')} | {cell(r['peak_rss_gb'], '.2f')} | "
+            f"| {NAMES[r['impl']]} | {r['dtype']} | {r['file_gb']:.2f} | {cell(r['load_s'], '.1f')} | {cell(r['peak_rss_gb'], '.2f')} | "
             f"{cell(r['prefill_short_tok_s'], '.1f')} | {cell(r['prefill_long_tok_s'], '.1f')} | "
             f"{cell(r['decode_tok_s'], '.2f')} | {adjacent} | {r['fraction_of_overall_ceiling']:.0%} "
             f"(ceiling {r['ceiling_tok_s']:.2f} tok/s) |")
@@ -187,9 +205,11 @@ def bar_chart(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    short_names = {"ours": "ours", "ours-int8": "ours int8", "ours-int4": "ours int4", "meta": "Meta", "hf": "HF"}
+    short_names = {"ours": "ours", "ours-int8": "ours int8", "ours-int4": "ours int4", "meta": "Meta", "hf": "HF",
+                   **llamacpp.SHORT_NAMES}
     labels = [f"{short_names[r['impl']]}\n{r['dtype'].replace('bfloat16', 'bf16').replace('float32', 'fp32')}" for r in rows]
-    colors = {"ours": "tab:blue", "ours-int8": "tab:cyan", "ours-int4": "tab:purple", "meta": "tab:orange", "hf": "tab:green"}
+    colors = {"ours": "tab:blue", "ours-int8": "tab:cyan", "ours-int4": "tab:purple", "meta": "tab:orange", "hf": "tab:green",
+              **llamacpp.COLORS}
     for ax, key, name in ((axes[0], "decode_tok_s", "decode tok/s"), (axes[1], "prefill_long_tok_s", "prefill tok/s (512 tokens)")):
         medians = [r[key]["median"] for r in rows]
         errors = [[r[key]["median"] - r[key]["min"] for r in rows], [r[key]["max"] - r[key]["median"] for r in rows]]
@@ -211,7 +231,8 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=SHAPES, default="1b")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
-    parser.add_argument("--impls", nargs="+", default=["ours", "meta", "hf", "ours-int8", "ours-int4"], choices=list(IMPL_NAMES))
+    parser.add_argument("--impls", nargs="+", default=["ours", "meta", "hf", "ours-int8", "ours-int4"],
+                        choices=[*IMPL_NAMES, "llamacpp"])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for every run (default: all cores)")
     parser.add_argument("--short-prompt", type=int, default=17, help=argparse.SUPPRESS)
@@ -222,6 +243,8 @@ def main() -> None:
     if args.reps < 1 or args.threads < 1 or args.long_prompt < 2 or args.decode_steps < 1:
         print("error: --reps, --threads and --decode-steps must be at least 1 and --long-prompt at least 2.", file=sys.stderr)
         raise SystemExit(2)
+    if "llamacpp" in args.impls:
+        llamacpp.require_build()
 
     t0 = time.perf_counter()
     ckpt = write_random_checkpoint(args.out / f"ckpt-{args.shape}", args.shape)
@@ -232,24 +255,23 @@ def main() -> None:
             quantized_ckpts[f"ours-{scheme}"], quantize_s[scheme] = write_quantized_checkpoint(ckpt, scheme)
             print(f"{scheme} checkpoint {quantized_ckpts[f'ours-{scheme}']} ready" +
                   (f", quantized and saved in {quantize_s[scheme]:.0f}s" if quantize_s[scheme] else ""), file=sys.stderr)
+    ggufs = llamacpp.write_ggufs(ckpt, args.threads) if "llamacpp" in args.impls else {}
     bandwidths = [read_bandwidth(args.threads)]
     runs: dict[tuple[str, str], list[dict]] = {}
     for rep in range(args.reps):
         for dtype in args.dtypes:
             for impl in args.impls:
-                if impl in quantized_ckpts and dtype != "bfloat16":
-                    continue  # int8 / int4 weights with bf16 activations
-                result = run_worker(impl, dtype, quantized_ckpts.get(impl, ckpt), args.threads, args)
-                runs.setdefault((impl, dtype), []).append(result)
-                print(f"rep {rep + 1}: {impl} {dtype}: decode {result['decode_tok_s']:.2f} tok/s, prefill "
-                      f"{result['prefill_long_tok_s']:.1f} tok/s, peak RSS {result['peak_rss_bytes'] / 1e9:.2f} GB "
-                      f"[{time.perf_counter() - t0:.0f}s]", file=sys.stderr)
+                for result in impl_runs(impl, dtype, args, ckpt, quantized_ckpts, ggufs):
+                    runs.setdefault((result["impl"], result["dtype"]), []).append(result)
+                    print(f"rep {rep + 1}: {result['impl']} {result['dtype']}: decode {result['decode_tok_s']:.2f} tok/s, prefill "
+                          f"{result['prefill_long_tok_s']:.1f} tok/s, peak RSS {result['peak_rss_bytes'] / 1e9:.2f} GB "
+                          f"[{time.perf_counter() - t0:.0f}s]", file=sys.stderr)
     bandwidths.append(read_bandwidth(args.threads))  # before and after, and each worker's after its decode:
     bandwidths += [r["bandwidth_after_decode"] for group in runs.values() for r in group if r["bandwidth_after_decode"]]
     bandwidth = max(bandwidths)  # the highest reading sets the run's overall ceiling
 
     rows = [summarise(r, bandwidth) for r in runs.values()]
-    markdown = markdown_table(rows, args, bandwidth, args.threads)
+    markdown = markdown_table(rows, args, bandwidth, args.threads) + llamacpp.ratio_table(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"bench-{args.shape}.md").write_text(markdown + "\n")
     (args.out / f"bench-{args.shape}.json").write_text(json.dumps(

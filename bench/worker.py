@@ -131,9 +131,9 @@ def hf_state_dict(weights: dict, params: ModelParams) -> dict:
     return state
 
 
-def hugging_face(weights: dict, params: ModelParams, dtype: torch.dtype, tied: bool):
-    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+def hf_config(params: ModelParams, dtype: torch.dtype, tied: bool):
+    """The transformers LlamaConfig of `params` (Llama 3.1 RoPE scaling when use_scaled_rope)."""
+    from transformers import LlamaConfig
 
     rope = {"rope_type": "default", "rope_theta": params.rope_theta}
     if params.use_scaled_rope:
@@ -144,7 +144,15 @@ def hugging_face(weights: dict, params: ModelParams, dtype: torch.dtype, tied: b
         vocab_size=params.vocab_size, hidden_size=params.dim, intermediate_size=params.ffn_hidden_dim,
         num_hidden_layers=params.n_layers, num_attention_heads=params.n_heads, num_key_value_heads=params.n_kv_heads,
         rms_norm_eps=params.norm_eps, max_position_embeddings=params.context_len, rope_parameters=rope,
-        tie_word_embeddings=tied, torch_dtype=dtype)
+        tie_word_embeddings=tied, torch_dtype=dtype, architectures=["LlamaForCausalLM"])
+    return config
+
+
+def hugging_face(weights: dict, params: ModelParams, dtype: torch.dtype, tied: bool):
+    from transformers import DynamicCache, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = hf_config(params, dtype, tied)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model.load_state_dict(hf_state_dict(weights, params), strict=True, assign=True)

@@ -1,0 +1,148 @@
+"""bench/llamacpp.py, llama.cpp's rows in the benchmark: the parts that need no llama.cpp (reading llama-bench's
+JSON, the launcher's peak RSS, the refusal without a build, the ratio table) always run; the GGUF conversion and a
+llama-bench run on a tiny checkpoint run only where `python -m bench.llamacpp setup` has built llama.cpp."""
+
+import ctypes
+import importlib
+import json
+import subprocess
+import sys
+import types
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import TINY_MHA_SCALED, write_random_checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import bench.__main__ as bench_main  # noqa: E402
+from bench import llamacpp  # noqa: E402
+
+# Captured from `llama-bench -m q4_0.gguf -p 512 -n 64 -t 2 -r 1 -o json`, built by `python -m bench.llamacpp setup`
+# from llama-cpp-python 0.3.36's vendored llama.cpp on this project's 2-core VM (the bench's random 1B shape);
+# cut to the fields a reader may want, values as printed.
+LLAMA_BENCH_SAMPLE = """[
+  {"build_commit": "0c1e570", "build_number": 1, "cpu_info": "AMD EPYC", "backends": "CPU",
+   "model_filename": "bench/out/ckpt-1b-gguf/q4_0.gguf", "model_type": "llama 1B Q4_0", "model_size": 763097216,
+   "model_n_params": 1235814432, "n_batch": 2048, "n_ubatch": 512, "n_threads": 2, "type_k": "f16", "type_v": "f16",
+   "flash_attn": -1, "repack": true, "n_prompt": 512, "n_gen": 0, "n_depth": 0, "test_time": "2026-11-25T23:10:24Z",
+   "avg_ns": 9283792282, "stddev_ns": 0, "avg_ts": 55.149877, "stddev_ts": 0.000000,
+   "samples_ns": [ 9283792282 ], "samples_ts": [ 55.1499 ]},
+  {"build_commit": "0c1e570", "build_number": 1, "cpu_info": "AMD EPYC", "backends": "CPU",
+   "model_filename": "bench/out/ckpt-1b-gguf/q4_0.gguf", "model_type": "llama 1B Q4_0", "model_size": 763097216,
+   "model_n_params": 1235814432, "n_batch": 2048, "n_ubatch": 512, "n_threads": 2, "type_k": "f16", "type_v": "f16",
+   "flash_attn": -1, "repack": true, "n_prompt": 0, "n_gen": 64, "n_depth": 0, "test_time": "2026-11-25T23:10:42Z",
+   "avg_ns": 10520597896, "stddev_ns": 0, "avg_ts": 6.083304, "stddev_ts": 0.000000,
+   "samples_ns": [ 10520597896 ], "samples_ts": [ 6.0833 ]}
+]"""
+BUILT = llamacpp.missing_build() is None
+
+
+def test_llama_bench_json_gives_prefill_and_decode_speed():
+    timing = llamacpp.parse_llama_bench(LLAMA_BENCH_SAMPLE)
+    assert timing["prefill_tok_s"] == pytest.approx(55.149877) and timing["n_prompt"] == 512
+    assert timing["decode_tok_s"] == pytest.approx(6.083304) and timing["n_gen"] == 64
+    assert timing["model_size"] == 763097216 and timing["build_commit"] == "0c1e570"
+    with pytest.raises(ValueError, match="one prompt and one generation test"):
+        llamacpp.parse_llama_bench(json.dumps(json.loads(LLAMA_BENCH_SAMPLE)[:1]))
+
+
+def test_launcher_reports_the_peak_rss_of_its_child_not_of_the_bench():
+    ballast = b"x" * (300 << 20)  # the bench's own memory, which a child of the bench would report as its peak
+    child = [sys.executable, "-c", "import sys; data = b'y' * (100 << 20); sys.exit(3)"]
+    result = subprocess.run([sys.executable, "-S", "-c", llamacpp.LAUNCHER, *child], capture_output=True, text=True)
+    assert result.returncode == 3 and len(ballast) > 0
+    assert 100 << 20 < llamacpp.parse_peak_rss(result.stderr) < 250 << 20
+
+
+def test_bench_without_a_build_stops_in_one_sentence(tmp_path, monkeypatch, capsys):
+    for name in ("BIN", "SOURCE", "PYDEPS"):
+        monkeypatch.setattr(llamacpp, name, tmp_path / name)
+    monkeypatch.setattr(sys, "argv", ["python -m bench", "--impls", "ours", "llamacpp", "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as stop:
+        bench_main.main()
+    assert stop.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert "\n" not in message and message.count(". ") == 0 and message.endswith(".")
+    assert "python -m bench.llamacpp setup" in message and "cmake" in message and "llama-bench" in message
+    assert not (tmp_path / "out").exists()  # stopped before writing a checkpoint
+
+
+def fake_run(impl: str, dtype: str, decode: float, prefill: float, rss_gb: float, file_gb: float, per_token: float,
+             load_s: float | None = 1.0) -> dict:
+    return {"impl": impl, "dtype": dtype, "load_s": load_s, "peak_rss_bytes": rss_gb * 1e9, "file_bytes": file_gb * 1e9,
+            "kv_cache_bytes": 0, "prefill_short_tok_s": None if load_s is None else 2 * prefill,
+            "prefill_long_tok_s": prefill, "decode_tok_s": decode, "bytes_per_token": per_token * 1e9,
+            "bandwidth_after_decode": 10e9}
+
+
+def test_ratio_table_pairs_whichever_of_our_widths_ran():
+    runs = [[fake_run("ours", "float32", 2.0, 50.0, 5.0, 2.5, 5.0)], [fake_run("ours", "bfloat16", 4.0, 60.0, 2.6, 2.5, 2.5)],
+            [fake_run("ours-int4", "bfloat16", 12.0, 30.0, 1.0, 1.0, 0.8)],
+            [fake_run("llamacpp-bf16", "BF16", 5.0, 120.0, 2.6, 2.5, 2.5, load_s=None)],
+            [fake_run("llamacpp-q8_0", "Q8_0", 8.0, 150.0, 1.4, 1.3, 1.3, load_s=None)],
+            [fake_run("llamacpp-q4_0", "Q4_0", 10.0, 100.0, 0.8, 0.8, 0.8, load_s=None)]]
+    rows = [bench_main.summarise(group, 20e9) for group in runs]
+    lines = llamacpp.ratio_table(rows).splitlines()
+    bf16 = [line for line in lines if line.startswith("| bf16 |")]
+    int4 = [line for line in lines if line.startswith("| int4 |")]
+    assert bf16 == ["| bf16 | ours vs llama.cpp BF16 | 0.80× | 0.50× | 1.00× | 1.00× | 1.00× | 50% vs 62% |"]
+    assert int4 == ["| int4 | ours-int4 vs llama.cpp Q4_0 | 1.20× | 0.30× | 1.25× | 1.25× | 1.00× | 48% vs 40% |"]
+    assert not any(line.startswith("| int8 |") for line in lines)  # no ours-int8 row: no pair
+    assert llamacpp.ratio_table(rows[:1] + rows[3:]) == ""  # ours in float32 only: nothing like with like
+
+    args = Namespace(shape="1b", reps=1, short_prompt=17, long_prompt=512, decode_steps=32)
+    table = bench_main.markdown_table([rows[1], rows[3]], args, 20e9, 2)
+    assert "| llama.cpp BF16 | BF16 | 2.50 | – | 2.60 (2.60–2.60) | – | 120.0 (120.0–120.0) |" in table
+
+
+def llamacpp_logits(gguf: Path, prompt: list[int], monkeypatch) -> torch.Tensor:
+    """Last-position logits from the libllama built beside llama-bench, through llama-cpp-python 0.3.36's own
+    ctypes bindings in the sdist (imported without the package's __init__, which needs more than they do)."""
+    package = types.ModuleType("llama_cpp")
+    package.__path__ = [str(llamacpp.SOURCE.parent.parent / "llama_cpp")]
+    monkeypatch.setitem(sys.modules, "llama_cpp", package)
+    monkeypatch.setenv("LLAMA_CPP_LIB_PATH", str(llamacpp.BIN))
+    ll = importlib.import_module("llama_cpp.llama_cpp")
+    ll.llama_backend_init()
+    model = ll.llama_model_load_from_file(str(gguf).encode(), ll.llama_model_default_params())
+    params = ll.llama_context_default_params()
+    params.n_ctx, params.n_threads, params.n_threads_batch = 64, 2, 2
+    context = ll.llama_init_from_model(model, params)
+    assert ll.llama_decode(context, ll.llama_batch_get_one((ll.llama_token * len(prompt))(*prompt), len(prompt))) == 0
+    n_vocab = ll.llama_vocab_n_tokens(ll.llama_model_get_vocab(model))
+    logits = torch.tensor(ctypes.cast(ll.llama_get_logits_ith(context, -1), ctypes.POINTER(ctypes.c_float))[:n_vocab])
+    ll.llama_free(context)
+    ll.llama_model_free(model)
+    return logits
+
+
+@pytest.mark.skipif(not BUILT, reason="llama.cpp not built (python -m bench.llamacpp setup)")
+def test_gguf_files_compute_the_checkpoints_function(tmp_path, monkeypatch):
+    """The 1B shape's case, tiny: Llama 3.1 RoPE scaling and a tied output (about a minute: gguf-py reads the
+    vocabulary slowly). The same with TINY_GQA and an output matrix of its own passed when it was written."""
+    from llama3_raw import cast_weights, load_checkpoint
+    from llama3_raw.model import forward
+
+    ckpt = write_random_checkpoint(tmp_path / "ckpt", TINY_MHA_SCALED, seed=5, with_output=False)
+    paths = llamacpp.write_ggufs(ckpt, threads=2)
+    assert not (tmp_path / "ckpt-gguf" / "hf").exists()
+    errors = llamacpp.tensor_errors(ckpt, paths["llamacpp-bf16"])
+    assert set(errors.values()) == {0.0}  # wq/wk included: Hugging Face's permutation undone by llama.cpp's
+
+    checkpoint = load_checkpoint(ckpt, show_progress=False)
+    prompt = [128000] + [(7919 * i) % 120000 + 500 for i in range(30)]
+    ours = forward(cast_weights(checkpoint.weights, torch.float32, "cpu"), checkpoint.params, torch.tensor([prompt]),
+                   last_only=True)[0][0, -1]
+    theirs = llamacpp_logits(paths["llamacpp-bf16"], prompt, monkeypatch)
+    assert float((theirs - ours).norm() / ours.norm()) < 0.02
+
+    per_token, by_type = llamacpp.bytes_read_per_token(paths["llamacpp-q8_0"])
+    assert per_token == sum(by_type.values()) > 0 and set(by_type) == {"F32", "Q8_0"}  # tied: token_embd is read
+    monkeypatch.setattr(llamacpp, "PROMPT", 32)
+    monkeypatch.setattr(llamacpp, "GENERATE", 8)
+    run = llamacpp.run_llama_bench("llamacpp-q8_0", paths["llamacpp-q8_0"], 2, checkpoint.params)
+    assert run["llama_bench"]["n_prompt"] == 32 and run["decode_steps"] == 8 and run["bytes_per_token"] == per_token
+    assert run["decode_tok_s"] > 0 and run["prefill_long_tok_s"] > 0 and 0 < run["peak_rss_bytes"] < 2e9
