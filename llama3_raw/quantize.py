@@ -186,10 +186,12 @@ def quantize_int4(w: torch.Tensor, group_size: int, dtype: torch.dtype = torch.b
 
 def dequantize_int4(values: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
     """Rows of an int4 matrix: values 0..15 (rows, in) and their scales and zeros (in/g, rows, 2) -> (rows, in)."""
-    groups = values.view(values.shape[0], scales_and_zeros.shape[0], -1).float()  # (rows, groups, g)
-    scale, zero = scales_and_zeros.float().transpose(0, 1).unsqueeze(-1).unbind(dim=-2)  # each (rows, groups, 1)
-    # In float32, as the kernels compute each weight, then rounded once to the compute dtype.
-    return ((groups - INT4_MIDDLE) * scale + zero).view(values.shape).to(scales_and_zeros.dtype)
+    scale, zero = scales_and_zeros.float().permute(1, 0, 2).contiguous().unbind(dim=-1)  # each (rows, groups)
+    # In float32, as the kernels compute each weight, then rounded once to the compute dtype; in place, and
+    # as q * scale + (zero - 8 * scale), so that the float32 copy is made and walked once.
+    weights = values.view(values.shape[0], scale.shape[1], -1).float()  # (rows, groups, g)
+    weights.mul_(scale.unsqueeze(-1)).add_((zero - INT4_MIDDLE * scale).unsqueeze(-1))
+    return weights.view(values.shape).to(scales_and_zeros.dtype)
 
 
 def check_int4_shape(shape: tuple[int, int], group_size: int) -> str | None:

@@ -24,7 +24,9 @@ import torch
 
 from helpers import TINY_GQA, random_state_dict, write_checkpoint
 from llama3_raw import cast_weights, kernels, load_checkpoint
-from llama3_raw.int4_layouts import cpu_block_rows, cpu_unpack, pack_for_cpu, plain_from_values, values_from_plain
+from llama3_raw.checkpoints.quantized import int4_weight
+from llama3_raw.int4_layouts import (BLOCK_CANDIDATES, cpu_block_rows, cpu_unpack, pack_for_cpu, plain_from_values,
+                                    values_from_plain)
 from llama3_raw.model import forward, new_kv_cache
 from llama3_raw.quantize import Int4Weight, dequantize, quantize_int4, quantize_weights
 
@@ -75,8 +77,9 @@ def test_int4_products_match_the_dequantized_formula(monkeypatch):
     tolerance = 0.01 * expected.abs().max().item()
     one_row = kernels.matmul(x[:, :1], w)  # decoding: PyTorch's int4 kernel
     torch.testing.assert_close(one_row.float(), expected[:, :1], rtol=0, atol=tolerance)
-    many_rows = kernels.matmul(x, w)  # a prompt: dequantized blocks times the ordinary multiply
-    torch.testing.assert_close(many_rows.float(), expected, rtol=0, atol=tolerance)
+    torch.testing.assert_close(kernels.matmul(x, w).float(), expected, rtol=0, atol=tolerance)  # a short prompt: the same
+    monkeypatch.setattr(kernels, "INT4_KERNEL_MAX_ROWS", 4)  # a long prompt: dequantized blocks, the ordinary multiply
+    torch.testing.assert_close(kernels.matmul(x, w).float(), expected, rtol=0, atol=tolerance)
     monkeypatch.setattr(kernels, "DEQUANTIZE_ELEMENTS", 64 * 128)  # blocks of 64 rows: two whole, one of 48
     torch.testing.assert_close(kernels.matmul(x, w).float(), expected, rtol=0, atol=tolerance)
 
@@ -120,6 +123,28 @@ def test_a_rank_slice_of_saved_int4_weights_is_the_slice_of_the_whole():
     check_int4_part("layers.0.attention.wo.weight", whole, 1, 128, 256)  # whole groups, 64 rows: fine
 
 
+def arranged(values: torch.Tensor, block_rows: int, halves: bool) -> torch.Tensor:
+    """Values 0..15 (out, in) in a CPU kernel's arrangement, written out from its description in PyTorch's
+    int4mm_kernel.cpp (blocks of rows; per input, byte j holds row j and row j + BLOCK_N/2, or rows 2j and 2j+1)."""
+    pieces, full = [], values.shape[0] // block_rows * block_rows
+    for start in range(0, full, block_rows):
+        block = values[start:start + block_rows].T  # (in, BLOCK_N)
+        low, high = (block[:, :block_rows // 2], block[:, block_rows // 2:]) if halves else (block[:, 0::2], block[:, 1::2])
+        pieces.append((low | high << 4).reshape(-1))
+    if values.shape[0] > full:
+        block = values[full:].T
+        pieces.append((block[:, 0::2] | block[:, 1::2] << 4).reshape(-1))
+    return torch.cat(pieces).view(values.shape[0], -1)
+
+
+def test_the_written_out_arrangement_is_pytorchs():
+    if cpu_block_rows() is None:
+        pytest.skip("this CPU's int4 arrangement is none that cpu_unpack knows")
+    q = torch.randint(0, 16, (176, 64), generator=torch.Generator().manual_seed(8), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    assert torch.equal(arranged(q.to(torch.uint8), *cpu_block_rows()).view(-1), packed.view(-1))
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, str(REPO / "run.py"), *map(str, args)], capture_output=True, text=True,
                           cwd=REPO, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, timeout=300)
@@ -138,21 +163,29 @@ def test_saved_int4_checkpoint_loads_as_the_same_int4_model(gqa_checkpoint, tmp_
     assert "with int4 weights" in first.stderr
     assert sorted(p.name for p in saved.iterdir()) == ["model.int4.pth", "params.json", "tokenizer.model"]
 
-    loaded = load_checkpoint(saved, show_progress=False)  # memory-mapped, weights_only, in the stored layout
+    # Memory-mapped, weights_only, and on this machine already in its CPU kernel's arrangement: no copy at all.
+    loaded = load_checkpoint(saved, show_progress=False)
     made_now = quantize_weights(load_checkpoint(ckpt_dir, show_progress=False).weights, torch.bfloat16, "int4")
     assert loaded.source_format == "int4" and list(loaded.weights) == list(made_now)
     for key, w in made_now.items():
         if isinstance(w, Int4Weight):
-            assert loaded.weights[key].layout == "plain" and w.layout == "cpu"  # made now: packed for the CPU kernel
-            assert torch.equal(loaded.weights[key].packed, w.plain())
+            assert loaded.weights[key].layout == w.layout == "cpu"
+            assert torch.equal(loaded.weights[key].packed, w.packed)
             assert torch.equal(loaded.weights[key].scales_and_zeros, w.scales_and_zeros)
+            assert cast_weights({key: loaded.weights[key]}, torch.bfloat16, "cpu")[key].packed is loaded.weights[key].packed
         else:
             assert torch.equal(loaded.weights[key], w)
     # Half a byte per quantized weight, 4 bytes per group for scale and zero, the rest in bf16: nothing else.
     payload = sum(w.nbytes if isinstance(w, Int4Weight) else 2 * w.numel() for w in made_now.values())
     assert payload <= (saved / "model.int4.pth").stat().st_size < payload + 200_000
-    packed = cast_weights(loaded.weights, torch.bfloat16, "cpu")["layers.0.feed_forward.w1.weight"]
-    assert packed.layout == "cpu" and torch.equal(packed.packed, made_now["layers.0.feed_forward.w1.weight"].packed)
+    state = torch.load(saved / "model.int4.pth", weights_only=True, mmap=True)
+    assert state["int4_cpu_arrangement"].tolist() == list(cpu_block_rows())
+    # Bytes saved by a machine whose CPU kernel arranges them otherwise are read back to the same values.
+    w1 = made_now["layers.0.feed_forward.w1.weight"]
+    for block_rows, halves in BLOCK_CANDIDATES:
+        elsewhere = int4_weight(arranged(values_from_plain(w1.plain()), block_rows, halves), w1.scales_and_zeros,
+                                (block_rows, halves))
+        assert torch.equal(elsewhere.plain(), w1.plain())
 
     second = run_cli("--ckpt-dir", saved, "--max-new-tokens", 6, "--json")
     assert second.returncode == 0, second.stderr

@@ -5,8 +5,11 @@ One torch.save'd dict of plain tensors (model.int8.pth or model.int4.pth) beside
 tokenizer.model, so that it loads as Meta's files do (memory-mapped, weights_only=True). A quantized matrix
 KEY is stored as
     int8: KEY (int8 values, (out, in)) and KEY.scales (one per row, (out,));
-    int4: KEY (uint8, two 4-bit values a byte in the plain layout of int4_layouts.py, (out, in/2)) and
-          KEY.scales_and_zeros ((in/group, out, 2)); the group size is in/group;
+    int4: KEY (uint8, two 4-bit values a byte, (out, in/2)) and KEY.scales_and_zeros ((in/group, out, 2));
+          the group size is in/group. The bytes are in the arrangement of the CPU kernel of the machine that
+          saved them, named by the tensor int4_cpu_arrangement (BLOCK_N, halves; int4_layouts.py), so that
+          a machine of the same kind maps them and multiplies from the file with no copy; elsewhere they
+          are rearranged once at load. Without that tensor, the plain layout;
 every other tensor under its own name.
 """
 
@@ -18,11 +21,13 @@ import torch
 from ..errors import UserError
 from ..files import atomic_folder, check_new_folder, write_json
 from ..params import ModelParams
+from ..int4_layouts import BLOCK_CANDIDATES, cpu_block_rows, cpu_unpack, plain_from_values
 from ..quantize import INT4_GROUP_SIZES, Int4Weight, Int8Weight, check_int4_shape, is_quantized_key
 
 QUANTIZED_FILES = {"int8": "model.int8.pth", "int4": "model.int4.pth"}
 SCALES_SUFFIX = {"int8": ".scales", "int4": ".scales_and_zeros"}
 BYTES_PER_PARAMETER = {"int8": 1.0, "int4": 0.5}
+CPU_ARRANGEMENT_KEY = "int4_cpu_arrangement"
 
 
 def quantized_file(ckpt_dir: Path) -> tuple[str, Path] | None:
@@ -32,15 +37,34 @@ def quantized_file(ckpt_dir: Path) -> tuple[str, Path] | None:
 
 def quantized_state_dict(weights: dict, scheme: str) -> dict[str, torch.Tensor]:
     """The weight dict flattened to plain tensors for torch.save (see the module's text)."""
+    int4_layouts = {w.layout for w in weights.values() if isinstance(w, Int4Weight)}
+    if int4_layouts - {"plain", "cpu"} or ("cpu" in int4_layouts and cpu_block_rows() is None):
+        raise UserError("--save-quantized writes int4 weights from the CPU, in an arrangement it knows; run it with "
+                        "--device cpu (the saved folder then loads on CUDA too).")
+    in_cpu_arrangement = int4_layouts == {"cpu"}
     state = {}
     for key, w in weights.items():
         if isinstance(w, Int8Weight):
             state[key], state[key + SCALES_SUFFIX[scheme]] = w.values.cpu(), w.scales.cpu()
         elif isinstance(w, Int4Weight):
-            state[key], state[key + SCALES_SUFFIX[scheme]] = w.plain().cpu(), w.scales_and_zeros.cpu()
+            state[key] = w.packed if in_cpu_arrangement else w.plain().cpu()
+            state[key + SCALES_SUFFIX[scheme]] = w.scales_and_zeros.cpu()
         else:
             state[key] = w.cpu()
+    if scheme == "int4" and in_cpu_arrangement:
+        state[CPU_ARRANGEMENT_KEY] = torch.tensor(cpu_block_rows())
     return state
+
+
+def stored_arrangement(state: dict, path: Path, again: str) -> tuple[int, bool] | None:
+    """The CPU arrangement the saved int4 bytes are in (removed from `state`), or None for the plain layout."""
+    stored = state.pop(CPU_ARRANGEMENT_KEY, None)
+    if stored is None:
+        return None
+    arrangement = tuple(stored.tolist()) if isinstance(stored, torch.Tensor) and stored.numel() == 2 else None
+    if arrangement not in [tuple(int(v) for v in c) for c in BLOCK_CANDIDATES]:
+        raise UserError(f"{path}: {CPU_ARRANGEMENT_KEY} is none of the arrangements PyTorch's int4 kernels use; {again}.")
+    return arrangement[0], bool(arrangement[1])
 
 
 def expected_tensors(params: ModelParams, scheme: str, state: dict) -> dict[str, tuple[tuple, torch.dtype | None]]:
@@ -67,6 +91,8 @@ def expected_tensors(params: ModelParams, scheme: str, state: dict) -> dict[str,
 def quantized_weights(state: dict[str, torch.Tensor], params: ModelParams, path: Path, scheme: str) -> dict:
     """A saved state dict (quantized_state_dict) checked key by key, as Int8Weight / Int4Weight matrices."""
     again = f"save the {scheme} weights again with run.py --quantize {scheme} --save-quantized"
+    state = dict(state)
+    arrangement = stored_arrangement(state, path, again) if scheme == "int4" else None
     expected = expected_tensors(params, scheme, state)
     missing = [k for k in expected if k not in state]
     extra = [k for k in state if k not in expected]
@@ -89,13 +115,25 @@ def quantized_weights(state: dict[str, torch.Tensor], params: ModelParams, path:
         elif scheme == "int8":
             weights[key] = Int8Weight(tensor, scales)
         else:
-            weights[key] = Int4Weight(tensor, scales, tensor.shape[1] * 2)
+            weights[key] = int4_weight(tensor, scales, arrangement)
             group_size = weights[key].group_size
             problem = (f"its group size {group_size} is none of {', '.join(map(str, INT4_GROUP_SIZES))}"
                        if group_size not in INT4_GROUP_SIZES else check_int4_shape(weights[key].shape, group_size))
             if problem:
                 raise UserError(f"{path}: {key} cannot be multiplied in int4: {problem}; {again}.")
     return weights
+
+
+def int4_weight(stored: torch.Tensor, scales_and_zeros: torch.Tensor, arrangement: tuple[int, bool] | None) -> Int4Weight:
+    """A saved int4 matrix: as mapped from the file when its bytes are in this machine's CPU arrangement,
+    else in the plain layout (rearranged now, if saved in another machine's arrangement)."""
+    in_features = stored.shape[1] * 2
+    if arrangement is None:
+        return Int4Weight(stored, scales_and_zeros, in_features)
+    if arrangement == cpu_block_rows():
+        return Int4Weight(stored, scales_and_zeros, in_features, "cpu")
+    values = cpu_unpack(stored.contiguous(), stored.shape[0], in_features, *arrangement)
+    return Int4Weight(plain_from_values(values), scales_and_zeros, in_features)
 
 
 def quantized_checkpoint_bytes(params: ModelParams, scheme: str, extra_bytes: int = 0) -> int:

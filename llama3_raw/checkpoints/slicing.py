@@ -19,6 +19,7 @@ import torch
 from ..errors import UserError
 from ..parallel import Ranks
 from ..params import ModelParams
+from ..int4_layouts import cpu_block_rows
 from ..quantize import Int4Weight, Int8Weight, check_int4_shape
 from .meta import read_state_dict
 from .shards import split_dim
@@ -146,6 +147,12 @@ def slice_weight(weight, dim: int | None, start: int, stop: int):
         scales = weight.scales if dim != 0 else weight.scales[start:stop]
         return Int8Weight(slice_of(weight.values, dim, start, stop), scales)
     if isinstance(weight, Int4Weight):
+        whole_blocks = cpu_block_rows() is not None and start % cpu_block_rows()[0] == 0 and (
+            stop % cpu_block_rows()[0] == 0 or stop == weight.shape[0])
+        if weight.layout == "cpu" and dim == 0 and whole_blocks:  # whole blocks of the CPU arrangement: a view
+            return Int4Weight(weight.packed[start:stop], weight.scales_and_zeros[:, start:stop], weight.in_features, "cpu")
+        if weight.layout == "cpu" and dim is not None:  # cut from the plain layout (a copy of this one matrix)
+            weight = Int4Weight(weight.plain(), weight.scales_and_zeros, weight.in_features)
         if dim == 0:
             return Int4Weight(weight.packed[start:stop], weight.scales_and_zeros[:, start:stop], weight.in_features)
         if dim == 1:
