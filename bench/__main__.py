@@ -217,6 +217,7 @@ def bar_chart(rows: list[dict], path: Path, title: str) -> None:
         if key == "decode_tok_s":  # the bandwidth ceiling of each bar's dtype, as a tick above it
             ax.scatter(range(len(rows)), [r["ceiling_tok_s"] for r in rows], marker="_", s=600, color="black",
                        label="bandwidth ceiling", zorder=3)
+            ax.set_ylim(top=1.25 * max(r["ceiling_tok_s"] for r in rows))  # room for the legend above every tick
             ax.legend(loc="upper left")
         ax.set_xticks(range(len(rows)), labels, fontsize=8)
         ax.set_ylabel(name)

@@ -82,11 +82,10 @@ def weight_bytes(weight, kind: str | None, shape: tuple[int, int]) -> int:
     return weight.nbytes
 
 
-def time_candidate(prepare, multiply, kind, shape, seconds: float = 1.0) -> float:
-    """GB/s of weights read by `multiply` over copies of a random matrix of `shape`."""
-    copies = max(2, COPIES_BYTES // (2 * shape[0] * shape[1]))
-    weights = [prepare((torch.randn(shape) * shape[1] ** -0.5).to(torch.bfloat16)) for _ in range(copies)]
-    x = torch.randn(1, shape[1]).to(torch.bfloat16)
+def time_candidate(prepare, multiply, kind, originals: list[torch.Tensor], seconds: float = 1.0) -> float:
+    """GB/s of weights read by `multiply` over `originals` (copies of a random matrix) in its own form."""
+    weights = [prepare(w) for w in originals]
+    x = torch.randn(1, originals[0].shape[1]).to(torch.bfloat16)
     with torch.no_grad():
         for w in weights[:2]:
             multiply(x, w)
@@ -96,7 +95,7 @@ def time_candidate(prepare, multiply, kind, shape, seconds: float = 1.0) -> floa
                 multiply(x, w)
             calls += len(weights)
         elapsed = time.perf_counter() - start
-    return calls * weight_bytes(weights[0], kind, shape) / elapsed / 1e9
+    return calls * weight_bytes(weights[0], kind, tuple(originals[0].shape)) / elapsed / 1e9
 
 
 def main() -> None:
@@ -112,8 +111,10 @@ def main() -> None:
     bandwidths = []
     for round_ in range(args.rounds):
         for shape_name, shape in SHAPES.items():
+            copies = max(2, COPIES_BYTES // (2 * shape[0] * shape[1]))
+            originals = [(torch.randn(shape) * shape[1] ** -0.5).to(torch.bfloat16) for _ in range(copies)]
             for name, (prepare, multiply, kind) in found.items():
-                results.setdefault((shape_name, name), []).append(time_candidate(prepare, multiply, kind, shape))
+                results.setdefault((shape_name, name), []).append(time_candidate(prepare, multiply, kind, originals))
             bandwidths.append(read_bandwidth(args.threads) / 1e9)
             print(f"round {round_ + 1}, {shape_name}: " + ", ".join(
                 f"{name} {results[(shape_name, name)][-1]:.1f}" for name in found) + f"; probe {bandwidths[-1]:.1f} GB/s",

@@ -1,7 +1,8 @@
-"""How much int8 weights change the model, against the same weights in bf16.
+"""How much int8 or int4 weights change the model, against the same weights in bf16.
 
-    python -m bench.int8_accuracy --ckpt-dir weights/shakespeare --text data/tinyshakespeare.txt
-    python -m bench.int8_accuracy --ckpt-dir bench/out/ckpt-1b
+    python -m bench.quantized_accuracy --ckpt-dir weights/shakespeare --text data/tinyshakespeare.txt
+    python -m bench.quantized_accuracy --ckpt-dir weights/shakespeare --text data/tinyshakespeare.txt --scheme int4 --group-size 64
+    python -m bench.quantized_accuracy --ckpt-dir bench/out/ckpt-1b
 
 Greedy-decodes --steps tokens with the bf16 weights, then feeds that same sequence to both models
 (teacher forcing, so one early difference does not derail the rest) and reports the top-1 agreement
@@ -33,13 +34,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=128)
     parser.add_argument("--prompt", default="ROMEO:\n")
     parser.add_argument("--window", type=int, default=256, help="scoring window in tokens")
+    parser.add_argument("--scheme", choices=["int8", "int4"], default="int8")
+    parser.add_argument("--group-size", type=int, default=32, help="int4: inputs per scale and zero")
     args = parser.parse_args()
 
     checkpoint = load_checkpoint(args.ckpt_dir, show_progress=False)
     params = checkpoint.params
     bf16 = cast_weights(checkpoint.weights, torch.bfloat16, "cpu")
     start = time.perf_counter()
-    int8 = quantize_weights(bf16, torch.bfloat16)
+    quantized = quantize_weights(bf16, torch.bfloat16, args.scheme, args.group_size)
     quantize_s = time.perf_counter() - start
     tokenizer = load_tokenizer(str(default_tokenizer_path(checkpoint.directory)))
 
@@ -48,12 +51,13 @@ def main() -> None:
     sequence = torch.tensor([prompt + greedy])  # (1, L)
     with torch.inference_mode():
         bf16_logits, _ = forward(bf16, params, sequence)  # (1, L, V)
-        int8_logits, _ = forward(int8, params, sequence)
+        quantized_logits, _ = forward(quantized, params, sequence)
     predicted = slice(len(prompt) - 1, sequence.shape[1] - 1)  # the positions that chose the greedy tokens
-    agreement = (bf16_logits[0, predicted].argmax(-1) == int8_logits[0, predicted].argmax(-1)).float().mean().item()
-    diff = (bf16_logits[0, predicted] - int8_logits[0, predicted]).abs()
+    agreement = (bf16_logits[0, predicted].argmax(-1) == quantized_logits[0, predicted].argmax(-1)).float().mean().item()
+    diff = (bf16_logits[0, predicted] - quantized_logits[0, predicted]).abs()
     result = {
-        "checkpoint": str(args.ckpt_dir), "positions": len(greedy), "top1_agreement": agreement,
+        "checkpoint": str(args.ckpt_dir), "scheme": args.scheme, "group_size": args.group_size if args.scheme == "int4" else None,
+        "positions": len(greedy), "top1_agreement": agreement,
         "max_logit_diff": diff.max().item(), "max_abs_logit_bf16": bf16_logits[0, predicted].abs().max().item(),
         "mean_logit_diff": diff.mean().item(), "quantize_s": quantize_s,
     }
@@ -61,7 +65,7 @@ def main() -> None:
         text = open(args.text, encoding="utf-8").read()
         validation = text[int(len(text) * (1 - VALIDATION_FRACTION)):]
         window = min(args.window, params.context_len)
-        for name, weights in (("bf16", bf16), ("int8", int8)):
+        for name, weights in (("bf16", bf16), (args.scheme, quantized)):
             with torch.inference_mode():
                 score = score_text(weights, params, tokenizer, validation, window, window // 2)
             result[f"nats_per_char_{name}"] = score.nats_per_char
