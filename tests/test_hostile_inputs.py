@@ -23,7 +23,7 @@ import torch
 import llama3_raw.tokenizer as tokenizer_module
 from helpers import OFFICIAL_TOKENIZER, TINY_GQA, random_state_dict, write_checkpoint, write_sharded_checkpoint
 from llama3_raw import UserError, load_checkpoint, train, train_tokenizer
-from llama3_raw.checkpoints import int8 as int8_module
+from llama3_raw.checkpoints import quantized as quantized_module
 from llama3_raw.checkpoints import load_model, open_folder
 from llama3_raw.checkpoints.shards import merge_shards
 from llama3_raw.checkpoints.meta import read_state_dict
@@ -236,7 +236,7 @@ def test_a_save_that_fills_the_disk_leaves_nothing(tmp_path, good_checkpoint, mo
         real_save({"part": torch.zeros(1000)}, path)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(int8_module.torch, "save", save_until_full)
+    monkeypatch.setattr(quantized_module.torch, "save", save_until_full)
     message = full_disk_save(tmp_path, good_checkpoint, monkeypatch, tmp_path)
     assert "no space left on the disk (it needs about" in message
     assert list(tmp_path.iterdir()) == []  # not even the parent folders it made

@@ -130,8 +130,8 @@ def int4_weight(stored: torch.Tensor, scales_and_zeros: torch.Tensor, arrangemen
     in_features = stored.shape[1] * 2
     if arrangement is None:
         return Int4Weight(stored, scales_and_zeros, in_features)
-    if arrangement == cpu_block_rows():
-        return Int4Weight(stored, scales_and_zeros, in_features, "cpu")
+    if arrangement == cpu_block_rows():  # (a file may hold a strided tensor; the kernel reads contiguous bytes)
+        return Int4Weight(stored.contiguous(), scales_and_zeros, in_features, "cpu")
     values = cpu_unpack(stored.contiguous(), stored.shape[0], in_features, *arrangement)
     return Int4Weight(plain_from_values(values), scales_and_zeros, in_features)
 
