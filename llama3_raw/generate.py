@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .errors import UserError
 from .model import KVCache, Weights, forward, new_kv_cache
 from .parallel import SINGLE_PROCESS, Ranks
 from .params import ModelParams
@@ -26,6 +27,9 @@ class Sampling:
 
 def sample_next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
     """Pick one token id per row of logits (B, V) -> (B,)."""
+    if not torch.isfinite(logits).all():  # else greedy picks garbage and sampling fails deep inside torch
+        raise UserError("the model computed logits that are NaN or infinite: its weights (or a quantized file's "
+                        "scales) hold values that are not finite; replace the checkpoint with an intact copy.")
     if sampling.temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)

@@ -121,7 +121,8 @@ def good_checkpoint(tmp_path_factory):
 @pytest.mark.parametrize("name, kind", [("consolidated.00.pth", "fifo"), ("consolidated.00.pth", "folder"),
                                         ("consolidated.00.pth", "dev_zero"), ("params.json", "folder"),
                                         ("params.json", "fifo"), ("tokenizer.model", "fifo"),
-                                        ("generation.json", "fifo"), ("model.int8.pth", "fifo")])
+                                        ("generation.json", "fifo"), ("model.int8.pth", "fifo"),
+                                        ("model.int4.pth", "fifo")])
 def test_files_that_are_not_regular_files_are_refused_before_opening(tmp_path, good_checkpoint, name, kind):
     folder = tmp_path / "ckpt"
     folder.mkdir()
@@ -279,6 +280,16 @@ def test_training_out_below_a_file_is_refused_at_once(tmp_path):
 def test_a_seed_beyond_64_bits_is_one_sentence(good_checkpoint):
     result = run_tool("--ckpt-dir", good_checkpoint, "--seed", "1180591620717411303424", "--temperature", "1")
     assert_refused(result, "--seed", "2**63-1")
+
+
+@pytest.mark.parametrize("temperature", ["0", "0.8"])
+def test_weights_that_are_not_finite_are_one_sentence(tmp_path, temperature):
+    """A NaN weight makes NaN logits: greedy decoding printed NUL bytes and sampling died in torch.multinomial."""
+    state = random_state_dict(TINY_GQA, seed=21)
+    state["layers.1.feed_forward.w2.weight"][3, 5] = float("nan")
+    ckpt_dir = write_checkpoint(tmp_path / "nan", TINY_GQA, state, tokenizer=OFFICIAL_TOKENIZER)
+    result = run_tool("--ckpt-dir", ckpt_dir, "--temperature", temperature, "--seed", "1", "--max-new-tokens", "3")
+    assert_refused(result, "NaN or infinite", "replace the checkpoint with an intact copy")
 
 
 def run_parser():

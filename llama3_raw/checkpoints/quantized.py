@@ -61,7 +61,8 @@ def stored_arrangement(state: dict, path: Path, again: str) -> tuple[int, bool] 
     stored = state.pop(CPU_ARRANGEMENT_KEY, None)
     if stored is None:
         return None
-    arrangement = tuple(stored.tolist()) if isinstance(stored, torch.Tensor) and stored.numel() == 2 else None
+    integers = isinstance(stored, torch.Tensor) and stored.numel() == 2 and not stored.is_floating_point()
+    arrangement = tuple(stored.tolist()) if integers else None
     if arrangement not in [tuple(int(v) for v in c) for c in BLOCK_CANDIDATES]:
         raise UserError(f"{path}: {CPU_ARRANGEMENT_KEY} is none of the arrangements PyTorch's int4 kernels use; {again}.")
     return arrangement[0], bool(arrangement[1])
