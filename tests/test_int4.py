@@ -201,6 +201,8 @@ def test_int4_requests_that_cannot_work_are_refused_before_loading(gqa_checkpoin
         f"split into groups of 64; pass --group-size 32."]
     [line] = error_lines(run_cli("--ckpt-dir", ckpt_dir, "--quantize", "int4", "--group-size", "48"))
     assert "--group-size" in line and "48" in line
+    assert error_lines(run_cli("--ckpt-dir", ckpt_dir, "--quantize", "int8", "--group-size", "32")) == [
+        "error: --group-size only applies to int4 weights; add --quantize int4 (or drop --group-size)."]
     assert error_lines(run_cli("--ckpt-dir", ckpt_dir, "--quantize", "int4", "--dtype", "float32")) == [
         "error: --quantize int4 computes in bfloat16 (int4 weights, bf16 activations); drop --dtype float32."]
     one_kv_head = dict(TINY_GQA, n_kv_heads=1)  # wk and wv: 8 rows, fewer than the kernels' 16

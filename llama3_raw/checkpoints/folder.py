@@ -125,16 +125,17 @@ def open_folder(ckpt_dir: Path | None, tokenizer_path: str | None = None, device
 
 def load_model(folder: CheckpointFolder, params: ModelParams | None = None, dtype: str = "auto", device: str = "cpu",
                quantize: str = "none", save_quantized: Path | None = None, show_progress: bool = True,
-               ranks: Ranks = SINGLE_PROCESS, group_size: int = INT4_GROUP_SIZE) -> Model:
+               ranks: Ranks = SINGLE_PROCESS, group_size: int | None = None) -> Model:
     """Step 2: the weights, verified, in the compute dtype (`dtype`: "auto", "float32" or "bfloat16") on `device`.
 
     `quantize="int8"` makes every weight matrix int8, "int4" int4 in groups of `group_size` inputs
-    (quantize.py); `save_quantized` then also writes those weights as a new checkpoint folder. `params`
+    (None: quantize.INT4_GROUP_SIZE); `save_quantized` then also writes those weights as a new checkpoint folder. `params`
     defaults to the folder's (see params_for_generation). Under tensor parallelism (`ranks`) the weights
     are this rank's slice, and quantizing quantizes the slice: the column-split wo and w2 get their scales
     from the rank's part of each row.
     """
     check_quantize_request(quantize, dtype, save_quantized, group_size)
+    group_size = INT4_GROUP_SIZE if group_size is None else group_size
     if quantize == "int4":
         check_int4_shapes(folder, group_size, ranks)
     if save_quantized is not None and ranks.world_size > 1:
@@ -168,13 +169,14 @@ def load_model(folder: CheckpointFolder, params: ModelParams | None = None, dtyp
                  folder.tokenizer, folder.defaults, weights, compute, device, n_parameters, ranks)
 
 
-def check_quantize_request(quantize: str, dtype: str, save_quantized: Path | None,
-                           group_size: int = INT4_GROUP_SIZE) -> None:
+def check_quantize_request(quantize: str, dtype: str, save_quantized: Path | None, group_size: int | None = None) -> None:
     """Refuse a quantization request that cannot work before anything is read."""
     if quantize != "none":
         refuse_float32_with_quantized(dtype, f"--quantize {quantize} computes in bfloat16 ({quantize} weights, bf16 "
                                              f"activations)")
-    if group_size not in INT4_GROUP_SIZES:
+    if group_size is not None and quantize != "int4":
+        raise UserError("--group-size only applies to int4 weights; add --quantize int4 (or drop --group-size).")
+    if group_size is not None and group_size not in INT4_GROUP_SIZES:
         raise UserError(f"--group-size {group_size} is none of {', '.join(map(str, INT4_GROUP_SIZES))}; pick one of those.")
     if save_quantized is not None:
         if quantize == "none":

@@ -83,9 +83,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, source: DefaultsSource,
                         help="int8: store each weight matrix as int8 with one scale per output row; int4: as 4-bit "
                         "values with a scale and a zero per --group-size inputs of a row. Made at load time, computing "
                         "in bfloat16; a half (int8) or about a third (int4) of the bytes of bf16 per token (default none)")
-    parser.add_argument("--group-size", type=int, choices=INT4_GROUP_SIZES, default=INT4_GROUP_SIZE,
+    parser.add_argument("--group-size", type=int, choices=INT4_GROUP_SIZES,
                         help="with --quantize int4: inputs of a row that share one scale and zero; smaller is more "
-                        "accurate, larger a little smaller and faster (default %(default)s)")
+                        f"accurate, larger a little smaller (default {INT4_GROUP_SIZE})")
     parser.add_argument("--save-quantized", type=Path, metavar="DIR",
                         help="with --quantize int8 or int4: also write the quantized weights to the new folder DIR as a "
                         "checkpoint that later runs load directly (--ckpt-dir DIR), without quantizing again")
