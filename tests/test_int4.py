@@ -212,6 +212,20 @@ def test_int4_requests_that_cannot_work_are_refused_before_loading(gqa_checkpoin
         f"multiple of 16; use --quantize int8."]
 
 
+def test_int4_on_ranks_checks_each_ranks_part(gqa_checkpoint):
+    """Under torchrun each rank quantizes its part: TINY_GQA's 16 rows of wk are 8 per rank on 2 ranks."""
+    from llama3_raw.checkpoints import open_folder
+    from llama3_raw.checkpoints.folder import check_int4_shapes
+    from llama3_raw.errors import UserError
+    from llama3_raw.parallel import Ranks
+
+    folder = open_folder(gqa_checkpoint[0])
+    check_int4_shapes(folder, 32, Ranks(0, 1))
+    with pytest.raises(UserError, match=r"each of 2 ranks' part of layers.0.attention.wk.weight .*: its 8 rows are not "
+                                        r"a multiple of 16; use --quantize int8 or fewer ranks."):
+        check_int4_shapes(folder, 32, Ranks(1, 2))
+
+
 def test_damaged_int4_checkpoints_are_refused_in_one_sentence(gqa_checkpoint, tmp_path):
     ckpt_dir, _, _ = gqa_checkpoint
     good = tmp_path / "good"

@@ -191,7 +191,9 @@ def check_int4_shapes(folder: CheckpointFolder, group_size: int, ranks: Ranks) -
         if problem:
             working = [g for g in INT4_GROUP_SIZES if not check_int4_shape(shape, g)]
             fix = f"pass --group-size {working[-1]}" if working else "use --quantize int8"
-            raise UserError(f"--quantize int4 cannot take {key} of {folder.directory}: {problem}; {fix}.")
+            part = key if ranks.world_size == 1 else f"each of {ranks.world_size} ranks' part of {key}"
+            fewer = "" if working or ranks.world_size == 1 else " or fewer ranks"
+            raise UserError(f"--quantize int4 cannot take {part} of {folder.directory}: {problem}; {fix}{fewer}.")
 
 
 def open_model(ckpt_dir: Path | None, tokenizer_path: str | None = None, dtype: str = "auto", device: str = "cpu",
