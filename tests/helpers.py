@@ -167,3 +167,14 @@ TINY_RECIPE = {
               "eval_interval": 10, "eval_windows": 4, "seed": 7},
     "generation": {"prompt": "ROMEO:\n", "max_new_tokens": 20},
 }
+
+
+def changed_copy(good: Path, folder: Path, weights_file: str, change) -> Path:
+    """A copy of the saved checkpoint folder `good` whose `weights_file` state dict went through `change`."""
+    folder.mkdir()
+    for file in ("params.json", "tokenizer.model"):
+        (folder / file).write_bytes((good / file).read_bytes())
+    state = dict(torch.load(good / weights_file, weights_only=True))
+    change(state)
+    torch.save(state, folder / weights_file)
+    return folder

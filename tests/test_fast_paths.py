@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import TINY_GQA, random_state_dict, write_random_checkpoint
+from helpers import TINY_GQA, changed_copy, random_state_dict, write_random_checkpoint
 from llama3_raw import cast_weights, kernels, load_checkpoint
 from llama3_raw.generate import generate
 from llama3_raw.kernels import int8_matmul, matmul, row_times_matrix
@@ -286,17 +286,9 @@ def test_damaged_int8_checkpoints_are_refused_in_one_sentence(gqa_checkpoint, tm
     ckpt_dir, _, _ = gqa_checkpoint
     good = tmp_path / "good"
     assert run_cli("--ckpt-dir", ckpt_dir, "--quantize", "int8", "--save-quantized", good, "--max-new-tokens", 1).returncode == 0
-    state = torch.load(good / "model.int8.pth", weights_only=True)
 
     def variant(name, change):
-        folder = tmp_path / name
-        folder.mkdir()
-        for file in ("params.json", "tokenizer.model"):
-            (folder / file).write_bytes((good / file).read_bytes())
-        changed = dict(state)
-        change(changed)
-        torch.save(changed, folder / "model.int8.pth")
-        return folder
+        return changed_copy(good, tmp_path / name, "model.int8.pth", change)
 
     no_scales = variant("no_scales", lambda s: s.pop("layers.0.attention.wq.weight.scales"))
     assert error_lines(run_cli("--ckpt-dir", no_scales)) == [

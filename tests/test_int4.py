@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import TINY_GQA, random_state_dict, write_checkpoint
+from helpers import TINY_GQA, changed_copy, random_state_dict, write_checkpoint
 from llama3_raw import cast_weights, kernels, load_checkpoint
 from llama3_raw.checkpoints.quantized import int4_weight
 from llama3_raw.int4_layouts import (BLOCK_CANDIDATES, cpu_block_rows, cpu_unpack, pack_for_cpu, plain_from_values,
@@ -230,17 +230,9 @@ def test_damaged_int4_checkpoints_are_refused_in_one_sentence(gqa_checkpoint, tm
     ckpt_dir, _, _ = gqa_checkpoint
     good = tmp_path / "good"
     assert run_cli("--ckpt-dir", ckpt_dir, "--quantize", "int4", "--save-quantized", good, "--max-new-tokens", 1).returncode == 0
-    state = torch.load(good / "model.int4.pth", weights_only=True)
 
     def variant(name, change):
-        folder = tmp_path / name
-        folder.mkdir()
-        for file in ("params.json", "tokenizer.model"):
-            (folder / file).write_bytes((good / file).read_bytes())
-        changed = dict(state)
-        change(changed)
-        torch.save(changed, folder / "model.int4.pth")
-        return folder
+        return changed_copy(good, tmp_path / name, "model.int4.pth", change)
 
     again = "save the int4 weights again with run.py --quantize int4 --save-quantized."
     no_scales = variant("no_scales", lambda s: s.pop("layers.0.attention.wq.weight.scales_and_zeros"))
