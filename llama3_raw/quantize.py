@@ -105,7 +105,7 @@ def quantize_int8(w: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> Int8W
 def dequantize(w: Int8Weight | Int4Weight) -> torch.Tensor:
     """The matrix the quantized weight stands for (out, in), in its compute dtype."""
     if isinstance(w, Int4Weight):
-        return dequantize_int4(values_from_plain(w.plain().cpu()), w.scales_and_zeros.cpu()).to(w.device)
+        return dequantize_int4(w.values(), w.scales_and_zeros.cpu()).to(w.device)
     return (w.values.float() * w.scales.float()[:, None]).to(w.dtype)
 
 
@@ -144,13 +144,17 @@ class Int4Weight:
     def numel(self) -> int:
         return self.shape.numel()
 
+    def values(self) -> torch.Tensor:
+        """The 4-bit values, one to a byte: uint8 (out, in), 0..15, on the CPU."""
+        if self.layout == "plain":
+            return values_from_plain(self.packed)
+        if self.layout == "cpu" and cpu_block_rows() is not None:
+            return cpu_unpack(self.packed, self.shape[0], self.in_features, *cpu_block_rows())
+        raise ValueError(f"int4 values in the {self.layout} kernel's arrangement cannot be read back here")
+
     def plain(self) -> torch.Tensor:
         """The values in the stored layout, uint8 (out, in/2), on the CPU."""
-        if self.layout == "plain":
-            return self.packed
-        if self.layout == "cpu" and cpu_block_rows() is not None:
-            return plain_from_values(cpu_unpack(self.packed, self.shape[0], self.in_features, *cpu_block_rows()))
-        raise ValueError(f"int4 values in the {self.layout} kernel's arrangement cannot be read back here")
+        return self.packed if self.layout == "plain" else plain_from_values(self.values())
 
     def to(self, device=None, dtype=None) -> "Int4Weight":
         """Packed for the kernel of `device` (the values are unchanged), scales and zeros in `dtype`."""

@@ -109,12 +109,18 @@ def test_a_rank_slice_of_saved_int4_weights_is_the_slice_of_the_whole():
     from llama3_raw.checkpoints.slicing import check_int4_part, slice_weight
     from llama3_raw.errors import UserError
 
-    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    w = torch.randn(192, 256, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
     whole = quantize_int4(w, 32)
-    for dim, start, stop in ((0, 16, 48), (1, 64, 192)):
-        part = slice_weight(whole, dim, start, stop)
+    for dim, start, stop in ((0, 16, 48), (0, 64, 192), (1, 64, 192)):
         expected = dequantize(whole).narrow(dim, start, stop - start)
-        assert torch.equal(dequantize(part), expected) and torch.equal(dequantize(part.to("cpu")), expected)
+        for source in (whole, whole.to("cpu")):  # as saved plain, and as saved in this CPU's arrangement
+            part = slice_weight(source, dim, start, stop)
+            assert torch.equal(dequantize(part), expected) and torch.equal(dequantize(part.to("cpu")), expected)
+    if cpu_block_rows() is not None:  # whole blocks of rows of the CPU arrangement stay a view of it
+        arranged = whole.to("cpu")
+        part = slice_weight(arranged, 0, 64, 192)
+        assert part.layout == "cpu"
+        assert part.packed.untyped_storage().data_ptr() == arranged.packed.untyped_storage().data_ptr()
     with pytest.raises(UserError, match="layers.0.attention.wo.weight cannot be multiplied: its inputs from 16 on "
                                         "do not start a group of 32; run on fewer ranks"):
         check_int4_part("layers.0.attention.wo.weight", whole, 1, 16, 144)

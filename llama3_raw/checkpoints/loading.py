@@ -94,8 +94,8 @@ def load_checkpoint(ckpt_dir: str | Path, show_progress: bool = True, ranks: Ran
         return Checkpoint(ckpt_dir, params, in_meta_order(weights, params, tied_output), file_bytes, tied_output,
                           source_format="huggingface")
     params = load_params(ckpt_dir / "params.json")
-    if quantized_file(ckpt_dir) is not None:
-        scheme, path = quantized_file(ckpt_dir)
+    if (saved := quantized_file(ckpt_dir)) is not None:
+        scheme, path = saved
         weights = quantized_weights(opened_state_dict(path, params, show_progress), params, path, scheme)
         return Checkpoint(ckpt_dir, params, in_meta_order(weights, params, False), path.stat().st_size, False, scheme)
     files = meta_files(ckpt_dir)

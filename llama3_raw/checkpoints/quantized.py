@@ -63,7 +63,7 @@ def stored_arrangement(state: dict, path: Path, again: str) -> tuple[int, bool] 
         return None
     integers = isinstance(stored, torch.Tensor) and stored.numel() == 2 and not stored.is_floating_point()
     arrangement = tuple(stored.tolist()) if integers else None
-    if arrangement not in [tuple(int(v) for v in c) for c in BLOCK_CANDIDATES]:
+    if arrangement not in BLOCK_CANDIDATES:  # saved as integers: (64, 1) == (64, True), (64, 2) is none of them
         raise UserError(f"{path}: {CPU_ARRANGEMENT_KEY} is none of the arrangements PyTorch's int4 kernels use; {again}.")
     return arrangement[0], bool(arrangement[1])
 

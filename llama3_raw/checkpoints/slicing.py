@@ -147,14 +147,14 @@ def slice_weight(weight, dim: int | None, start: int, stop: int):
         scales = weight.scales if dim != 0 else weight.scales[start:stop]
         return Int8Weight(slice_of(weight.values, dim, start, stop), scales)
     if isinstance(weight, Int4Weight):
-        whole_blocks = cpu_block_rows() is not None and start % cpu_block_rows()[0] == 0 and (
-            stop % cpu_block_rows()[0] == 0 or stop == weight.shape[0])
-        if weight.layout == "cpu" and dim == 0 and whole_blocks:  # whole blocks of the CPU arrangement: a view
-            return Int4Weight(weight.packed[start:stop], weight.scales_and_zeros[:, start:stop], weight.in_features, "cpu")
-        if weight.layout == "cpu" and dim is not None:  # cut from the plain layout (a copy of this one matrix)
+        block = cpu_block_rows()[0] if cpu_block_rows() is not None else None
+        whole_blocks = block is not None and start % block == 0 and (stop % block == 0 or stop == weight.shape[0])
+        if weight.layout == "cpu" and dim is not None and not (dim == 0 and whole_blocks):
+            # only whole blocks of rows of the CPU arrangement are a view; else cut from the plain layout (a copy)
             weight = Int4Weight(weight.plain(), weight.scales_and_zeros, weight.in_features)
         if dim == 0:
-            return Int4Weight(weight.packed[start:stop], weight.scales_and_zeros[:, start:stop], weight.in_features)
+            return Int4Weight(weight.packed[start:stop], weight.scales_and_zeros[:, start:stop], weight.in_features,
+                              weight.layout)
         if dim == 1:
             groups = slice(start // weight.group_size, stop // weight.group_size)
             return Int4Weight(weight.packed[:, start // 2:stop // 2], weight.scales_and_zeros[groups], stop - start)

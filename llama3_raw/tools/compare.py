@@ -108,8 +108,8 @@ def run(args: argparse.Namespace) -> int:
         import_reference()  # say how to install it before any slow work
         folder = open_folder(args.ckpt_dir, args.tokenizer)
         use_threads(args.threads, folder.params.parameter_count())
-        if quantized_file(folder.directory) is not None:
-            raise UserError(f"{folder.directory} holds {quantized_file(folder.directory)[0]} weights, which Meta's "
+        if (saved := quantized_file(folder.directory)) is not None:
+            raise UserError(f"{folder.directory} holds {saved[0]} weights, which Meta's "
                             f"reference cannot run; compare the "
                             f"checkpoint they were quantized from.")
         prompt = args.prompt if args.prompt is not None else folder.defaults["prompt"]
