@@ -8,6 +8,9 @@ fastest for the case at hand, so model.py can read as Llama 3 and call one `matm
   because decoding reads every weight once per token and that read sets decode speed;
 - an int8 weight (quantize.py): `int8_matmul`, which reads the int8 bytes instead of a bf16 matrix;
 - an int4 weight (quantize.py): `int4_matmul`, which reads the 4-bit bytes.
+
+One-row products on the CPU go first to the compiled kernels (compiled.py) where they are built and apply;
+PyTorch's products are the fallback.
 """
 
 import contextlib
@@ -15,8 +18,9 @@ import math
 
 import torch
 
-from .int4_layouts import cpu_block_rows, cpu_unpack
-from .quantize import Int4Weight, Int8Weight, dequantize_int4
+from . import compiled
+from .int4_layouts import cpu_block_rows, cpu_unpack, values_from_plain
+from .quantize import Int4Weight, Int8Weight, dequantize_int4, layout_for
 
 Tensor = torch.Tensor
 Weight = Tensor | Int8Weight | Int4Weight  # a matrix (out, in) as stored, or its int8 / int4 form (quantize.py)
@@ -47,6 +51,9 @@ def row_times_matrix(x: Tensor, w: Tensor) -> Tensor:
     batch of row blocks (blocks, out/blocks, in) -- a view, no copy -- it is shared out among the
     threads. Each output is still the dot product of one weight row with x.
     """
+    out = compiled.bf16_product(x.reshape(-1), w)  # where built: at the speed of memory
+    if out is not None:
+        return out.view(*x.shape[:-1], -1)
     threads = torch.get_num_threads()
     blocks = 1
     if x.dtype == torch.float32 and threads > 1 and w.is_contiguous():
@@ -72,7 +79,10 @@ def without_onednn():
 def int8_matmul(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
     """x @ dequantize(w).T: (..., in) -> (..., out), with x in the weight's compute dtype."""
     rows = x.reshape(-1, x.shape[-1])  # (N, in)
-    if rows.shape[0] == 1 and x.device.type == "cpu" and w.shape[1] % INT8_KERNEL_COLUMNS == 0:
+    out = compiled.int8_product(rows[0], w.values, w.scales) if rows.shape[0] == 1 else None
+    if out is not None:
+        out = out.view(1, -1)  # (1, out)
+    elif rows.shape[0] == 1 and x.device.type == "cpu" and w.shape[1] % INT8_KERNEL_COLUMNS == 0:
         # values.T converted one tile at a time inside the kernel, then each output column times its scale.
         # (Only for whole tiles of inputs: with any other count PyTorch 2.13's kernel reads past the row, giving
         # wrong sums or a crash -- measured with 36, 100 and 2050 inputs; 48, 96, 128 are right.)
@@ -93,15 +103,20 @@ def int8_matmul(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
 # Up to here the int4 kernel beats dequantizing then multiplying (measured on an 8192x2048 matrix, 2 threads:
 # 17 rows 4 ms against 98, 128 rows 26 against 110, 512 rows 102 against 76).
 INT4_KERNEL_MAX_ROWS = 256
+# Up to here the compiled one-row int4 product, row after row, beats the compiled dequantization then multiplying
+# (8192x2048, 2 threads: ~0.35 ms a row, against 8 ms to dequantize the matrix plus the multiply itself).
+COMPILED_INT4_MAX_ROWS = 32
 
 
 def int4_matmul(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
     """x @ dequantize(w).T: (..., in) -> (..., out), with x in the weight's compute dtype."""
     rows = x.reshape(-1, x.shape[-1])  # (N, in)
-    if w.layout != x.device.type:  # e.g. straight from a saved file, not yet through cast_weights: pack it now
+    if w.layout != layout_for(x.device, w.shape, w.group_size, w.dtype):  # e.g. straight from a saved file
         w = w.to(x.device)
     if w.layout == "cuda":
         out = torch.ops.aten._weight_int4pack_mm(rows, w.packed, w.group_size, w.scales_and_zeros)
+    elif w.layout == "plain":  # the compiled kernels read it (layout_for)
+        out = plain_int4_matmul(rows, w)
     elif rows.shape[0] <= INT4_KERNEL_MAX_ROWS or cpu_block_rows() is None:
         # Each 4-bit value turned into a float in registers, times its group's scale plus its zero, times x.
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, w.packed, w.group_size, w.scales_and_zeros)  # (N, out)
@@ -117,3 +132,22 @@ def int4_matmul(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
             block = dequantize_int4(values, w.scales_and_zeros[:, start:stop])  # (rows, in)
             out[:, start:stop] = rows @ block.T
     return out.view(*x.shape[:-1], -1)
+
+
+def plain_int4_matmul(rows: Tensor, w: Int4Weight) -> Tensor:
+    """rows (N, in) @ dequantize(w).T for w in the plain layout, through the compiled kernels where they apply."""
+    if rows.shape[0] <= COMPILED_INT4_MAX_ROWS:
+        products = [compiled.int4_product(row, w.packed, w.scales_and_zeros, w.in_features) for row in rows]
+        if all(p is not None for p in products):
+            return torch.stack(products)  # (N, out)
+    # Many rows: a block of weight rows back to the compute dtype, multiply, next block.
+    step = max(1, DEQUANTIZE_ELEMENTS // w.in_features)
+    out = torch.empty(rows.shape[0], w.shape[0], dtype=rows.dtype, device=rows.device)  # (N, out)
+    buffer = torch.empty(min(step, w.shape[0]), w.in_features, dtype=rows.dtype)
+    for start in range(0, w.shape[0], step):
+        stop = min(start + step, w.shape[0])
+        block = compiled.int4_dequantize(w.packed, w.scales_and_zeros, w.in_features, start, buffer[:stop - start])
+        if block is None:
+            block = dequantize_int4(values_from_plain(w.packed[start:stop]), w.scales_and_zeros[:, start:stop])
+        out[:, start:stop] = rows @ block.T
+    return out

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import compiled
 from .int4_layouts import cpu_block_rows, cpu_unpack, pack_for_cpu, pack_for_cuda, plain_from_values, values_from_plain
 
 QUANTIZE_ROWS = 4096  # rows converted at a time
@@ -80,7 +81,8 @@ class Int8Weight:
 
     def to(self, device=None, dtype=None) -> "Int8Weight":
         """On `device`, with scales (and so the compute) in `dtype`; the int8 values stay int8."""
-        return Int8Weight(self.values.to(device=device), self.scales.to(device=device, dtype=dtype))
+        # contiguous: a rank's column cut is a strided view, and the kernels read whole rows
+        return Int8Weight(self.values.to(device=device).contiguous(), self.scales.to(device=device, dtype=dtype).contiguous())
 
 
 def row_scales(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -114,7 +116,8 @@ class Int4Weight:
     """A weight matrix (out, in) as 4-bit values, two to a byte, and a scale and zero per group of inputs.
 
     `packed` holds the values in `layout`: "plain" as checkpoints store them (and as tensor parallelism
-    slices them), or the arrangement that the int4 kernel of "cpu" or "cuda" reads (int4_layouts.py)."""
+    slices them, and the compiled CPU kernels read them), or the arrangement that PyTorch's int4 kernel
+    of "cpu" or "cuda" reads (int4_layouts.py)."""
 
     packed: torch.Tensor  # uint8: (out, in/2) on the CPU and in plain; the CUDA kernel's own shape on CUDA
     scales_and_zeros: torch.Tensor  # (in/group_size, out, 2), the compute dtype
@@ -159,15 +162,24 @@ class Int4Weight:
     def to(self, device=None, dtype=None) -> "Int4Weight":
         """Packed for the kernel of `device` (the values are unchanged), scales and zeros in `dtype`."""
         device = torch.device(device) if device is not None else self.device
-        layout = device.type
+        layout = layout_for(device, self.shape, self.group_size, dtype or self.dtype)
         packed = self.packed if layout == self.layout else self.plain()
-        if layout != self.layout:
+        if layout == "plain":
+            packed = packed.contiguous()  # a rank's column cut is a strided view; the compiled kernels read rows whole
+        elif layout != self.layout:
             packed = pack_for_cpu(packed) if layout == "cpu" else pack_for_cuda(packed.to(device))
         scales_and_zeros = self.scales_and_zeros.to(device=device, dtype=dtype).contiguous()  # the kernels read it so
         return Int4Weight(packed, scales_and_zeros, self.in_features, layout)
 
 
 QuantizedWeight = Int8Weight | Int4Weight
+
+
+def layout_for(device: torch.device, shape: tuple[int, int], group_size: int, dtype: torch.dtype) -> str:
+    """The layout an int4 matrix is multiplied from on `device`: the compiled CPU kernels read the plain one."""
+    if device.type == "cpu" and compiled.takes_int4(shape, group_size, dtype):
+        return "plain"
+    return device.type
 
 
 def quantize_int4(w: torch.Tensor, group_size: int, dtype: torch.dtype = torch.bfloat16) -> Int4Weight:

@@ -15,6 +15,7 @@ A wrong nibble order or group would give errors near 100 %.
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ import pytest
 import torch
 
 from helpers import TINY_GQA, changed_copy, random_state_dict, write_checkpoint
-from llama3_raw import cast_weights, kernels, load_checkpoint
+from llama3_raw import cast_weights, compiled, kernels, load_checkpoint
 from llama3_raw.checkpoints.quantized import int4_weight
 from llama3_raw.int4_layouts import (BLOCK_CANDIDATES, cpu_block_rows, cpu_unpack, pack_for_cpu, plain_from_values,
                                     values_from_plain)
@@ -31,6 +32,12 @@ from llama3_raw.model import forward, new_kv_cache
 from llama3_raw.quantize import Int4Weight, dequantize, quantize_int4, quantize_weights
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def pytorch_kernels(monkeypatch):
+    """PyTorch's int4 kernel and its arrangement, as where the compiled kernels (test_decode_kernels.py) are not built."""
+    monkeypatch.setenv(compiled.SWITCH_ENV, "0")
 INT4_LOGIT_RMS_TOLERANCE = 0.25
 INT4_TOP1_AGREEMENT = 0.6
 
@@ -68,7 +75,7 @@ def test_int4_round_trip_is_within_half_a_step_per_group(group_size):
     assert error[5].max() < 1e-30
 
 
-def test_int4_products_match_the_dequantized_formula(monkeypatch):
+def test_int4_products_match_the_dequantized_formula(monkeypatch, pytorch_kernels):
     w = quantize_int4(torch.randn(176, 128, generator=torch.Generator().manual_seed(1)), 32).to("cpu")
     assert w.layout == "cpu"
     reference = dequantize(w).float()
@@ -103,7 +110,7 @@ def test_int4_model_within_tolerance_of_bf16(gqa_checkpoint):
     torch.testing.assert_close(step[:, 0], int4_logits[:, -1], rtol=0.02, atol=0.05 * int4_logits.abs().max().item())
 
 
-def test_a_rank_slice_of_saved_int4_weights_is_the_slice_of_the_whole():
+def test_a_rank_slice_of_saved_int4_weights_is_the_slice_of_the_whole(pytorch_kernels):
     """Tensor parallelism cuts saved int4 matrices in their stored layout: rows with their scales and zeros,
     columns (wo, w2) along whole groups; a cut inside a group is refused in one sentence."""
     from llama3_raw.checkpoints.slicing import check_int4_part, slice_weight
@@ -153,7 +160,8 @@ def test_the_written_out_arrangement_is_pytorchs():
 
 def run_cli(*args):
     return subprocess.run([sys.executable, str(REPO / "run.py"), *map(str, args)], capture_output=True, text=True,
-                          cwd=REPO, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, timeout=300)
+                          cwd=REPO, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+                                                   compiled.SWITCH_ENV: os.environ.get(compiled.SWITCH_ENV, "1")}, timeout=300)
 
 
 def error_lines(result) -> list[str]:
@@ -161,7 +169,7 @@ def error_lines(result) -> list[str]:
     return [line for line in result.stderr.splitlines() if "error:" in line]
 
 
-def test_saved_int4_checkpoint_loads_as_the_same_int4_model(gqa_checkpoint, tmp_path):
+def test_saved_int4_checkpoint_loads_as_the_same_int4_model(gqa_checkpoint, tmp_path, pytorch_kernels):
     ckpt_dir, _, _ = gqa_checkpoint
     saved = tmp_path / "int4"
     first = run_cli("--ckpt-dir", ckpt_dir, "--quantize", "int4", "--save-quantized", saved, "--max-new-tokens", 6, "--json")

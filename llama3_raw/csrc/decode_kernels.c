@@ -1,0 +1,372 @@
+/* One row of activations times a weight matrix, y = W x, for decoding on CPUs with AVX-512 (BF16, VNNI).
+
+Decoding one token reads every weight once, so the speed of these products is the speed at which the
+weights stream from memory. PyTorch's own one-row products run out of arithmetic first (its bf16 product
+converts each weight to float32, its int8 and int4 products too). These read the weights as stored:
+
+  bf16: vdpbf16ps multiplies 32 bf16 weights by 32 bf16 activations and adds the 16 pair sums into float32
+        lanes: no conversion. The products of two bf16 numbers are exact in float32; only the order of the
+        float32 additions differs from PyTorch's.
+  int8: the activations are rounded to int16, one scale per block of 32 (scale = block max / 32767), and
+        vpdpwssd multiplies 32 int8 weights (widened to int16) by 32 of them into int32 lanes, exactly.
+        Each block's int32 sum times its scale is added in float32; the row's scale multiplies the total.
+  int4: the activations are rounded to int8, one scale per block of 32 (max / 127), as llama.cpp does, and
+        vpdpbusd multiplies 64 4-bit weights (0..15, unsigned) by 64 of them into int32 lanes, exactly.
+        sum_k ((q_k - 8) s + z) x_k is computed as sum_blocks s sx (dot(q, xq) - 8 sum(xq)) + z sum(x).
+
+Rows are shared among threads in contiguous ranges (OpenMP, the runtime PyTorch itself loads); each thread
+reads its rows front to back. Python passes tensors' addresses (kernels.py checks dtypes, shapes and that
+they are contiguous); the GIL is released while the product runs.
+*/
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,avx512vbmi")))
+#define BLOCK 32        /* activations quantized per block of this many inputs */
+/* int4: how far ahead of the rows being read to ask for the bytes (into L2). Without it the int4 product read
+   19 GB/s, with it 27 (PyTorch's int4 kernel 21), measured on 1.3 GB of 8192x2048 matrices, 2 threads;
+   the bf16 and int8 products were slower with it (their rows take less arithmetic per byte). */
+#define INT4_PREFETCH_BYTES 4096
+#define ROW_TILE 16     /* int4: rows whose scales and zeros are read together (one 64-byte load per group) */
+
+static float bf16_to_float(uint16_t h) {
+  uint32_t bits = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+static uint16_t float_to_bf16(float f) { /* round to nearest even, as PyTorch rounds; NaN stays NaN */
+  uint32_t bits;
+  memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffff) > 0x7f800000) return 0x7fc0;
+  return (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+}
+
+/* ---- bf16 ---------------------------------------------------------------------------------------------- */
+
+AVX512 static void bf16_rows(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t first, int64_t last,
+                             int64_t K) {
+  for (int64_t r = first; r < last; ++r) {
+    const uint16_t *row = w + r * K;
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+      acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(row + k), (__m512bh)_mm512_loadu_si512(x + k));
+      acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)_mm512_loadu_si512(row + k + 32),
+                              (__m512bh)_mm512_loadu_si512(x + k + 32));
+    }
+    for (; k < K; k += 32) { /* the last inputs, fewer than 64: masked loads read zeros past the row */
+      __mmask32 mask = K - k >= 32 ? 0xffffffffu : (__mmask32)((1u << (K - k)) - 1);
+      acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_maskz_loadu_epi16(mask, row + k),
+                              (__m512bh)_mm512_maskz_loadu_epi16(mask, x + k));
+    }
+    y[r] = float_to_bf16(_mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)));
+  }
+}
+
+/* ---- int8 weights, int16 activations ------------------------------------------------------------------- */
+
+AVX512 static __m512 load16_bf16(const uint16_t *x) { /* 16 bf16 -> 16 float32 (exact) */
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x)), 16));
+}
+
+/* One block of 32 activations (bf16) as two float32 vectors, and the largest magnitude among them. */
+AVX512 static float load_block(const uint16_t *x, __m512 *v0, __m512 *v1) {
+  *v0 = load16_bf16(x);
+  *v1 = load16_bf16(x + 16);
+  return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(*v0), _mm512_abs_ps(*v1)));
+}
+
+/* x (K) bf16 -> xq int16 (K) and one scale per block of 32: xq = round(x / scale), scale = block max / 32767. */
+AVX512 static void quantize_int16(const uint16_t *x, int64_t K, int16_t *xq, float *scales) {
+  for (int64_t b = 0; b < K / BLOCK; ++b) {
+    __m512 v0, v1;
+    float amax = load_block(x + b * BLOCK, &v0, &v1);
+    __m512 inverse = _mm512_set1_ps(amax > 0 ? 32767.0f / amax : 0);
+    scales[b] = amax / 32767.0f;
+    _mm256_storeu_si256((__m256i *)(xq + b * BLOCK), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(v0, inverse))));
+    _mm256_storeu_si256((__m256i *)(xq + b * BLOCK + 16),
+                        _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(v1, inverse))));
+  }
+}
+
+AVX512 static void int8_rows(const int8_t *w, const uint16_t *row_scales, const int16_t *xq, const float *xscales,
+                             uint16_t *y, int64_t first, int64_t last, int64_t K) {
+  for (int64_t r = first; r < last; ++r) {
+    const int8_t *row = w + r * K;
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    for (int64_t b = 0; b + 2 <= K / BLOCK; b += 2) { /* two blocks of 32 at a time */
+      const int64_t k = b * BLOCK;
+      __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(row + k)));
+      __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(row + k + 32)));
+      __m512i d0 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(xq + k));
+      __m512i d1 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w1, _mm512_loadu_si512(xq + k + 32));
+      acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_set1_ps(xscales[b]), acc0);
+      acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_set1_ps(xscales[b + 1]), acc1);
+    }
+    if ((K / BLOCK) % 2) { /* an odd last block */
+      const int64_t b = K / BLOCK - 1, k = b * BLOCK;
+      __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(row + k)));
+      __m512i d0 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(xq + k));
+      acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_set1_ps(xscales[b]), acc0);
+    }
+    y[r] = float_to_bf16(_mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) * bf16_to_float(row_scales[r]));
+  }
+}
+
+/* ---- int4 weights, int8 activations -------------------------------------------------------------------- */
+
+/* The activations, arranged for the plain int4 layout (int4_layouts.py): 32 bytes of a row hold 64 inputs,
+   input 2j in byte j's high half, 2j+1 in its low half. The kernel unpacks the high halves into bytes 0..31
+   of a vector and the low halves into bytes 32..63, so the int8 activations are put in that same order
+   (even inputs, then odd ones). vpdpbusd's lane l adds bytes 4l..4l+3; `lane_minus8` holds each lane's
+   -8 * (sum of its four int8 activations), which starts the int32 sum so that it comes out as sum (q - 8) xq.
+   Lanes 0-3 and 8-11 hold the chunk's first block of 32, lanes 4-7 and 12-15 its second. */
+typedef struct {
+  int8_t *xq;           /* K, in the unpacked order */
+  int32_t *lane_minus8; /* K / 4 */
+  float *block_scale;   /* K / 32 */
+  float *group_sum;     /* K / group: sum of the (unrounded) activations of each group, for the zeros */
+} Int4Activations;
+
+AVX512 static void quantize_int8_for_int4(const uint16_t *x, int64_t K, int64_t group, Int4Activations *a) {
+  uint8_t order[64]; /* unpacked byte j <- input order[j] of the chunk */
+  for (int j = 0; j < 64; ++j) order[j] = (uint8_t)(j < 32 ? 2 * j : 2 * (j - 32) + 1);
+  const __m512i even_then_odd = _mm512_loadu_si512(order);
+  float block_sum[2];
+  for (int64_t c = 0; c < K / 64; ++c) {
+    __m128i q[4];
+    for (int half = 0; half < 2; ++half) {
+      __m512 v0, v1;
+      const int64_t b = c * 2 + half;
+      float amax = load_block(x + b * BLOCK, &v0, &v1);
+      __m512 inverse = _mm512_set1_ps(amax > 0 ? 127.0f / amax : 0);
+      a->block_scale[b] = amax / 127.0f;
+      block_sum[half] = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
+      q[2 * half] = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v0, inverse)));
+      q[2 * half + 1] = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v1, inverse)));
+    }
+    __m512i natural = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set_m128i(q[1], q[0])),
+                                         _mm256_set_m128i(q[3], q[2]), 1);
+    __m512i xq = _mm512_permutexvar_epi8(even_then_odd, natural);
+    _mm512_storeu_si512(a->xq + c * 64, xq);
+    __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(1), xq); /* 4 bytes a lane */
+    _mm512_storeu_si512(a->lane_minus8 + c * 16, _mm512_mullo_epi32(sums, _mm512_set1_epi32(-8)));
+    for (int half = 0; half < 2; ++half) {
+      const int64_t b = c * 2 + half;
+      if (b * BLOCK % group == 0) a->group_sum[b * BLOCK / group] = 0;
+      a->group_sum[b * BLOCK / group] += block_sum[half];
+    }
+  }
+}
+
+/* Rows first..last (whole tiles of 16) of W: packed (N, K/2) plain layout, scales_and_zeros (K/group, N, 2)
+   bf16. For each tile, the scales and zeros of its 16 rows are read group by group (64 bytes each); each
+   block of 32 inputs gets `tile_scales` (K/32, 16) = weight scale * the block's activation scale, so the
+   inner loop multiplies once; the zeros' part of every row, sum_g z sum(x_g), is done for the 16 rows at once. */
+AVX512 static void int4_rows(const uint8_t *packed, const uint16_t *scales_and_zeros, const Int4Activations *a,
+                             uint16_t *y, int64_t first, int64_t last, int64_t N, int64_t K, int64_t group,
+                             float *tile_scales) {
+  const __m512i low4 = _mm512_set1_epi8(0x0f);
+  for (int64_t tile = first; tile < last; tile += ROW_TILE) {
+    __m512 zero_part = _mm512_setzero_ps();
+    for (int64_t g = 0; g < K / group; ++g) { /* 16 (scale, zero) bf16 pairs: scale in the low half of each word */
+      __m512i pairs = _mm512_loadu_si512(scales_and_zeros + (g * N + tile) * 2);
+      __m512 scales = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+      __m512 zeros = _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32((int)0xffff0000u)));
+      zero_part = _mm512_fmadd_ps(zeros, _mm512_set1_ps(a->group_sum[g]), zero_part);
+      for (int64_t b = g * group / BLOCK; b < (g + 1) * group / BLOCK; ++b)
+        _mm512_storeu_ps(tile_scales + b * 16, _mm512_mul_ps(scales, _mm512_set1_ps(a->block_scale[b])));
+    }
+    float zero_parts[16];
+    _mm512_storeu_ps(zero_parts, zero_part);
+    for (int i = 0; i < ROW_TILE; i += 2) { /* two rows at a time: each chunk of activations loaded once for both */
+      const uint8_t *row0 = packed + (tile + i) * (K / 2), *row1 = row0 + K / 2;
+      __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+      for (int64_t c = 0; c < K / 64; ++c) {
+        if (c % 2 == 0) {
+          _mm_prefetch((const char *)(row0 + c * 32 + INT4_PREFETCH_BYTES), _MM_HINT_T1);
+          _mm_prefetch((const char *)(row1 + c * 32 + INT4_PREFETCH_BYTES), _MM_HINT_T1);
+        }
+        const __m512i minus8 = _mm512_loadu_si512(a->lane_minus8 + c * 16), xq = _mm512_loadu_si512(a->xq + c * 64);
+        __m256i bytes0 = _mm256_loadu_si256((const __m256i *)(row0 + c * 32));
+        __m256i bytes1 = _mm256_loadu_si256((const __m256i *)(row1 + c * 32));
+        __m512i q0 = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(_mm256_srli_epi16(bytes0, 4)), bytes0, 1), low4);
+        __m512i q1 = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(_mm256_srli_epi16(bytes1, 4)), bytes1, 1), low4);
+        __m512i dot0 = _mm512_dpbusd_epi32(minus8, q0, xq), dot1 = _mm512_dpbusd_epi32(minus8, q1, xq);
+        __m512 scale0 = _mm512_mask_blend_ps(0xf0f0, _mm512_set1_ps(tile_scales[(2 * c) * 16 + i]),
+                                             _mm512_set1_ps(tile_scales[(2 * c + 1) * 16 + i]));
+        __m512 scale1 = _mm512_mask_blend_ps(0xf0f0, _mm512_set1_ps(tile_scales[(2 * c) * 16 + i + 1]),
+                                             _mm512_set1_ps(tile_scales[(2 * c + 1) * 16 + i + 1]));
+        acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot0), scale0, acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot1), scale1, acc1);
+      }
+      y[tile + i] = float_to_bf16(_mm512_reduce_add_ps(acc0) + zero_parts[i]);
+      y[tile + i + 1] = float_to_bf16(_mm512_reduce_add_ps(acc1) + zero_parts[i + 1]);
+    }
+  }
+}
+
+/* ---- int4 weights back to bf16, for prompts (many rows: there the multiply's arithmetic sets the time) ---- */
+
+/* Rows first..last of W -> out (rows, K) bf16: w = q * scale + (zero - 8 * scale), in float32 (a multiply,
+   then an add, each rounded, as quantize.dequantize_int4 computes it) and rounded once to bf16. */
+AVX512 static void int4_dequantize_rows(const uint8_t *packed, const uint16_t *scales_and_zeros, uint16_t *out,
+                                        int64_t first, int64_t last, int64_t row0, int64_t N, int64_t K,
+                                        int64_t group) {
+  uint8_t order[64]; /* natural column m <- unpacked byte: even m from the high halves (0..31), odd from the low */
+  for (int m = 0; m < 64; ++m) order[m] = (uint8_t)(m % 2 ? 32 + m / 2 : m / 2);
+  const __m512i natural_order = _mm512_loadu_si512(order), low4 = _mm512_set1_epi8(0x0f);
+  for (int64_t r = first; r < last; ++r) {
+    const uint8_t *row = packed + (row0 + r) * (K / 2);
+    uint16_t *dst = out + r * K;
+    for (int64_t c = 0; c < K / 64; ++c) {
+      __m256i bytes = _mm256_loadu_si256((const __m256i *)(row + c * 32));
+      __m512i q = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(_mm256_srli_epi16(bytes, 4)), bytes, 1), low4);
+      q = _mm512_permutexvar_epi8(natural_order, q);
+      __m512 w[4];
+      for (int t = 0; t < 4; ++t) { /* 16 columns at a time, all in one group (groups are 32 or more) */
+        const int64_t g = (c * 64 + t * 16) / group;
+        const uint16_t *pair = scales_and_zeros + (g * N + row0 + r) * 2;
+        const float scale = bf16_to_float(pair[0]), offset = bf16_to_float(pair[1]) - 8.0f * scale;
+        __m512 values = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(q, t)));
+        w[t] = _mm512_add_ps(_mm512_mul_ps(values, _mm512_set1_ps(scale)), _mm512_set1_ps(offset));
+      }
+      _mm512_storeu_si512(dst + c * 64, (__m512i)_mm512_cvtne2ps_pbh(w[1], w[0]));
+      _mm512_storeu_si512(dst + c * 64 + 32, (__m512i)_mm512_cvtne2ps_pbh(w[3], w[2]));
+    }
+  }
+}
+
+/* ---- Python ------------------------------------------------------------------------------------------- */
+
+static int supported_cpu(void) {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni") &&
+         __builtin_cpu_supports("avx512vbmi");
+}
+
+int omp_get_num_threads(void);
+int omp_get_thread_num(void);
+
+/* This thread's contiguous share [*first, *last) of N rows, cut at whole tiles of `tile` rows. */
+static void my_rows(int64_t N, int64_t tile, int64_t *first, int64_t *last) {
+  const int64_t tiles = N / tile, count = omp_get_num_threads(), me = omp_get_thread_num();
+  *first = tiles * me / count * tile;
+  *last = me + 1 == count ? N : tiles * (me + 1) / count * tile;
+}
+
+static PyObject *py_supported(PyObject *self, PyObject *args) {
+  (void)self, (void)args;
+  return PyBool_FromLong(supported_cpu());
+}
+
+static PyObject *py_bf16(PyObject *self, PyObject *args) {
+  (void)self;
+  unsigned long long x, w, y;
+  long long N, K;
+  int threads;
+  if (!PyArg_ParseTuple(args, "KKKLLi", &x, &w, &y, &N, &K, &threads)) return NULL;
+  Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel num_threads(threads)
+  {
+    int64_t first, last;
+    my_rows(N, 1, &first, &last);
+    bf16_rows((const uint16_t *)w, (const uint16_t *)x, (uint16_t *)y, first, last, K);
+  }
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+
+static PyObject *py_int8(PyObject *self, PyObject *args) {
+  (void)self;
+  unsigned long long x, w, scales, y;
+  long long N, K;
+  int threads;
+  if (!PyArg_ParseTuple(args, "KKKKLLi", &x, &w, &scales, &y, &N, &K, &threads)) return NULL;
+  int16_t *xq = malloc(K * sizeof(int16_t));
+  float *xscales = malloc(K / BLOCK * sizeof(float));
+  if (!xq || !xscales) { free(xq); free(xscales); return PyErr_NoMemory(); }
+  Py_BEGIN_ALLOW_THREADS
+  quantize_int16((const uint16_t *)x, K, xq, xscales);
+#pragma omp parallel num_threads(threads)
+  {
+    int64_t first, last;
+    my_rows(N, 1, &first, &last);
+    int8_rows((const int8_t *)w, (const uint16_t *)scales, xq, xscales, (uint16_t *)y, first, last, K);
+  }
+  Py_END_ALLOW_THREADS
+  free(xq);
+  free(xscales);
+  Py_RETURN_NONE;
+}
+
+static PyObject *py_int4(PyObject *self, PyObject *args) {
+  (void)self;
+  unsigned long long x, packed, scales_and_zeros, y;
+  long long N, K, group;
+  int threads;
+  if (!PyArg_ParseTuple(args, "KKKKLLLi", &x, &packed, &scales_and_zeros, &y, &N, &K, &group, &threads)) return NULL;
+  Int4Activations a = {malloc(K), malloc(K / 4 * sizeof(int32_t)), malloc(K / BLOCK * sizeof(float)),
+                       malloc(K / group * sizeof(float))};
+  float *tile_scales = malloc((size_t)threads * (K / BLOCK) * 16 * sizeof(float));
+  if (!a.xq || !a.block_scale || !a.lane_minus8 || !a.group_sum || !tile_scales) {
+    free(a.xq); free(a.block_scale); free(a.lane_minus8); free(a.group_sum); free(tile_scales);
+    return PyErr_NoMemory();
+  }
+  Py_BEGIN_ALLOW_THREADS
+  quantize_int8_for_int4((const uint16_t *)x, K, group, &a);
+#pragma omp parallel num_threads(threads)
+  {
+    int64_t first, last;
+    my_rows(N, ROW_TILE, &first, &last);
+    int4_rows((const uint8_t *)packed, (const uint16_t *)scales_and_zeros, &a, (uint16_t *)y, first, last, N, K,
+              group, tile_scales + omp_get_thread_num() * (K / BLOCK) * 16);
+  }
+  Py_END_ALLOW_THREADS
+  free(a.xq); free(a.block_scale); free(a.lane_minus8); free(a.group_sum); free(tile_scales);
+  Py_RETURN_NONE;
+}
+
+static PyObject *py_int4_dequantize(PyObject *self, PyObject *args) {
+  unsigned long long packed, scales_and_zeros, out;
+  long long row0, rows, N, K, group;
+  int threads;
+  (void)self;
+  if (!PyArg_ParseTuple(args, "KKKLLLLLi", &packed, &scales_and_zeros, &out, &row0, &rows, &N, &K, &group, &threads))
+    return NULL;
+  Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel num_threads(threads)
+  {
+    int64_t first, last;
+    my_rows(rows, 1, &first, &last);
+    int4_dequantize_rows((const uint8_t *)packed, (const uint16_t *)scales_and_zeros, (uint16_t *)out, first, last,
+                         row0, N, K, group);
+  }
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"supported", py_supported, METH_NOARGS, "Whether this CPU has AVX-512 with BF16 and VNNI."},
+    {"bf16", py_bf16, METH_VARARGS, "bf16(x, w, y, N, K, threads): y (N) = w (N, K) @ x (K), all bf16 addresses."},
+    {"int8", py_int8, METH_VARARGS, "int8(x, w, scales, y, N, K, threads): y = (w int8 @ x) * scales, bf16."},
+    {"int4", py_int4, METH_VARARGS,
+     "int4(x, packed, scales_and_zeros, y, N, K, group, threads): y = dequantized w @ x, bf16."},
+    {"int4_dequantize", py_int4_dequantize, METH_VARARGS,
+     "int4_dequantize(packed, scales_and_zeros, out, row0, rows, N, K, group, threads): rows row0.. as bf16."},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_decode_kernels",
+                                    "One-row products for decoding on AVX-512 CPUs (see the source).", -1, methods,
+                                    NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__decode_kernels(void) { return PyModule_Create(&module); }
