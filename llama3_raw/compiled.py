@@ -28,8 +28,7 @@ except ImportError:  # not built: PyTorch's products serve
 Tensor = torch.Tensor
 SWITCH_ENV = "LLAMA3_RAW_COMPILED"
 BLOCK = 32  # inputs that share one activation scale in the int8 and int4 products
-INT4_CHUNK = 64  # the int4 kernels read 64 inputs (32 bytes) at a time ...
-INT4_ROW_TILE = 16  # ... and the scales of 16 rows at once (one 64-byte read)
+INT4_CHUNK = 64  # the int4 kernels read rows in whole 32-byte pieces (64 inputs)
 INT4_GROUP_SIZES = (32, 64, 128)
 
 
@@ -66,20 +65,21 @@ def int8_product(x: Tensor, values: Tensor, scales: Tensor) -> Tensor | None:
 def takes_int4(shape: tuple[int, int], group_size: int, dtype: torch.dtype) -> bool:
     """Whether the int4 kernels take a matrix of this shape, group size and compute dtype (in the plain layout)."""
     out_features, in_features = shape
-    return (usable() and dtype == torch.bfloat16 and group_size in INT4_GROUP_SIZES
-            and in_features % INT4_CHUNK == 0 and out_features % INT4_ROW_TILE == 0)
+    return (usable() and dtype == torch.bfloat16 and group_size in INT4_GROUP_SIZES and in_features % INT4_CHUNK == 0
+            and out_features > 0)
 
 
 def _takes_int4_tensors(packed: Tensor, scales_and_zeros: Tensor, in_features: int) -> bool:
-    return (packed.dtype == torch.uint8 and packed.is_contiguous() and scales_and_zeros.is_contiguous()
+    # scales_and_zeros (in/g, out, 2) with a row's groups side by side in memory (quantize.groups_by_row)
+    return (packed.dtype == torch.uint8 and packed.is_contiguous() and scales_and_zeros.transpose(0, 1).is_contiguous()
             and packed.shape == (scales_and_zeros.shape[1], in_features // 2) and in_features % scales_and_zeros.shape[0] == 0
             and takes_int4(packed.shape[0:1] + (in_features,), in_features // scales_and_zeros.shape[0],
                            scales_and_zeros.dtype))
 
 
 def int4_product(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, in_features: int) -> Tensor | None:
-    """x (in,) @ W.T for W in int4, plain layout (packed (out, in/2), scales_and_zeros (in/g, out, 2)) -> (out,),
-    or None where the kernel does not apply."""
+    """x (in,) @ W.T for W in int4, plain layout (packed (out, in/2), scales_and_zeros (in/g, out, 2) laid out by
+    row) -> (out,), or None where the kernel does not apply."""
     if not (_cpu_bf16(x) and _takes_int4_tensors(packed, scales_and_zeros, in_features)):
         return None
     out_features, group_size = packed.shape[0], in_features // scales_and_zeros.shape[0]

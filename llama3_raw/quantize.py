@@ -168,11 +168,19 @@ class Int4Weight:
             packed = packed.contiguous()  # a rank's column cut is a strided view; the compiled kernels read rows whole
         elif layout != self.layout:
             packed = pack_for_cpu(packed) if layout == "cpu" else pack_for_cuda(packed.to(device))
-        scales_and_zeros = self.scales_and_zeros.to(device=device, dtype=dtype).contiguous()  # the kernels read it so
+        scales_and_zeros = self.scales_and_zeros.to(device=device, dtype=dtype)  # the kernels read it in order:
+        scales_and_zeros = groups_by_row(scales_and_zeros) if layout == "plain" else scales_and_zeros.contiguous()
         return Int4Weight(packed, scales_and_zeros, self.in_features, layout)
 
 
 QuantizedWeight = Int8Weight | Int4Weight
+
+
+def groups_by_row(scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """The same (in/g, out, 2) tensor with a row's groups side by side in memory, as (out, in/g, 2) would be:
+    the compiled int4 kernels read a row's scales and zeros with its values. Saved so, it maps back so."""
+    by_row = scales_and_zeros.transpose(0, 1)
+    return scales_and_zeros if by_row.is_contiguous() else by_row.contiguous().transpose(0, 1)
 
 
 def layout_for(device: torch.device, shape: tuple[int, int], group_size: int, dtype: torch.dtype) -> str:

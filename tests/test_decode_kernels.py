@@ -105,10 +105,13 @@ def test_int8_product(kernels_on, rows, cols):
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-@pytest.mark.parametrize("rows, cols", [(64, 2048), (48, 384)])
+@pytest.mark.parametrize("rows, cols", [(64, 2048), (48, 384), (7, 192), (3, 64)])  # 192, 64: a half window
 def test_int4_product(kernels_on, rows, cols, group_size):
+    if cols % group_size:
+        pytest.skip("the group size does not divide the inputs")
     generator = torch.Generator().manual_seed(rows + cols + group_size)
-    q = quantize_int4(torch.randn(rows, cols, generator=generator), group_size)
+    q = quantize_int4(torch.randn(rows, cols, generator=generator), group_size).to("cpu")
+    assert q.layout == "plain" and q.scales_and_zeros.transpose(0, 1).is_contiguous()  # as the kernel reads it
     x = (torch.randn(cols, generator=generator) * torch.logspace(-3, 1, cols)).to(torch.bfloat16)
     result = compiled.int4_product(x, q.packed, q.scales_and_zeros, cols)
     error, expected = assert_within(result, int4_exact(q), x, 254)
@@ -117,7 +120,7 @@ def test_int4_product(kernels_on, rows, cols, group_size):
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 def test_int4_dequantization_is_bit_for_bit(kernels_on, group_size):
-    q = quantize_int4(torch.randn(96, 256, generator=torch.Generator().manual_seed(group_size)), group_size)
+    q = quantize_int4(torch.randn(96, 256, generator=torch.Generator().manual_seed(group_size)), group_size).to("cpu")
     out = torch.empty(40, 256, dtype=torch.bfloat16)
     rows = compiled.int4_dequantize(q.packed, q.scales_and_zeros, 256, 48, out)
     assert torch.equal(rows, dequantize_int4(q.values(), q.scales_and_zeros)[48:88])
@@ -129,10 +132,12 @@ def test_kernels_refuse_what_they_cannot_take(kernels_on):
     assert compiled.bf16_product(torch.randn(32).to(torch.bfloat16), w.T) is None  # not contiguous
     q8 = quantize_int8(torch.randn(8, 48))
     assert compiled.int8_product(torch.randn(48).to(torch.bfloat16), q8.values, q8.scales) is None  # 48: not whole blocks
-    q4 = quantize_int4(torch.randn(24, 64), 32)  # 24 rows: not whole tiles of 16
+    q4 = quantize_int4(torch.randn(16, 96), 32)  # 96 inputs: not whole 64-input pieces
     assert not compiled.takes_int4(q4.shape, 32, torch.bfloat16)
-    assert compiled.int4_product(torch.randn(64).to(torch.bfloat16), q4.packed, q4.scales_and_zeros, 64) is None
+    assert compiled.int4_product(torch.randn(96).to(torch.bfloat16), q4.packed, q4.scales_and_zeros, 96) is None
     assert layout_for(torch.device("cpu"), q4.shape, 32, torch.bfloat16) == "cpu"  # so it goes to PyTorch's kernel
+    by_column = quantize_int4(torch.randn(16, 64), 32)  # scales and zeros as quantized: by group, not by row
+    assert compiled.int4_product(torch.randn(64).to(torch.bfloat16), by_column.packed, by_column.scales_and_zeros, 64) is None
 
 
 def test_switched_off_by_the_environment(kernels_on, monkeypatch):

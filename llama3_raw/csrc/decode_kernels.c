@@ -11,7 +11,8 @@ converts each weight to float32, its int8 and int4 products too). These read the
         vpdpwssd multiplies 32 int8 weights (widened to int16) by 32 of them into int32 lanes, exactly.
         Each block's int32 sum times its scale is added in float32; the row's scale multiplies the total.
   int4: the activations are rounded to int8, one scale per block of 32 (max / 127), as llama.cpp does, and
-        vpdpbusd multiplies 64 4-bit weights (0..15, unsigned) by 64 of them into int32 lanes, exactly.
+        vpdpbusd multiplies 64 4-bit weights (0..15, unsigned) by 64 of them into int32 lanes, exactly
+        (two such products per 64 bytes of a row).
         sum_k ((q_k - 8) s + z) x_k is computed as sum_blocks s sx (dot(q, xq) - 8 sum(xq)) + z sum(x).
 
 Rows are shared among threads in contiguous ranges (OpenMP, the runtime PyTorch itself loads); each thread
@@ -26,13 +27,14 @@ they are contiguous); the GIL is released while the product runs.
 #include <stdlib.h>
 #include <string.h>
 
-#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,avx512vbmi")))
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,avx512vbmi,fma")))
 #define BLOCK 32        /* activations quantized per block of this many inputs */
 /* int4: how far ahead of the rows being read to ask for the bytes (into L2). Without it the int4 product read
    19 GB/s, with it 27 (PyTorch's int4 kernel 21), measured on 1.3 GB of 8192x2048 matrices, 2 threads;
    the bf16 and int8 products were slower with it (their rows take less arithmetic per byte). */
-#define INT4_PREFETCH_BYTES 4096
-#define ROW_TILE 16     /* int4: rows whose scales and zeros are read together (one 64-byte load per group) */
+#ifndef INT4_PREFETCH_BYTES
+#define INT4_PREFETCH_BYTES 2048
+#endif
 
 static float bf16_to_float(uint16_t h) {
   uint32_t bits = (uint32_t)h << 16;
@@ -122,100 +124,97 @@ AVX512 static void int8_rows(const int8_t *w, const uint16_t *row_scales, const 
 
 /* ---- int4 weights, int8 activations -------------------------------------------------------------------- */
 
-/* The activations, arranged for the plain int4 layout (int4_layouts.py): 32 bytes of a row hold 64 inputs,
-   input 2j in byte j's high half, 2j+1 in its low half. The kernel unpacks the high halves into bytes 0..31
-   of a vector and the low halves into bytes 32..63, so the int8 activations are put in that same order
-   (even inputs, then odd ones). vpdpbusd's lane l adds bytes 4l..4l+3; `lane_minus8` holds each lane's
-   -8 * (sum of its four int8 activations), which starts the int32 sum so that it comes out as sum (q - 8) xq.
-   Lanes 0-3 and 8-11 hold the chunk's first block of 32, lanes 4-7 and 12-15 its second. */
+/* The kernel reads a row in windows of 128 inputs: 64 bytes of the plain layout (int4_layouts.py), byte j
+   holding input 2j in its high half and 2j+1 in its low half. Masking the low halves gives the odd inputs in
+   bytes 0..63, shifting the high halves down the even ones; so the int8 activations are kept as `even` and
+   `odd` vectors in that order. vpdpbusd's lane l adds bytes 4l..4l+3: inputs 8l..8l+7 between the two, all in
+   block l / 4 of the window (blocks of 32). Both products go into one int32 sum per lane, started at
+   `minus8` = -8 * (the lane's eight int8 activations), so that it comes out as sum (q - 8) xq. A row's
+   result is sum_blocks scale_g(b) * sx_b * that + zero_g(b) * sum_b(x), sum_b(x) of the unrounded inputs.
+   A last half window (inputs a multiple of 64, not 128) is padded with zeros. */
 typedef struct {
-  int8_t *xq;           /* K, in the unpacked order */
-  int32_t *lane_minus8; /* K / 4 */
-  float *block_scale;   /* K / 32 */
-  float *group_sum;     /* K / group: sum of the (unrounded) activations of each group, for the zeros */
+  int64_t windows;      /* ceil(K / 128) */
+  int8_t *even, *odd;   /* windows * 64 each */
+  int32_t *minus8;      /* windows * 16 */
+  float *block_scale;   /* windows * 4: each block's activation scale, max |x| / 127 (0 past the end) */
+  float *block_sum;     /* windows * 4: each block's sum of activations (all four arrays padded with zeros to
+                           whole spans of 4 windows) */
 } Int4Activations;
 
-AVX512 static void quantize_int8_for_int4(const uint16_t *x, int64_t K, int64_t group, Int4Activations *a) {
-  uint8_t order[64]; /* unpacked byte j <- input order[j] of the chunk */
-  for (int j = 0; j < 64; ++j) order[j] = (uint8_t)(j < 32 ? 2 * j : 2 * (j - 32) + 1);
-  const __m512i even_then_odd = _mm512_loadu_si512(order);
-  float block_sum[2];
-  for (int64_t c = 0; c < K / 64; ++c) {
-    __m128i q[4];
-    for (int half = 0; half < 2; ++half) {
-      __m512 v0, v1;
-      const int64_t b = c * 2 + half;
-      float amax = load_block(x + b * BLOCK, &v0, &v1);
-      __m512 inverse = _mm512_set1_ps(amax > 0 ? 127.0f / amax : 0);
-      a->block_scale[b] = amax / 127.0f;
-      block_sum[half] = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
-      q[2 * half] = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v0, inverse)));
-      q[2 * half + 1] = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v1, inverse)));
+AVX512 static void prepare_int4_activations(const uint16_t *x, int64_t K, Int4Activations *a) {
+  uint8_t even_index[64], odd_index[64];
+  for (int j = 0; j < 64; ++j) even_index[j] = (uint8_t)(2 * j), odd_index[j] = (uint8_t)(2 * j + 1);
+  const __m512i even_of = _mm512_loadu_si512(even_index), odd_of = _mm512_loadu_si512(odd_index);
+  for (int64_t w = 0; w < a->windows; ++w) {
+    int8_t q[128] = {0};
+    for (int b = 0; b < 4; ++b) {
+      const int64_t k = w * 128 + b * BLOCK;
+      float scale = 0, sum = 0;
+      if (k < K) {
+        __m512 v0, v1;
+        float amax = load_block(x + k, &v0, &v1);
+        __m512 inverse = _mm512_set1_ps(amax > 0 ? 127.0f / amax : 0);
+        scale = amax / 127.0f;
+        sum = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
+        _mm_storeu_si128((__m128i *)(q + b * BLOCK), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v0, inverse))));
+        _mm_storeu_si128((__m128i *)(q + b * BLOCK + 16),
+                         _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v1, inverse))));
+      }
+      a->block_scale[w * 4 + b] = scale;
+      a->block_sum[w * 4 + b] = sum;
     }
-    __m512i natural = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set_m128i(q[1], q[0])),
-                                         _mm256_set_m128i(q[3], q[2]), 1);
-    __m512i xq = _mm512_permutexvar_epi8(even_then_odd, natural);
-    _mm512_storeu_si512(a->xq + c * 64, xq);
-    __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(1), xq); /* 4 bytes a lane */
-    _mm512_storeu_si512(a->lane_minus8 + c * 16, _mm512_mullo_epi32(sums, _mm512_set1_epi32(-8)));
-    for (int half = 0; half < 2; ++half) {
-      const int64_t b = c * 2 + half;
-      if (b * BLOCK % group == 0) a->group_sum[b * BLOCK / group] = 0;
-      a->group_sum[b * BLOCK / group] += block_sum[half];
-    }
+    const __m512i first = _mm512_loadu_si512(q), second = _mm512_loadu_si512(q + 64);
+    const __m512i even = _mm512_permutex2var_epi8(first, even_of, second);
+    const __m512i odd = _mm512_permutex2var_epi8(first, odd_of, second);
+    _mm512_storeu_si512(a->even + w * 64, even);
+    _mm512_storeu_si512(a->odd + w * 64, odd);
+    const __m512i ones = _mm512_set1_epi8(1);
+    __m512i sums = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, even), ones, odd);
+    _mm512_storeu_si512(a->minus8 + w * 16, _mm512_mullo_epi32(sums, _mm512_set1_epi32(-8)));
   }
 }
 
-/* Rows first..last (whole tiles of 16) of W: packed (N, K/2) plain layout, scales_and_zeros (K/group, N, 2)
-   bf16. For each tile, the scales and zeros of its 16 rows are read group by group (64 bytes each); each
-   block of 32 inputs gets `tile_scales` (K/32, 16) = weight scale * the block's activation scale, so the
-   inner loop multiplies once; the zeros' part of every row, sum_g z sum(x_g), is done for the 16 rows at once. */
+/* Rows first..last of W: packed (N, K/2) plain layout; scales_and_zeros as (N, K/group, 2) bf16 pairs, a row's
+   groups side by side (quantize.py keeps them so for this kernel). Per window, the scale path works on 128-bit
+   vectors (4 blocks), cheap beside the 512-bit products. */
 AVX512 static void int4_rows(const uint8_t *packed, const uint16_t *scales_and_zeros, const Int4Activations *a,
-                             uint16_t *y, int64_t first, int64_t last, int64_t N, int64_t K, int64_t group,
-                             float *tile_scales) {
+                             uint16_t *y, int64_t first, int64_t last, int64_t K, int64_t group) {
+  const int64_t groups = K / group, per_window = 128 / group;
+  const __m128i block_group = _mm_setr_epi32(0, 32 / group, 64 / group, 96 / group); /* a block's group in its window */
+  const __m512i lane_block = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
   const __m512i low4 = _mm512_set1_epi8(0x0f);
-  for (int64_t tile = first; tile < last; tile += ROW_TILE) {
-    __m512 zero_part = _mm512_setzero_ps();
-    for (int64_t g = 0; g < K / group; ++g) { /* 16 (scale, zero) bf16 pairs: scale in the low half of each word */
-      __m512i pairs = _mm512_loadu_si512(scales_and_zeros + (g * N + tile) * 2);
-      __m512 scales = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
-      __m512 zeros = _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32((int)0xffff0000u)));
-      zero_part = _mm512_fmadd_ps(zeros, _mm512_set1_ps(a->group_sum[g]), zero_part);
-      for (int64_t b = g * group / BLOCK; b < (g + 1) * group / BLOCK; ++b)
-        _mm512_storeu_ps(tile_scales + b * 16, _mm512_mul_ps(scales, _mm512_set1_ps(a->block_scale[b])));
+  const __m128i zero_half = _mm_set1_epi32((int)0xffff0000u);
+  for (int64_t r = first; r < last; ++r) {
+    const uint8_t *row = packed + r * (K / 2);
+    const int32_t *pairs = (const int32_t *)(scales_and_zeros + r * groups * 2); /* scale low half, zero high */
+    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    __m128 zero_part = _mm_setzero_ps();
+    for (int64_t w = 0; w < a->windows; ++w) {
+      _mm_prefetch((const char *)(row + w * 64 + INT4_PREFETCH_BYTES), _MM_HINT_T1);
+      const int64_t bytes_left = K / 2 - w * 64, groups_left = groups - w * per_window;
+      __m512i v = bytes_left >= 64 ? _mm512_loadu_si512(row + w * 64)
+                                   : _mm512_maskz_loadu_epi8(((__mmask64)1 << bytes_left) - 1, row + w * 64);
+      __m512i low = _mm512_and_si512(v, low4), high = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+      __m512i dot = _mm512_dpbusd_epi32(_mm512_loadu_si512(a->minus8 + w * 16), high, _mm512_loadu_si512(a->even + w * 64));
+      dot = _mm512_dpbusd_epi32(dot, low, _mm512_loadu_si512(a->odd + w * 64));
+      __mmask8 present = (__mmask8)((1u << (groups_left < per_window ? groups_left : per_window)) - 1);
+      __m128i words = _mm_castps_si128(_mm_permutevar_ps(
+          _mm_castsi128_ps(_mm_maskz_loadu_epi32(present, pairs + w * per_window)), block_group));
+      __m128 scales = _mm_mul_ps(_mm_castsi128_ps(_mm_slli_epi32(words, 16)), _mm_loadu_ps(a->block_scale + w * 4));
+      zero_part = _mm_fmadd_ps(_mm_castsi128_ps(_mm_and_si128(words, zero_half)), _mm_loadu_ps(a->block_sum + w * 4),
+                               zero_part);
+      __m512 lane_scales = _mm512_permutexvar_ps(lane_block, _mm512_castps128_ps512(scales));
+      acc[w % 2] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), lane_scales, acc[w % 2]);
     }
-    float zero_parts[16];
-    _mm512_storeu_ps(zero_parts, zero_part);
-    for (int i = 0; i < ROW_TILE; i += 2) { /* two rows at a time: each chunk of activations loaded once for both */
-      const uint8_t *row0 = packed + (tile + i) * (K / 2), *row1 = row0 + K / 2;
-      __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-      for (int64_t c = 0; c < K / 64; ++c) {
-        if (c % 2 == 0) {
-          _mm_prefetch((const char *)(row0 + c * 32 + INT4_PREFETCH_BYTES), _MM_HINT_T1);
-          _mm_prefetch((const char *)(row1 + c * 32 + INT4_PREFETCH_BYTES), _MM_HINT_T1);
-        }
-        const __m512i minus8 = _mm512_loadu_si512(a->lane_minus8 + c * 16), xq = _mm512_loadu_si512(a->xq + c * 64);
-        __m256i bytes0 = _mm256_loadu_si256((const __m256i *)(row0 + c * 32));
-        __m256i bytes1 = _mm256_loadu_si256((const __m256i *)(row1 + c * 32));
-        __m512i q0 = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(_mm256_srli_epi16(bytes0, 4)), bytes0, 1), low4);
-        __m512i q1 = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(_mm256_srli_epi16(bytes1, 4)), bytes1, 1), low4);
-        __m512i dot0 = _mm512_dpbusd_epi32(minus8, q0, xq), dot1 = _mm512_dpbusd_epi32(minus8, q1, xq);
-        __m512 scale0 = _mm512_mask_blend_ps(0xf0f0, _mm512_set1_ps(tile_scales[(2 * c) * 16 + i]),
-                                             _mm512_set1_ps(tile_scales[(2 * c + 1) * 16 + i]));
-        __m512 scale1 = _mm512_mask_blend_ps(0xf0f0, _mm512_set1_ps(tile_scales[(2 * c) * 16 + i + 1]),
-                                             _mm512_set1_ps(tile_scales[(2 * c + 1) * 16 + i + 1]));
-        acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot0), scale0, acc0);
-        acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot1), scale1, acc1);
-      }
-      y[tile + i] = float_to_bf16(_mm512_reduce_add_ps(acc0) + zero_parts[i]);
-      y[tile + i + 1] = float_to_bf16(_mm512_reduce_add_ps(acc1) + zero_parts[i + 1]);
-    }
+    zero_part = _mm_add_ps(zero_part, _mm_movehl_ps(zero_part, zero_part));
+    zero_part = _mm_add_ss(zero_part, _mm_movehdup_ps(zero_part));
+    y[r] = float_to_bf16(_mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + _mm_cvtss_f32(zero_part));
   }
 }
 
 /* ---- int4 weights back to bf16, for prompts (many rows: there the multiply's arithmetic sets the time) ---- */
 
-/* Rows first..last of W -> out (rows, K) bf16: w = q * scale + (zero - 8 * scale), in float32 (a multiply,
+/* Rows first..last of W (scales and zeros as for int4_rows) -> out (rows, K) bf16: w = q * scale + (zero - 8 * scale), in float32 (a multiply,
    then an add, each rounded, as quantize.dequantize_int4 computes it) and rounded once to bf16. */
 AVX512 static void int4_dequantize_rows(const uint8_t *packed, const uint16_t *scales_and_zeros, uint16_t *out,
                                         int64_t first, int64_t last, int64_t row0, int64_t N, int64_t K,
@@ -233,7 +232,7 @@ AVX512 static void int4_dequantize_rows(const uint8_t *packed, const uint16_t *s
       __m512 w[4];
       for (int t = 0; t < 4; ++t) { /* 16 columns at a time, all in one group (groups are 32 or more) */
         const int64_t g = (c * 64 + t * 16) / group;
-        const uint16_t *pair = scales_and_zeros + (g * N + row0 + r) * 2;
+        const uint16_t *pair = scales_and_zeros + ((row0 + r) * (K / group) + g) * 2;
         const float scale = bf16_to_float(pair[0]), offset = bf16_to_float(pair[1]) - 8.0f * scale;
         __m512 values = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(q, t)));
         w[t] = _mm512_add_ps(_mm512_mul_ps(values, _mm512_set1_ps(scale)), _mm512_set1_ps(offset));
@@ -310,29 +309,33 @@ static PyObject *py_int8(PyObject *self, PyObject *args) {
 }
 
 static PyObject *py_int4(PyObject *self, PyObject *args) {
-  (void)self;
   unsigned long long x, packed, scales_and_zeros, y;
   long long N, K, group;
   int threads;
+  (void)self;
   if (!PyArg_ParseTuple(args, "KKKKLLLi", &x, &packed, &scales_and_zeros, &y, &N, &K, &group, &threads)) return NULL;
-  Int4Activations a = {malloc(K), malloc(K / 4 * sizeof(int32_t)), malloc(K / BLOCK * sizeof(float)),
-                       malloc(K / group * sizeof(float))};
-  float *tile_scales = malloc((size_t)threads * (K / BLOCK) * 16 * sizeof(float));
-  if (!a.xq || !a.block_scale || !a.lane_minus8 || !a.group_sum || !tile_scales) {
-    free(a.xq); free(a.block_scale); free(a.lane_minus8); free(a.group_sum); free(tile_scales);
-    return PyErr_NoMemory();
-  }
-  Py_BEGIN_ALLOW_THREADS
-  quantize_int8_for_int4((const uint16_t *)x, K, group, &a);
+  Int4Activations a;
+  a.windows = (K + 127) / 128;
+  const int64_t padded = (a.windows + 3) / 4 * 4; /* whole spans of 4 windows; the rest stays zero */
+  a.even = calloc(padded, 64);
+  a.odd = calloc(padded, 64);
+  a.minus8 = calloc(padded * 16, sizeof(int32_t));
+  a.block_scale = calloc(padded * 4, sizeof(float));
+  a.block_sum = calloc(padded * 4, sizeof(float));
+  if (a.even && a.odd && a.minus8 && a.block_scale && a.block_sum) {
+    Py_BEGIN_ALLOW_THREADS
+    prepare_int4_activations((const uint16_t *)x, K, &a);
 #pragma omp parallel num_threads(threads)
-  {
-    int64_t first, last;
-    my_rows(N, ROW_TILE, &first, &last);
-    int4_rows((const uint8_t *)packed, (const uint16_t *)scales_and_zeros, &a, (uint16_t *)y, first, last, N, K,
-              group, tile_scales + omp_get_thread_num() * (K / BLOCK) * 16);
+    {
+      int64_t first, last;
+      my_rows(N, 1, &first, &last);
+      int4_rows((const uint8_t *)packed, (const uint16_t *)scales_and_zeros, &a, (uint16_t *)y, first, last, K, group);
+    }
+    Py_END_ALLOW_THREADS
   }
-  Py_END_ALLOW_THREADS
-  free(a.xq); free(a.block_scale); free(a.lane_minus8); free(a.group_sum); free(tile_scales);
+  int failed = !(a.even && a.odd && a.minus8 && a.block_scale && a.block_sum);
+  free(a.even); free(a.odd); free(a.minus8); free(a.block_scale); free(a.block_sum);
+  if (failed) return PyErr_NoMemory();
   Py_RETURN_NONE;
 }
 
