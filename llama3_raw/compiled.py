@@ -32,18 +32,24 @@ INT4_CHUNK = 64  # the int4 kernels read rows in whole 32-byte pieces (64 inputs
 INT4_GROUP_SIZES = (32, 64, 128)
 
 
+CPU_TAKES_THEM = built is not None and built.supported()  # AVX-512 with BF16, VNNI and VBMI (asked once)
+BF16 = torch.bfloat16
+
+
 def usable() -> bool:
     """Built, not switched off, and this CPU has the instructions the kernels use."""
-    return built is not None and os.environ.get(SWITCH_ENV, "1") != "0" and built.supported()
+    return (CPU_TAKES_THEM or (built is not None and built.supported())) and os.environ.get(SWITCH_ENV) != "0"
 
 
-def _cpu_bf16(*tensors: Tensor) -> bool:
-    return all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors)
+def _cpu_bf16(x: Tensor, other: Tensor) -> bool:
+    # (the checks of every decoding step: plain attribute reads, kept cheap)
+    return x.dtype == BF16 and other.dtype == BF16 and x.device.type == "cpu" and other.device.type == "cpu"
 
 
 def bf16_product(x: Tensor, w: Tensor) -> Tensor | None:
-    """x (in,) @ w.T for a bf16 matrix w (out, in) -> (out,), or None where the kernel does not apply."""
-    if not (usable() and _cpu_bf16(x, w) and w.is_contiguous()):
+    """x (in,) @ w.T for a bf16 matrix w (out, in) -> (out,), or None where the kernel does not apply.
+    (x: one row of activations, of any shape with `in` elements, as are the x of the products below.)"""
+    if not (usable() and _cpu_bf16(x, w) and w.is_contiguous() and x.numel() == w.shape[1]):
         return None
     x, y = x.contiguous(), torch.empty(w.shape[0], dtype=torch.bfloat16)
     built.bf16(x.data_ptr(), w.data_ptr(), y.data_ptr(), w.shape[0], w.shape[1], torch.get_num_threads())
@@ -54,7 +60,7 @@ def int8_product(x: Tensor, values: Tensor, scales: Tensor) -> Tensor | None:
     """x (in,) @ (values * scales[:, None]).T for int8 values (out, in) -> (out,), or None."""
     out_features, in_features = values.shape
     if not (usable() and _cpu_bf16(x, scales) and values.is_contiguous() and scales.is_contiguous()
-            and in_features % BLOCK == 0):
+            and in_features % BLOCK == 0 and x.numel() == in_features):
         return None
     x, y = x.contiguous(), torch.empty(out_features, dtype=torch.bfloat16)
     built.int8(x.data_ptr(), values.data_ptr(), scales.data_ptr(), y.data_ptr(), out_features, in_features,
@@ -71,7 +77,9 @@ def takes_int4(shape: tuple[int, int], group_size: int, dtype: torch.dtype) -> b
 
 def _takes_int4_tensors(packed: Tensor, scales_and_zeros: Tensor, in_features: int) -> bool:
     # scales_and_zeros (in/g, out, 2) with a row's groups side by side in memory (quantize.groups_by_row)
-    return (packed.dtype == torch.uint8 and packed.is_contiguous() and scales_and_zeros.transpose(0, 1).is_contiguous()
+    groups, stride = scales_and_zeros.shape[0], scales_and_zeros.stride()
+    by_row = stride[1:] == (2 * groups, 1) and (groups == 1 or stride[0] == 2)
+    return (packed.dtype == torch.uint8 and packed.is_contiguous() and by_row
             and packed.shape == (scales_and_zeros.shape[1], in_features // 2) and in_features % scales_and_zeros.shape[0] == 0
             and takes_int4(packed.shape[0:1] + (in_features,), in_features // scales_and_zeros.shape[0],
                            scales_and_zeros.dtype))
@@ -80,7 +88,8 @@ def _takes_int4_tensors(packed: Tensor, scales_and_zeros: Tensor, in_features: i
 def int4_product(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, in_features: int) -> Tensor | None:
     """x (in,) @ W.T for W in int4, plain layout (packed (out, in/2), scales_and_zeros (in/g, out, 2) laid out by
     row) -> (out,), or None where the kernel does not apply."""
-    if not (_cpu_bf16(x) and _takes_int4_tensors(packed, scales_and_zeros, in_features)):
+    if not (_cpu_bf16(x, scales_and_zeros) and x.numel() == in_features
+            and _takes_int4_tensors(packed, scales_and_zeros, in_features)):
         return None
     out_features, group_size = packed.shape[0], in_features // scales_and_zeros.shape[0]
     x, y = x.contiguous(), torch.empty(out_features, dtype=torch.bfloat16)
@@ -93,7 +102,8 @@ def int4_dequantize(packed: Tensor, scales_and_zeros: Tensor, in_features: int, 
     """Rows start .. start + len(out) of an int4 matrix (plain layout) as bf16, written into out (rows, in) and
     returned; None where the kernel does not apply."""
     fits = 0 <= start and start + out.shape[0] <= packed.shape[0] and out.shape[1:] == (in_features,)
-    if not (fits and _cpu_bf16(out) and out.is_contiguous() and _takes_int4_tensors(packed, scales_and_zeros, in_features)):
+    if not (fits and _cpu_bf16(out, scales_and_zeros) and out.is_contiguous()
+            and _takes_int4_tensors(packed, scales_and_zeros, in_features)):
         return None
     out_features, group_size = packed.shape[0], in_features // scales_and_zeros.shape[0]
     built.int4_dequantize(packed.data_ptr(), scales_and_zeros.data_ptr(), out.data_ptr(), start, out.shape[0],

@@ -20,7 +20,7 @@ import torch
 
 from . import compiled
 from .int4_layouts import cpu_block_rows, cpu_unpack, values_from_plain
-from .quantize import Int4Weight, Int8Weight, dequantize_int4, layout_for
+from .quantize import Int4Weight, Int8Weight, dequantize_int4
 
 Tensor = torch.Tensor
 Weight = Tensor | Int8Weight | Int4Weight  # a matrix (out, in) as stored, or its int8 / int4 form (quantize.py)
@@ -51,7 +51,7 @@ def row_times_matrix(x: Tensor, w: Tensor) -> Tensor:
     batch of row blocks (blocks, out/blocks, in) -- a view, no copy -- it is shared out among the
     threads. Each output is still the dot product of one weight row with x.
     """
-    out = compiled.bf16_product(x.reshape(-1), w)  # where built: at the speed of memory
+    out = compiled.bf16_product(x, w)  # where built: at the speed of memory
     if out is not None:
         return out.view(*x.shape[:-1], -1)
     threads = torch.get_num_threads()
@@ -79,7 +79,7 @@ def without_onednn():
 def int8_matmul(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
     """x @ dequantize(w).T: (..., in) -> (..., out), with x in the weight's compute dtype."""
     rows = x.reshape(-1, x.shape[-1])  # (N, in)
-    out = compiled.int8_product(rows[0], w.values, w.scales) if rows.shape[0] == 1 else None
+    out = compiled.int8_product(rows, w.values, w.scales) if rows.shape[0] == 1 else None
     if out is not None:
         out = out.view(1, -1)  # (1, out)
     elif rows.shape[0] == 1 and x.device.type == "cpu" and w.shape[1] % INT8_KERNEL_COLUMNS == 0:
@@ -111,8 +111,8 @@ COMPILED_INT4_MAX_ROWS = 32
 def int4_matmul(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
     """x @ dequantize(w).T: (..., in) -> (..., out), with x in the weight's compute dtype."""
     rows = x.reshape(-1, x.shape[-1])  # (N, in)
-    if w.layout != layout_for(x.device, w.shape, w.group_size, w.dtype):  # e.g. straight from a saved file
-        w = w.to(x.device)
+    if w.layout != x.device.type and not (w.layout == "plain" and x.device.type == "cpu"):
+        w = w.to(x.device)  # e.g. straight from a saved file, not through cast_weights: packed for its kernel now
     if w.layout == "cuda":
         out = torch.ops.aten._weight_int4pack_mm(rows, w.packed, w.group_size, w.scales_and_zeros)
     elif w.layout == "plain":  # the compiled kernels read it (layout_for)
@@ -136,7 +136,11 @@ def int4_matmul(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
 
 def plain_int4_matmul(rows: Tensor, w: Int4Weight) -> Tensor:
     """rows (N, in) @ dequantize(w).T for w in the plain layout, through the compiled kernels where they apply."""
-    if rows.shape[0] <= COMPILED_INT4_MAX_ROWS:
+    if rows.shape[0] == 1:  # decoding
+        product = compiled.int4_product(rows, w.packed, w.scales_and_zeros, w.in_features)
+        if product is not None:
+            return product.view(1, -1)  # (1, out)
+    elif rows.shape[0] <= COMPILED_INT4_MAX_ROWS:
         products = [compiled.int4_product(row, w.packed, w.scales_and_zeros, w.in_features) for row in rows]
         if all(p is not None for p in products):
             return torch.stack(products)  # (N, out)

@@ -163,8 +163,12 @@ def test_duplicated_kv_heads_are_kept_once_in_one_process_and_split_on_ranks(tmp
     assert_same_run(torch.load(tmp_path / "ours.pt", weights_only=True), alone)
 
 
-def test_hugging_face_and_saved_int8_and_int4_folders_are_cut_per_rank(tmp_path):
+def test_hugging_face_and_saved_int8_and_int4_folders_are_cut_per_rank(tmp_path, monkeypatch):
     from test_hf_checkpoint import hf_model
+
+    # PyTorch's products on every side: where the compiled kernels apply to the whole matrix but not to a rank's
+    # narrower part (int4: fewer than 64 inputs), the two would round activations differently (test_decode_kernels).
+    monkeypatch.setenv("LLAMA3_RAW_COMPILED", "0")
 
     hf_dir = tmp_path / "hf"
     hf_model(vocab_size=128256, seed=3).save_pretrained(hf_dir)
