@@ -72,7 +72,8 @@ def main() -> None:
     per_shape = {}
     products(per_shape)
     summary = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
-    summary["per_shape_gb_s"] = {f"{o}x{i}": round(o * i * matrices[0].element_size() / min(t) / 1e9, 1)
+    bytes_per_shape = {tuple(m.shape): m.nbytes for m in matrices}  # int8 / int4 weights: their bytes and scales
+    summary["per_shape_gb_s"] = {f"{o}x{i}": round(bytes_per_shape[o, i] / min(t) / 1e9, 1)
                                  for (o, i), t in per_shape.items()}
     summary.update(dtype=args.dtype, threads=args.threads, context=args.context, weight_bytes=weight_bytes)
     print(json.dumps(summary))

@@ -12,15 +12,14 @@ weight prepacking, which would compile every copy), the int8 and int4 kernels, a
 copies of the matrix (>= 512 MB) that none stays in the 32 MB cache, as in a real decode step. Reports GB/s
 of weights read, beside a read-bandwidth probe of the same round. Output: bench/out/matmul-alternatives.md.
 
-Also tried, and not kept (measured 2026-11-25, 8192x2048 bf16 matrices cycled through 1.3 GB, 2 threads,
-8 alternating rounds, medians): a hand-written AVX-512 BF16 dot-product kernel (vdpbf16ps, a torch C++
-extension, one row at a time) read 22.2 GB/s where PyTorch's own product read 28.8 (probe 34.7); its
-int8 counterpart (int8 -> float32 FMAs) 11.6 against _weight_int8pack_mm's 16.2. Four rows at a time and
-software prefetch were slower still. One thread: 25.6 against 21.8, but the two threads of this VM did not
-add up for it as they do for PyTorch's.
+Also: this project's compiled kernels (llama3_raw/compiled.py) where built. A first attempt at them
+(2026-11-25) read 22.2 GB/s against PyTorch's 28.8 and was dropped -- it had been compiled without OpenMP, so
+its `at::parallel_for` ran on one thread; built with it, the same kind of kernel reads at the machine's bandwidth.
 """
 
 import argparse
+import contextlib
+import os
 import statistics
 import sys
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 
 from bench.worker import read_bandwidth
-from llama3_raw import kernels
+from llama3_raw import compiled, kernels
 from llama3_raw.quantize import quantize_int4, quantize_int8
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,14 +47,29 @@ def candidates(torchao_dir: str | None) -> dict:
         with kernels.without_onednn():
             return x @ w.T
 
+    def in_pytorchs_arrangement(group_size):
+        def prepare(w):
+            with compiled_off():  # PyTorch's int4 kernel's arrangement, not the compiled kernels' plain layout
+                return quantize_int4(w, group_size).to("cpu")
+        return prepare
+
     out = {
         "bf16 PyTorch (oneDNN off)": (lambda w: w, pytorch_bf16, None),
         "bf16 oneDNN": (lambda w: w, lambda x, w: x @ w.T, None),
         "bf16 inductor max-autotune (CPP, ATen)": (lambda w: w, inductor_product, None),
         "int8 _weight_int8pack_mm": (quantize_int8, lambda x, w: torch._weight_int8pack_mm(x, w.values, w.scales), None),
-        "int4 g32 _weight_int4pack_mm_for_cpu": (lambda w: quantize_int4(w, 32).to("cpu"), kernels.int4_matmul, None),
-        "int4 g128 _weight_int4pack_mm_for_cpu": (lambda w: quantize_int4(w, 128).to("cpu"), kernels.int4_matmul, None),
+        "int4 g32 _weight_int4pack_mm_for_cpu": (in_pytorchs_arrangement(32), kernels.int4_matmul, None),
+        "int4 g128 _weight_int4pack_mm_for_cpu": (in_pytorchs_arrangement(128), kernels.int4_matmul, None),
     }
+    if compiled.usable():
+        out.update({
+            "bf16 compiled (vdpbf16ps)": (lambda w: w, compiled.bf16_product, None),
+            "int8 compiled (int16 activations, vpdpwssd)": (
+                quantize_int8, lambda x, w: compiled.int8_product(x, w.values, w.scales), None),
+            "int4 g32 compiled (int8 activations, vpdpbusd)": (
+                lambda w: quantize_int4(w, 32).to("cpu"), kernels.int4_matmul, None),
+            "int4 g128 compiled": (lambda w: quantize_int4(w, 128).to("cpu"), kernels.int4_matmul, None),
+        })
     if torchao_dir:
         sys.path.insert(0, torchao_dir)
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
@@ -70,6 +84,19 @@ def candidates(torchao_dir: str | None) -> dict:
         out["int8 torchao Int8WeightOnly"] = (torchao_linear(Int8WeightOnlyConfig()), lambda x, m: m(x), "int8")
         # (torchao 0.18's Int4WeightOnlyConfig has no CPU layout any more: its packing formats are for CUDA and XPU.)
     return out
+
+
+@contextlib.contextmanager
+def compiled_off():
+    saved = os.environ.get(compiled.SWITCH_ENV)
+    os.environ[compiled.SWITCH_ENV] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[compiled.SWITCH_ENV]
+        else:
+            os.environ[compiled.SWITCH_ENV] = saved
 
 
 def weight_bytes(weight, kind: str | None, shape: tuple[int, int]) -> int:

@@ -11,7 +11,7 @@ instructions, and keep up with memory (README, "Side by side with llama.cpp"):
 - int4 back to bf16 for prompts, bit for bit as quantize.dequantize_int4.
 
 pip builds them with the package (setup.py; `pip install -e .` in a clone); without a C compiler the build
-is skipped. They are used where built, on CPUs with AVX-512 BF16, VNNI and VBMI, unless the environment
+is skipped. They are used where built, on CPUs with AVX-512 BF16, VNNI, VBMI and GFNI, unless the environment
 variable LLAMA3_RAW_COMPILED is 0. Otherwise PyTorch's products serve: they are also the reference the
 tests hold these kernels to (tests/test_decode_kernels.py).
 """
@@ -32,7 +32,7 @@ INT4_CHUNK = 64  # the int4 kernels read rows in whole 32-byte pieces (64 inputs
 INT4_GROUP_SIZES = (32, 64, 128)
 
 
-CPU_TAKES_THEM = built is not None and built.supported()  # AVX-512 with BF16, VNNI and VBMI (asked once)
+CPU_TAKES_THEM = built is not None and built.supported()  # AVX-512 with BF16, VNNI, VBMI and GFNI (asked once)
 BF16 = torch.bfloat16
 
 

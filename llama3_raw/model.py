@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from .kernels import Weight, matmul  # x @ w.T, by the fastest kernel for the case (kernels.py)
+from .kernels import Weight, batched_matmul, matmul  # x @ w.T and a @ b, by the fastest kernel for the case
 from .parallel import SINGLE_PROCESS, Ranks
 from .params import ModelParams
 
@@ -164,14 +164,14 @@ def attention(
     q = q.view(batch, seq_len, n_kv_heads, n, params.head_dim)  # (B, S, K, n, Dh)
     q = q.permute(0, 2, 3, 1, 4).reshape(batch, n_kv_heads, n * seq_len, params.head_dim)  # (B, K, n*S, Dh)
     k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, K, T, Dh)
-    scores = (q @ k.transpose(2, 3)) / math.sqrt(params.head_dim)  # (B, K, n*S, T)
+    scores = batched_matmul(q, k.transpose(2, 3)) / math.sqrt(params.head_dim)  # (B, K, n*S, T)
     scores = scores.view(batch, n_kv_heads, n, seq_len, -1)  # (B, K, n, S, T)
     if mask is not None:  # (S, T), or (B, 1, S, T) for padded rows: one more axis for the group
         scores = scores + (mask if mask.dim() == 2 else mask[:, :, None])
     probs = F.softmax(at_least_fp32(scores), dim=-1).type_as(q)  # (B, K, n, S, T), rows sum to 1
     if record is not None:
         keep(record, f"{name}.weights", probs.reshape(batch, n_heads, seq_len, -1))  # (B, H, S, T)
-    mixed = probs.view(batch, n_kv_heads, n * seq_len, -1) @ v  # (B, K, n*S, Dh)
+    mixed = batched_matmul(probs.view(batch, n_kv_heads, n * seq_len, -1), v)  # (B, K, n*S, Dh)
     mixed = mixed.view(batch, n_kv_heads, n, seq_len, params.head_dim).permute(0, 3, 1, 2, 4)  # (B, S, K, n, Dh)
     out = matmul(mixed.reshape(batch, seq_len, -1), wo)  # (B, S, H * Dh) -> (B, S, D)
     return ranks.all_reduce(out)  # tensor parallel: each rank's heads give a partial sum of the output

@@ -2,7 +2,7 @@
 
 Where the package was installed without them (CI runs the tests from a clone), they are compiled here from
 the same source, with the same flags as setup.py, into a temporary folder; where there is no C compiler or
-the CPU lacks AVX-512 BF16/VNNI/VBMI, these tests skip.
+the CPU lacks AVX-512 BF16/VNNI/VBMI/GFNI, these tests skip.
 
 Reference: x @ W.T in float32 of the exact same (dequantized) weights. Bounds, derived from what each kernel
 rounds (compiled.py's text), each plus the rounding of the result to bf16 (2^-8 of it) and float32 sums:
@@ -45,7 +45,7 @@ def built(tmp_path_factory):
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     if not module.supported():
-        pytest.skip("this CPU lacks AVX-512 BF16/VNNI/VBMI")
+        pytest.skip("this CPU lacks AVX-512 BF16/VNNI/VBMI/GFNI")
     return module
 
 
