@@ -30,11 +30,9 @@ they are contiguous); the GIL is released while the product runs.
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,avx512vbmi,gfni,fma")))
 #define BLOCK 32        /* activations quantized per block of this many inputs */
 /* int4: how far ahead of the rows being read to ask for the bytes (into L2). Without it the int4 product read
-   19 GB/s, with it 27 (PyTorch's int4 kernel 21), measured on 1.3 GB of 8192x2048 matrices, 2 threads;
-   the bf16 and int8 products were slower with it (their rows take less arithmetic per byte). */
-#ifndef INT4_PREFETCH_BYTES
-#define INT4_PREFETCH_BYTES 2048
-#endif
+   19 GB/s, with it 27 (PyTorch's int4 kernel 21), measured on 1.3 GB of 8192x2048 matrices, 2 threads; 1 to
+   16 KB ahead measured alike. The bf16 and int8 products were slower with it (less arithmetic per byte). */
+#define INT4_PREFETCH_BYTES 4096
 
 static float bf16_to_float(uint16_t h) {
   uint32_t bits = (uint32_t)h << 16;
@@ -174,61 +172,45 @@ AVX512 static void prepare_int4_activations(const uint16_t *x, int64_t K, Int4Ac
   }
 }
 
-/* `ROWS` (1 or 2) rows from r of W: packed (N, K/2) plain layout; scales_and_zeros as (N, K/group, 2) bf16 pairs,
-   a row's groups side by side (quantize.py keeps them so for this kernel). Two rows at a time share every read
-   of the activations (three 64-byte reads a window), which otherwise take as long as the weights' own. The
-   scale path works on 128-bit vectors (4 blocks), cheap beside the 512-bit products; the high halves come down
-   with one GF(2) affine instruction (a shift and a mask in one). */
+/* Rows first..last of W: packed (N, K/2) plain layout; scales_and_zeros as (N, K/group, 2) bf16 pairs, a row's
+   groups side by side (quantize.py keeps them so for this kernel). The scale path works on 128-bit vectors
+   (4 blocks), cheap beside the 512-bit products; the high halves come down with one GF(2) affine instruction
+   (a shift and a mask in one). (Two rows at a time, sharing the activation reads, was faster in the cache but
+   slower streaming from memory: 20.7 against 24 GB/s, 8192x2048, 2 threads, alternating.) */
 #define HIGH_HALF_DOWN 0x1020408000000000ll /* GF2P8AFFINE matrix: output bit i <- input bit i + 4 (i < 4) */
-AVX512 __attribute__((always_inline)) static inline void int4_row_pair(const uint8_t *packed, const uint16_t *scales_and_zeros, const Int4Activations *a, uint16_t *y,
-              int64_t r, const int ROWS, int64_t K, int64_t group) {
+AVX512 static void int4_rows(const uint8_t *packed, const uint16_t *scales_and_zeros, const Int4Activations *a,
+                             uint16_t *y, int64_t first, int64_t last, int64_t K, int64_t group) {
   const int64_t groups = K / group, per_window = 128 / group;
   const __m128i block_group = _mm_setr_epi32(0, 32 / group, 64 / group, 96 / group); /* a block's group in its window */
   const __m512i lane_block = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
   const __m512i low4 = _mm512_set1_epi8(0x0f), high_down = _mm512_set1_epi64(HIGH_HALF_DOWN);
   const __m128i zero_half = _mm_set1_epi32((int)0xffff0000u);
-  const uint8_t *row[2];
-  const int32_t *pairs[2]; /* scale in the low half of each word, zero in the high half */
-  __m512 acc[2][2];
-  __m128 zero_part[2];
-  for (int i = 0; i < ROWS; ++i) {
-    row[i] = packed + (r + i) * (K / 2);
-    pairs[i] = (const int32_t *)(scales_and_zeros + (r + i) * groups * 2);
-    acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-    zero_part[i] = _mm_setzero_ps();
-  }
-  for (int64_t w = 0; w < a->windows; ++w) {
-    const int64_t bytes_left = K / 2 - w * 64, groups_left = groups - w * per_window;
-    const __m512i minus8 = _mm512_loadu_si512(a->minus8 + w * 16), even = _mm512_loadu_si512(a->even + w * 64),
-                  odd = _mm512_loadu_si512(a->odd + w * 64);
-    const __m128 block_scale = _mm_loadu_ps(a->block_scale + w * 4), block_sum = _mm_loadu_ps(a->block_sum + w * 4);
-    const __mmask8 present = (__mmask8)((1u << (groups_left < per_window ? groups_left : per_window)) - 1);
-    for (int i = 0; i < ROWS; ++i) {
-      _mm_prefetch((const char *)(row[i] + w * 64 + INT4_PREFETCH_BYTES), _MM_HINT_T1);
-      __m512i v = bytes_left >= 64 ? _mm512_loadu_si512(row[i] + w * 64)
-                                   : _mm512_maskz_loadu_epi8(((__mmask64)1 << bytes_left) - 1, row[i] + w * 64);
+  for (int64_t r = first; r < last; ++r) {
+    const uint8_t *row = packed + r * (K / 2);
+    const int32_t *pairs = (const int32_t *)(scales_and_zeros + r * groups * 2); /* scale low half, zero high */
+    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    __m128 zero_part = _mm_setzero_ps();
+    for (int64_t w = 0; w < a->windows; ++w) {
+      _mm_prefetch((const char *)(row + w * 64 + INT4_PREFETCH_BYTES), _MM_HINT_T1);
+      const int64_t bytes_left = K / 2 - w * 64, groups_left = groups - w * per_window;
+      __m512i v = bytes_left >= 64 ? _mm512_loadu_si512(row + w * 64)
+                                   : _mm512_maskz_loadu_epi8(((__mmask64)1 << bytes_left) - 1, row + w * 64);
       __m512i low = _mm512_and_si512(v, low4), high = _mm512_gf2p8affine_epi64_epi8(v, high_down, 0);
-      __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(minus8, high, even), low, odd);
+      __m512i dot = _mm512_dpbusd_epi32(_mm512_loadu_si512(a->minus8 + w * 16), high, _mm512_loadu_si512(a->even + w * 64));
+      dot = _mm512_dpbusd_epi32(dot, low, _mm512_loadu_si512(a->odd + w * 64));
+      __mmask8 present = (__mmask8)((1u << (groups_left < per_window ? groups_left : per_window)) - 1);
       __m128i words = _mm_castps_si128(_mm_permutevar_ps(
-          _mm_castsi128_ps(_mm_maskz_loadu_epi32(present, pairs[i] + w * per_window)), block_group));
-      __m128 scales = _mm_mul_ps(_mm_castsi128_ps(_mm_slli_epi32(words, 16)), block_scale);
-      zero_part[i] = _mm_fmadd_ps(_mm_castsi128_ps(_mm_and_si128(words, zero_half)), block_sum, zero_part[i]);
+          _mm_castsi128_ps(_mm_maskz_loadu_epi32(present, pairs + w * per_window)), block_group));
+      __m128 scales = _mm_mul_ps(_mm_castsi128_ps(_mm_slli_epi32(words, 16)), _mm_loadu_ps(a->block_scale + w * 4));
+      zero_part = _mm_fmadd_ps(_mm_castsi128_ps(_mm_and_si128(words, zero_half)), _mm_loadu_ps(a->block_sum + w * 4),
+                               zero_part);
       __m512 lane_scales = _mm512_permutexvar_ps(lane_block, _mm512_castps128_ps512(scales));
-      acc[i][w % 2] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), lane_scales, acc[i][w % 2]);
+      acc[w % 2] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), lane_scales, acc[w % 2]);
     }
+    zero_part = _mm_add_ps(zero_part, _mm_movehl_ps(zero_part, zero_part));
+    zero_part = _mm_add_ss(zero_part, _mm_movehdup_ps(zero_part));
+    y[r] = float_to_bf16(_mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + _mm_cvtss_f32(zero_part));
   }
-  for (int i = 0; i < ROWS; ++i) {
-    __m128 z = _mm_add_ps(zero_part[i], _mm_movehl_ps(zero_part[i], zero_part[i]));
-    z = _mm_add_ss(z, _mm_movehdup_ps(z));
-    y[r + i] = float_to_bf16(_mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1])) + _mm_cvtss_f32(z));
-  }
-}
-
-AVX512 static void int4_rows(const uint8_t *packed, const uint16_t *scales_and_zeros, const Int4Activations *a,
-                             uint16_t *y, int64_t first, int64_t last, int64_t K, int64_t group) {
-  int64_t r = first;
-  for (; r + 2 <= last; r += 2) int4_row_pair(packed, scales_and_zeros, a, y, r, 2, K, group);
-  if (r < last) int4_row_pair(packed, scales_and_zeros, a, y, r, 1, K, group);
 }
 
 /* ---- int4 weights back to bf16, for prompts (many rows: there the multiply's arithmetic sets the time) ---- */
