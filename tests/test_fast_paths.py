@@ -311,3 +311,18 @@ def test_damaged_int8_checkpoints_are_refused_in_one_sentence(gqa_checkpoint, tm
                              text=True, cwd=REPO, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, timeout=300)
     assert error_lines(compare) == [f"error: {good} holds int8 weights, which Meta's reference cannot run; compare "
                                     f"the checkpoint they were quantized from."]
+
+
+def test_attention_products_through_float32_when_decoding():
+    """kernels.batched_matmul: a few query rows in bf16 on the CPU go through float32 and are rounded once to bf16
+    (what a bf16 product returns, summed in another order); many rows are the ordinary product, bit for bit."""
+    generator = torch.Generator().manual_seed(4)
+    keys = torch.randn(1, 8, 64, 37, generator=generator).to(torch.bfloat16)  # (B, K, Dh, T): scores' right side
+    few = torch.randn(1, 8, 4, 64, generator=generator).to(torch.bfloat16)  # decoding: n query heads x 1 position
+    exact = few.float() @ keys.float()
+    result = kernels.batched_matmul(few, keys)
+    assert result.dtype == torch.bfloat16 and torch.equal(result, exact.to(torch.bfloat16))
+    torch.testing.assert_close(result.float(), (few @ keys).float(), rtol=2 ** -7, atol=1e-3)
+    many = torch.randn(1, 8, kernels.FLOAT32_ATTENTION_ROWS + 1, 64, generator=generator).to(torch.bfloat16)
+    assert torch.equal(kernels.batched_matmul(many, keys), many @ keys)
+    assert torch.equal(kernels.batched_matmul(few.float(), keys.float()), few.float() @ keys.float())  # float32: as is
