@@ -60,7 +60,7 @@ def int8_product(x: Tensor, values: Tensor, scales: Tensor) -> Tensor | None:
     """x (in,) @ (values * scales[:, None]).T for int8 values (out, in) -> (out,), or None."""
     out_features, in_features = values.shape
     if not (usable() and _cpu_bf16(x, scales) and values.is_contiguous() and scales.is_contiguous()
-            and in_features % BLOCK == 0 and x.numel() == in_features):
+            and scales.shape == (out_features,) and in_features % BLOCK == 0 and x.numel() == in_features):
         return None
     x, y = x.contiguous(), torch.empty(out_features, dtype=torch.bfloat16)
     built.int8(x.data_ptr(), values.data_ptr(), scales.data_ptr(), y.data_ptr(), out_features, in_features,
@@ -78,8 +78,8 @@ def takes_int4(shape: tuple[int, int], group_size: int, dtype: torch.dtype) -> b
 def _takes_int4_tensors(packed: Tensor, scales_and_zeros: Tensor, in_features: int) -> bool:
     # scales_and_zeros (in/g, out, 2) with a row's groups side by side in memory (quantize.groups_by_row)
     groups, stride = scales_and_zeros.shape[0], scales_and_zeros.stride()
-    by_row = stride[1:] == (2 * groups, 1) and (groups == 1 or stride[0] == 2)
-    return (packed.dtype == torch.uint8 and packed.is_contiguous() and by_row
+    by_row = scales_and_zeros.dim() == 3 and stride[1:] == (2 * groups, 1) and (groups == 1 or stride[0] == 2)
+    return (packed.dtype == torch.uint8 and packed.is_contiguous() and by_row and scales_and_zeros.shape[2] == 2
             and packed.shape == (scales_and_zeros.shape[1], in_features // 2) and in_features % scales_and_zeros.shape[0] == 0
             and takes_int4(packed.shape[0:1] + (in_features,), in_features // scales_and_zeros.shape[0],
                            scales_and_zeros.dtype))

@@ -177,3 +177,17 @@ def test_the_model_decodes_the_same_tokens_with_and_without(kernels_on, monkeypa
     monkeypatch.setenv(compiled.SWITCH_ENV, "0")
     without = last_logits()
     assert (with_kernels - without).abs().max() <= 0.02 * without.abs().max()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_activations_give_non_finite_products(kernels_on, bad):
+    """As PyTorch's products would, so that the decode loop's refusal of non-finite logits still sees them: a NaN or
+    infinity must not be rounded to some finite integer on its way into the int8 or int4 products."""
+    w = torch.randn(32, 128, generator=torch.Generator().manual_seed(9))
+    x = torch.randn(128, generator=torch.Generator().manual_seed(10))
+    x[70] = bad
+    x = x.to(torch.bfloat16)
+    q8, q4 = quantize_int8(w), quantize_int4(w, 32).to("cpu")
+    for result in (compiled.bf16_product(x, w.to(torch.bfloat16)), compiled.int8_product(x, q8.values, q8.scales),
+                   compiled.int4_product(x, q4.packed, q4.scales_and_zeros, 128)):
+        assert not result.float().isfinite().any()

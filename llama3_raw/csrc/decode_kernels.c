@@ -76,10 +76,14 @@ AVX512 static __m512 load16_bf16(const uint16_t *x) { /* 16 bf16 -> 16 float32 (
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x)), 16));
 }
 
-/* One block of 32 activations (bf16) as two float32 vectors, and the largest magnitude among them. */
+/* One block of 32 activations (bf16) as two float32 vectors, and the largest magnitude among them -- NaN if any
+   is NaN or infinite, so that the block's scale is NaN and the products come out NaN, as PyTorch's would (the
+   decode loop refuses non-finite logits in one sentence) instead of rounding them to some finite integer. */
+#define NOT_FINITE 0x99 /* vfpclassps: quiet NaN, +infinity, -infinity, signalling NaN */
 AVX512 static float load_block(const uint16_t *x, __m512 *v0, __m512 *v1) {
   *v0 = load16_bf16(x);
   *v1 = load16_bf16(x + 16);
+  if (_mm512_fpclass_ps_mask(*v0, NOT_FINITE) | _mm512_fpclass_ps_mask(*v1, NOT_FINITE)) return NAN;
   return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(*v0), _mm512_abs_ps(*v1)));
 }
 
