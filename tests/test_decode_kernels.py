@@ -191,3 +191,29 @@ def test_non_finite_activations_give_non_finite_products(kernels_on, bad):
     for result in (compiled.bf16_product(x, w.to(torch.bfloat16)), compiled.int8_product(x, q8.values, q8.scales),
                    compiled.int4_product(x, q4.packed, q4.scales_and_zeros, 128)):
         assert not result.float().isfinite().any()
+
+
+def test_saved_int4_folder_keeps_the_kernels_layout_and_maps_back_without_a_copy(kernels_on, monkeypatch, gqa_checkpoint,
+                                                                                tmp_path):
+    """Saved where the kernels run: plain values, each row's scales and zeros side by side; loaded there, the
+    matrices are the mapped file's own bytes; loaded where they do not run, PyTorch's arrangement, same weights."""
+    from llama3_raw import cast_weights, load_checkpoint
+    from llama3_raw.checkpoints import default_tokenizer_path
+    from llama3_raw.checkpoints.quantized import save_quantized_checkpoint
+    from llama3_raw.quantize import Int4Weight, dequantize, quantize_weights
+
+    ckpt_dir = gqa_checkpoint[0]
+    whole = load_checkpoint(ckpt_dir, show_progress=False)
+    made = quantize_weights(whole.weights, torch.bfloat16, "int4")
+    saved = save_quantized_checkpoint(made, whole.params, "int4", default_tokenizer_path(ckpt_dir), tmp_path / "int4")
+    loaded = load_checkpoint(saved, show_progress=False)
+    key = "layers.0.feed_forward.w1.weight"
+    mapped = loaded.weights[key]
+    assert mapped.layout == "plain" and mapped.scales_and_zeros.transpose(0, 1).is_contiguous()
+    on_cpu = cast_weights({key: mapped}, torch.bfloat16, "cpu")[key]
+    assert on_cpu.packed.data_ptr() == mapped.packed.data_ptr()  # multiplied from the file's bytes
+    assert on_cpu.scales_and_zeros.data_ptr() == mapped.scales_and_zeros.data_ptr()
+    monkeypatch.setenv(compiled.SWITCH_ENV, "0")
+    elsewhere = cast_weights({key: load_checkpoint(saved, show_progress=False).weights[key]}, torch.bfloat16, "cpu")[key]
+    assert isinstance(elsewhere, Int4Weight) and elsewhere.layout != "plain"
+    assert torch.equal(dequantize(elsewhere), dequantize(made[key]))
