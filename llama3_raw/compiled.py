@@ -28,8 +28,8 @@ except ImportError:  # not built: PyTorch's products serve
 Tensor = torch.Tensor
 SWITCH_ENV = "LLAMA3_RAW_COMPILED"
 BLOCK = 32  # inputs that share one activation scale in the int8 and int4 products
-INT4_CHUNK = 64  # the int4 kernels read rows in whole 32-byte pieces (64 inputs)
-INT4_GROUP_SIZES = (32, 64, 128)
+INT4_CHUNK = 64  # the int4 kernels read rows in whole 32-byte pieces (64 inputs) ...
+INT4_WINDOW = 128  # ... two at a time, and a window's 4 blocks must each lie in one group
 
 
 CPU_TAKES_THEM = built is not None and built.supported()  # AVX-512 with BF16, VNNI, VBMI and GFNI (asked once)
@@ -71,8 +71,8 @@ def int8_product(x: Tensor, values: Tensor, scales: Tensor) -> Tensor | None:
 def takes_int4(shape: tuple[int, int], group_size: int, dtype: torch.dtype) -> bool:
     """Whether the int4 kernels take a matrix of this shape, group size and compute dtype (in the plain layout)."""
     out_features, in_features = shape
-    return (usable() and dtype == torch.bfloat16 and group_size in INT4_GROUP_SIZES and in_features % INT4_CHUNK == 0
-            and out_features > 0)
+    return (usable() and dtype == torch.bfloat16 and group_size > 0 and group_size % BLOCK == 0
+            and INT4_WINDOW % group_size == 0 and in_features % INT4_CHUNK == 0 and out_features > 0)
 
 
 def _takes_int4_tensors(packed: Tensor, scales_and_zeros: Tensor, in_features: int) -> bool:
