@@ -1,4 +1,5 @@
-/* One row of activations times a weight matrix, y = W x, for decoding on CPUs with AVX-512 (BF16, VNNI).
+/* One row of activations times a weight matrix, y = W x, for decoding on CPUs with AVX-512 (BF16, VNNI, VBMI,
+   GFNI), and int4 weights back to bf16 for prompts.
 
 Decoding one token reads every weight once, so the speed of these products is the speed at which the
 weights stream from memory. PyTorch's own one-row products run out of arithmetic first (its bf16 product
@@ -16,8 +17,8 @@ converts each weight to float32, its int8 and int4 products too). These read the
         sum_k ((q_k - 8) s + z) x_k is computed as sum_blocks s sx (dot(q, xq) - 8 sum(xq)) + z sum(x).
 
 Rows are shared among threads in contiguous ranges (OpenMP, the runtime PyTorch itself loads); each thread
-reads its rows front to back. Python passes tensors' addresses (kernels.py checks dtypes, shapes and that
-they are contiguous); the GIL is released while the product runs.
+reads its rows front to back. Python passes tensors' addresses (compiled.py checks dtypes, shapes and
+layouts first); the GIL is released while the product runs.
 */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -261,11 +262,11 @@ static int supported_cpu(void) {
 int omp_get_num_threads(void);
 int omp_get_thread_num(void);
 
-/* This thread's contiguous share [*first, *last) of N rows, cut at whole tiles of `tile` rows. */
-static void my_rows(int64_t N, int64_t tile, int64_t *first, int64_t *last) {
-  const int64_t tiles = N / tile, count = omp_get_num_threads(), me = omp_get_thread_num();
-  *first = tiles * me / count * tile;
-  *last = me + 1 == count ? N : tiles * (me + 1) / count * tile;
+/* This thread's contiguous share [*first, *last) of N rows. */
+static void my_rows(int64_t N, int64_t *first, int64_t *last) {
+  const int64_t count = omp_get_num_threads(), me = omp_get_thread_num();
+  *first = N * me / count;
+  *last = N * (me + 1) / count;
 }
 
 static PyObject *py_supported(PyObject *self, PyObject *args) {
@@ -283,7 +284,7 @@ static PyObject *py_bf16(PyObject *self, PyObject *args) {
 #pragma omp parallel num_threads(threads)
   {
     int64_t first, last;
-    my_rows(N, 1, &first, &last);
+    my_rows(N, &first, &last);
     bf16_rows((const uint16_t *)w, (const uint16_t *)x, (uint16_t *)y, first, last, K);
   }
   Py_END_ALLOW_THREADS
@@ -304,7 +305,7 @@ static PyObject *py_int8(PyObject *self, PyObject *args) {
 #pragma omp parallel num_threads(threads)
   {
     int64_t first, last;
-    my_rows(N, 1, &first, &last);
+    my_rows(N, &first, &last);
     int8_rows((const int8_t *)w, (const uint16_t *)scales, xq, xscales, (uint16_t *)y, first, last, K);
   }
   Py_END_ALLOW_THREADS
@@ -333,7 +334,7 @@ static PyObject *py_int4(PyObject *self, PyObject *args) {
 #pragma omp parallel num_threads(threads)
     {
       int64_t first, last;
-      my_rows(N, 1, &first, &last);
+      my_rows(N, &first, &last);
       int4_rows((const uint8_t *)packed, (const uint16_t *)scales_and_zeros, &a, (uint16_t *)y, first, last, K, group);
     }
     Py_END_ALLOW_THREADS
@@ -355,7 +356,7 @@ static PyObject *py_int4_dequantize(PyObject *self, PyObject *args) {
 #pragma omp parallel num_threads(threads)
   {
     int64_t first, last;
-    my_rows(rows, 1, &first, &last);
+    my_rows(rows, &first, &last);
     int4_dequantize_rows((const uint8_t *)packed, (const uint16_t *)scales_and_zeros, (uint16_t *)out, first, last,
                          row0, N, K, group);
   }
