@@ -105,7 +105,7 @@ def int4_dequantize(packed: Tensor, scales_and_zeros: Tensor, in_features: int, 
     if not (fits and _cpu_bf16(out, scales_and_zeros) and out.is_contiguous()
             and _takes_int4_tensors(packed, scales_and_zeros, in_features)):
         return None
-    out_features, group_size = packed.shape[0], in_features // scales_and_zeros.shape[0]
+    group_size = in_features // scales_and_zeros.shape[0]
     built.int4_dequantize(packed.data_ptr(), scales_and_zeros.data_ptr(), out.data_ptr(), start, out.shape[0],
-                          out_features, in_features, group_size, torch.get_num_threads())
+                          in_features, group_size, torch.get_num_threads())
     return out

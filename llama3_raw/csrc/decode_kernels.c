@@ -220,11 +220,11 @@ AVX512 static void int4_rows(const uint8_t *packed, const uint16_t *scales_and_z
 
 /* ---- int4 weights back to bf16, for prompts (many rows: there the multiply's arithmetic sets the time) ---- */
 
-/* Rows first..last of W (scales and zeros as for int4_rows) -> out (rows, K) bf16: w = q * scale + (zero - 8 * scale), in float32 (a multiply,
-   then an add, each rounded, as quantize.dequantize_int4 computes it) and rounded once to bf16. */
+/* Rows row0 + first..last of W (scales and zeros as for int4_rows) -> out rows first..last (of K inputs), bf16:
+   w = q * scale + (zero - 8 * scale) in float32 (a multiply, then an add, each rounded, as
+   quantize.dequantize_int4 computes it), rounded once to bf16. */
 AVX512 static void int4_dequantize_rows(const uint8_t *packed, const uint16_t *scales_and_zeros, uint16_t *out,
-                                        int64_t first, int64_t last, int64_t row0, int64_t N, int64_t K,
-                                        int64_t group) {
+                                        int64_t first, int64_t last, int64_t row0, int64_t K, int64_t group) {
   uint8_t order[64]; /* natural column m <- unpacked byte: even m from the high halves (0..31), odd from the low */
   for (int m = 0; m < 64; ++m) order[m] = (uint8_t)(m % 2 ? 32 + m / 2 : m / 2);
   const __m512i natural_order = _mm512_loadu_si512(order), low4 = _mm512_set1_epi8(0x0f);
@@ -347,10 +347,10 @@ static PyObject *py_int4(PyObject *self, PyObject *args) {
 
 static PyObject *py_int4_dequantize(PyObject *self, PyObject *args) {
   unsigned long long packed, scales_and_zeros, out;
-  long long row0, rows, N, K, group;
+  long long row0, rows, K, group;
   int threads;
   (void)self;
-  if (!PyArg_ParseTuple(args, "KKKLLLLLi", &packed, &scales_and_zeros, &out, &row0, &rows, &N, &K, &group, &threads))
+  if (!PyArg_ParseTuple(args, "KKKLLLLi", &packed, &scales_and_zeros, &out, &row0, &rows, &K, &group, &threads))
     return NULL;
   Py_BEGIN_ALLOW_THREADS
 #pragma omp parallel num_threads(threads)
@@ -358,7 +358,7 @@ static PyObject *py_int4_dequantize(PyObject *self, PyObject *args) {
     int64_t first, last;
     my_rows(rows, &first, &last);
     int4_dequantize_rows((const uint8_t *)packed, (const uint16_t *)scales_and_zeros, (uint16_t *)out, first, last,
-                         row0, N, K, group);
+                         row0, K, group);
   }
   Py_END_ALLOW_THREADS
   Py_RETURN_NONE;
@@ -371,7 +371,7 @@ static PyMethodDef methods[] = {
     {"int4", py_int4, METH_VARARGS,
      "int4(x, packed, scales_and_zeros, y, N, K, group, threads): y = dequantized w @ x, bf16."},
     {"int4_dequantize", py_int4_dequantize, METH_VARARGS,
-     "int4_dequantize(packed, scales_and_zeros, out, row0, rows, N, K, group, threads): rows row0.. as bf16."},
+     "int4_dequantize(packed, scales_and_zeros, out, row0, rows, K, group, threads): rows row0.. as bf16."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_decode_kernels",
