@@ -32,18 +32,16 @@ INT4_CHUNK = 64  # the int4 kernels read rows in whole 32-byte pieces (64 inputs
 INT4_WINDOW = 128  # ... two at a time, and a window's 4 blocks must each lie in one group
 
 
-CPU_TAKES_THEM = built is not None and built.supported()  # AVX-512 with BF16, VNNI, VBMI and GFNI (asked once)
-BF16 = torch.bfloat16
-
-
 def usable() -> bool:
-    """Built, not switched off, and this CPU has the instructions the kernels use."""
-    return (CPU_TAKES_THEM or (built is not None and built.supported())) and os.environ.get(SWITCH_ENV) != "0"
+    """Built, not switched off, and this CPU has the instructions the kernels use (AVX-512 with BF16, VNNI,
+    VBMI and GFNI)."""
+    return built is not None and os.environ.get(SWITCH_ENV) != "0" and built.supported()
 
 
 def _cpu_bf16(x: Tensor, other: Tensor) -> bool:
     # (the checks of every decoding step: plain attribute reads, kept cheap)
-    return x.dtype == BF16 and other.dtype == BF16 and x.device.type == "cpu" and other.device.type == "cpu"
+    bf16 = torch.bfloat16
+    return x.dtype == bf16 and other.dtype == bf16 and x.device.type == "cpu" and other.device.type == "cpu"
 
 
 def bf16_product(x: Tensor, w: Tensor) -> Tensor | None:
@@ -77,12 +75,14 @@ def takes_int4(shape: tuple[int, int], group_size: int, dtype: torch.dtype) -> b
 
 def _takes_int4_tensors(packed: Tensor, scales_and_zeros: Tensor, in_features: int) -> bool:
     # scales_and_zeros (in/g, out, 2) with a row's groups side by side in memory (quantize.groups_by_row)
-    groups, stride = scales_and_zeros.shape[0], scales_and_zeros.stride()
-    by_row = scales_and_zeros.dim() == 3 and stride[1:] == (2 * groups, 1) and (groups == 1 or stride[0] == 2)
-    return (packed.dtype == torch.uint8 and packed.is_contiguous() and by_row and scales_and_zeros.shape[2] == 2
-            and packed.shape == (scales_and_zeros.shape[1], in_features // 2) and in_features % scales_and_zeros.shape[0] == 0
-            and takes_int4(packed.shape[0:1] + (in_features,), in_features // scales_and_zeros.shape[0],
-                           scales_and_zeros.dtype))
+    if scales_and_zeros.dim() != 3 or scales_and_zeros.shape[0] == 0 or in_features % scales_and_zeros.shape[0]:
+        return False
+    groups, out_features, pair = scales_and_zeros.shape
+    stride = scales_and_zeros.stride()
+    by_row = pair == 2 and stride[1:] == (2 * groups, 1) and (groups == 1 or stride[0] == 2)
+    return (by_row and packed.dtype == torch.uint8 and packed.is_contiguous()
+            and packed.shape == (out_features, in_features // 2)
+            and takes_int4((out_features, in_features), in_features // groups, scales_and_zeros.dtype))
 
 
 def int4_product(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, in_features: int) -> Tensor | None:

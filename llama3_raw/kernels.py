@@ -106,17 +106,23 @@ def int8_matmul(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
         # (Only for whole tiles of inputs: with any other count PyTorch 2.13's kernel reads past the row, giving
         # wrong sums or a crash -- measured with 36, 100 and 2050 inputs; 48, 96, 128 are right.)
         out = torch._weight_int8pack_mm(rows, w.values, w.scales)  # (1, out)
-    else:
-        # Many rows: convert a block of weight rows to the compute dtype, multiply, next block. Each conversion
-        # is paid once for all N rows; a block of DEQUANTIZE_ELEMENTS is reused by the allocator, where a whole
-        # converted matrix (up to 500 MB) would be fresh memory, page-faulted in on every call.
-        out = torch.empty(rows.shape[0], w.shape[0], dtype=x.dtype, device=x.device)  # (N, out)
-        block_rows = max(1, DEQUANTIZE_ELEMENTS // w.shape[1])
-        for start in range(0, w.shape[0], block_rows):
-            block = slice(start, start + block_rows)
-            out[:, block] = rows @ w.values[block].to(x.dtype).T
+    else:  # many rows: the values in the compute dtype a block at a time, then each output column times its scale
+        step = max(1, DEQUANTIZE_ELEMENTS // w.shape[1])
+        out = product_by_row_blocks(rows, w.shape[0], step, lambda start, stop: w.values[start:stop].to(x.dtype))
         out *= w.scales
     return out.view(*x.shape[:-1], -1)
+
+
+def product_by_row_blocks(rows: Tensor, out_features: int, step: int, weight_rows) -> Tensor:
+    """rows (N, in) @ W.T for a matrix W kept in another form (int8, int4): `weight_rows(start, stop)` gives
+    its rows start..stop in the compute dtype, `step` rows at a time. Each conversion is paid once for all N
+    rows; a block of DEQUANTIZE_ELEMENTS is reused by the allocator, where a whole converted matrix (up to
+    500 MB) would be fresh memory, page-faulted in on every call."""
+    out = torch.empty(rows.shape[0], out_features, dtype=rows.dtype, device=rows.device)  # (N, out)
+    for start in range(0, out_features, step):
+        stop = min(start + step, out_features)
+        out[:, start:stop] = rows @ weight_rows(start, stop).T
+    return out
 
 
 # Up to here the int4 kernel beats dequantizing then multiplying (measured on an 8192x2048 matrix, 2 threads:
@@ -144,12 +150,12 @@ def int4_matmul(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
         # its speed. So, as for int8, convert a block of weight rows, multiply, next.
         block_rows, halves = cpu_block_rows()
         step = max(block_rows, DEQUANTIZE_ELEMENTS // w.in_features // block_rows * block_rows)  # whole blocks
-        out = torch.empty(rows.shape[0], w.shape[0], dtype=x.dtype, device=x.device)  # (N, out)
-        for start in range(0, w.shape[0], step):
-            stop = min(start + step, w.shape[0])
+
+        def weight_rows(start: int, stop: int) -> Tensor:  # (stop - start, in)
             values = cpu_unpack(w.packed[start:stop], stop - start, w.in_features, block_rows, halves)
-            block = dequantize_int4(values, w.scales_and_zeros[:, start:stop])  # (rows, in)
-            out[:, start:stop] = rows @ block.T
+            return dequantize_int4(values, w.scales_and_zeros[:, start:stop])
+
+        out = product_by_row_blocks(rows, w.shape[0], step, weight_rows)
     return out.view(*x.shape[:-1], -1)
 
 
@@ -165,12 +171,12 @@ def plain_int4_matmul(rows: Tensor, w: Int4Weight) -> Tensor:
             return torch.stack(products)  # (N, out)
     # Many rows: a block of weight rows back to the compute dtype, multiply, next block.
     step = max(1, DEQUANTIZE_ELEMENTS // w.in_features)
-    out = torch.empty(rows.shape[0], w.shape[0], dtype=rows.dtype, device=rows.device)  # (N, out)
-    buffer = torch.empty(min(step, w.shape[0]), w.in_features, dtype=rows.dtype)
-    for start in range(0, w.shape[0], step):
-        stop = min(start + step, w.shape[0])
+    buffer = torch.empty(min(step, w.shape[0]), w.in_features, dtype=rows.dtype)  # the compiled kernel writes here
+
+    def weight_rows(start: int, stop: int) -> Tensor:  # (stop - start, in)
         block = compiled.int4_dequantize(w.packed, w.scales_and_zeros, w.in_features, start, buffer[:stop - start])
         if block is None:
             block = dequantize_int4(values_from_plain(w.packed[start:stop]), w.scales_and_zeros[:, start:stop])
-        out[:, start:stop] = rows @ block.T
-    return out
+        return block
+
+    return product_by_row_blocks(rows, w.shape[0], step, weight_rows)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from helpers import TINY_GQA, TINY_MQA, random_state_dict, write_checkpoint, write_sharded_checkpoint
-from llama3_raw import cast_weights, forward, load_checkpoint, new_kv_cache
+from llama3_raw import cast_weights, compiled, forward, load_checkpoint, new_kv_cache
 from llama3_raw.parallel import Ranks
 
 REPO = Path(__file__).resolve().parent.parent
@@ -168,7 +168,7 @@ def test_hugging_face_and_saved_int8_and_int4_folders_are_cut_per_rank(tmp_path,
 
     # PyTorch's products on every side: where the compiled kernels apply to the whole matrix but not to a rank's
     # narrower part (int4: fewer than 64 inputs), the two would round activations differently (test_decode_kernels).
-    monkeypatch.setenv("LLAMA3_RAW_COMPILED", "0")
+    monkeypatch.setenv(compiled.SWITCH_ENV, "0")
 
     hf_dir = tmp_path / "hf"
     hf_model(vocab_size=128256, seed=3).save_pretrained(hf_dir)

@@ -147,7 +147,8 @@ def slice_weight(weight, dim: int | None, start: int, stop: int):
         scales = weight.scales if dim != 0 else weight.scales[start:stop]
         return Int8Weight(slice_of(weight.values, dim, start, stop), scales)
     if isinstance(weight, Int4Weight):
-        block = cpu_block_rows()[0] if cpu_block_rows() is not None else None
+        arrangement = cpu_block_rows()  # (BLOCK_N, halves), or None
+        block = arrangement[0] if arrangement is not None else None
         whole_blocks = block is not None and start % block == 0 and (stop % block == 0 or stop == weight.shape[0])
         if weight.layout == "cpu" and dim is not None and not (dim == 0 and whole_blocks):
             # only whole blocks of rows of the CPU arrangement are a view; else cut from the plain layout (a copy)
