@@ -63,12 +63,10 @@ def candidates(torchao_dir: str | None) -> dict:
     }
     if compiled.usable():
         out.update({
-            "bf16 compiled (vdpbf16ps)": (lambda w: w, compiled.bf16_product, None),
-            "int8 compiled (int16 activations, vpdpwssd)": (
-                quantize_int8, lambda x, w: compiled.int8_product(x, w.values, w.scales), None),
-            "int4 g32 compiled (int8 activations, vpdpbusd)": (
-                lambda w: quantize_int4(w, 32).to("cpu"), kernels.int4_matmul, None),
-            "int4 g128 compiled": (lambda w: quantize_int4(w, 128).to("cpu"), kernels.int4_matmul, None),
+            "bf16 compiled (vdpbf16ps)": (lambda w: w, kernels.matmul, None),
+            "int8 compiled (int16 activations, vpdpwssd)": (quantize_int8, kernels.matmul, None),
+            "int4 g32 compiled (int8 activations, vpdpbusd)": (lambda w: quantize_int4(w, 32).to("cpu"), kernels.matmul, None),
+            "int4 g128 compiled": (lambda w: quantize_int4(w, 128).to("cpu"), kernels.matmul, None),
         })
     if torchao_dir:
         sys.path.insert(0, torchao_dir)

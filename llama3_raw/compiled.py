@@ -16,6 +16,7 @@ variable LLAMA3_RAW_COMPILED is 0. Otherwise PyTorch's products serve: they are 
 tests hold these kernels to (tests/test_decode_kernels.py).
 """
 
+import math
 import os
 
 import torch
@@ -38,38 +39,85 @@ def usable() -> bool:
     return built is not None and os.environ.get(SWITCH_ENV) != "0" and built.supported()
 
 
-def _cpu_bf16(x: Tensor, other: Tensor) -> bool:
+def _cpu_bf16(*tensors: Tensor) -> bool:
     # (the checks of every decoding step: plain attribute reads, kept cheap)
-    bf16 = torch.bfloat16
-    return x.dtype == bf16 and other.dtype == bf16 and x.device.type == "cpu" and other.device.type == "cpu"
+    for t in tensors:
+        if t.dtype != torch.bfloat16 or t.device.type != "cpu" or t.requires_grad:
+            return False
+    return True
 
 
-def bf16_product(x: Tensor, w: Tensor) -> Tensor | None:
-    """x (in,) @ w.T for a bf16 matrix w (out, in) -> (out,), or None where the kernel does not apply.
-    (x: one row of activations, of any shape with `in` elements, as are the x of the products below.)"""
-    if not (usable() and _cpu_bf16(x, w) and w.is_contiguous() and x.numel() == w.shape[1]):
+# The products take one row of activations x (..., in) -- x.numel() == in -- and several matrices at once
+# (at most MAX_MATRICES), all multiplied by it in one call: x @ W.T for each, (..., out). They give None where
+# the kernels do not apply to all of them. (Several at once: the threads share all their rows as one list.)
+MAX_MATRICES = 8
+
+
+def bf16_products(x: Tensor, matrices: list[Tensor]) -> list[Tensor] | None:
+    """For bf16 matrices w (out, in)."""
+    return _products("bf16", x, matrices, _bf16_entry)
+
+
+def int8_products(x: Tensor, matrices: list[tuple[Tensor, Tensor]]) -> list[Tensor] | None:
+    """For int8 matrices given as (values (out, in) int8, scales (out,) bf16): x @ (values * scales[:, None]).T."""
+    return _products("int8", x, matrices, _int8_entry)
+
+
+def int4_products(x: Tensor, matrices: list[tuple[Tensor, Tensor]]) -> list[Tensor] | None:
+    """For int4 matrices in the plain layout, given as (packed (out, in/2) uint8, scales_and_zeros (in/g, out, 2)
+    bf16, laid out by row)."""
+    return _products("int4", x, matrices, _int4_entry)
+
+
+def _products(kernel: str, x: Tensor, matrices: list, entry) -> list[Tensor] | None:
+    # kernel: the built module's function; entry(matrix, in) -> (weights, scales or None, group size or 0) as it
+    # reads them, or None
+    in_features = x.shape[-1]
+    if not (usable() and 0 < len(matrices) <= MAX_MATRICES and x.numel() == in_features and _cpu_bf16(x)):
         return None
-    x, y = x.contiguous(), torch.empty(w.shape[0], dtype=torch.bfloat16)
-    built.bf16(x.data_ptr(), w.data_ptr(), y.data_ptr(), w.shape[0], w.shape[1], torch.get_num_threads())
-    return y
+    entries = []
+    for matrix in matrices:
+        entries.append(entry(matrix, in_features))
+        if entries[-1] is None:
+            return None
+    x = x.contiguous()
+    outputs = [torch.empty(*x.shape[:-1], w.shape[0], dtype=torch.bfloat16) for w, _, _ in entries]
+    addresses = [(w.data_ptr(), 0 if scales is None else scales.data_ptr(), y.data_ptr(), w.shape[0], group)
+                 for (w, scales, group), y in zip(entries, outputs)]
+    getattr(built, kernel)(x.data_ptr(), addresses, in_features, torch.get_num_threads())
+    return outputs
 
 
-def int8_product(x: Tensor, values: Tensor, scales: Tensor) -> Tensor | None:
-    """x (in,) @ (values * scales[:, None]).T for int8 values (out, in) -> (out,), or None."""
-    out_features, in_features = values.shape
-    if not (usable() and _cpu_bf16(x, scales) and values.is_contiguous() and scales.is_contiguous()
-            and scales.shape == (out_features,) and in_features % BLOCK == 0 and x.numel() == in_features):
-        return None
-    x, y = x.contiguous(), torch.empty(out_features, dtype=torch.bfloat16)
-    built.int8(x.data_ptr(), values.data_ptr(), scales.data_ptr(), y.data_ptr(), out_features, in_features,
-               torch.get_num_threads())
-    return y
+def _bf16_entry(w: Tensor, in_features: int) -> tuple | None:
+    if w.dim() == 2 and w.shape[1] == in_features and w.is_contiguous() and _cpu_bf16(w):
+        return w, None, 0
+    return None
+
+
+def _int8_entry(matrix: tuple[Tensor, Tensor], in_features: int) -> tuple | None:
+    values, scales = matrix
+    if (in_features % BLOCK == 0 and values.dtype == torch.int8 and values.device.type == "cpu" and values.dim() == 2
+            and values.shape[1] == in_features and values.is_contiguous()
+            and scales.shape == values.shape[:1] and scales.is_contiguous() and _cpu_bf16(scales)):
+        return values, scales, 0
+    return None
+
+
+def _int4_entry(matrix: tuple[Tensor, Tensor], in_features: int) -> tuple | None:
+    packed, scales_and_zeros = matrix
+    if _takes_int4_tensors(packed, scales_and_zeros, in_features):
+        return packed, scales_and_zeros, in_features // scales_and_zeros.shape[0]
+    return None
 
 
 def takes_int4(shape: tuple[int, int], group_size: int, dtype: torch.dtype) -> bool:
     """Whether the int4 kernels take a matrix of this shape, group size and compute dtype (in the plain layout)."""
+    return usable() and _int4_shape_fits(shape, group_size, dtype)
+
+
+def _int4_shape_fits(shape: tuple[int, int], group_size: int, dtype: torch.dtype) -> bool:
     out_features, in_features = shape
-    return (usable() and dtype == torch.bfloat16 and group_size > 0 and group_size % BLOCK == 0
+    return (dtype == torch.bfloat16 and group_size > 0 and group_size % BLOCK == 0
             and INT4_WINDOW % group_size == 0 and in_features % INT4_CHUNK == 0 and out_features > 0)
 
 
@@ -80,32 +128,73 @@ def _takes_int4_tensors(packed: Tensor, scales_and_zeros: Tensor, in_features: i
     groups, out_features, pair = scales_and_zeros.shape
     stride = scales_and_zeros.stride()
     by_row = pair == 2 and stride[1:] == (2 * groups, 1) and (groups == 1 or stride[0] == 2)
-    return (by_row and packed.dtype == torch.uint8 and packed.is_contiguous()
-            and packed.shape == (out_features, in_features // 2)
-            and takes_int4((out_features, in_features), in_features // groups, scales_and_zeros.dtype))
-
-
-def int4_product(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, in_features: int) -> Tensor | None:
-    """x (in,) @ W.T for W in int4, plain layout (packed (out, in/2), scales_and_zeros (in/g, out, 2) laid out by
-    row) -> (out,), or None where the kernel does not apply."""
-    if not (_cpu_bf16(x, scales_and_zeros) and x.numel() == in_features
-            and _takes_int4_tensors(packed, scales_and_zeros, in_features)):
-        return None
-    out_features, group_size = packed.shape[0], in_features // scales_and_zeros.shape[0]
-    x, y = x.contiguous(), torch.empty(out_features, dtype=torch.bfloat16)
-    built.int4(x.data_ptr(), packed.data_ptr(), scales_and_zeros.data_ptr(), y.data_ptr(), out_features,
-               in_features, group_size, torch.get_num_threads())
-    return y
+    return (by_row and packed.dtype == torch.uint8 and packed.device.type == "cpu" and packed.is_contiguous()
+            and packed.shape == (out_features, in_features // 2) and _cpu_bf16(scales_and_zeros)
+            and _int4_shape_fits((out_features, in_features), in_features // groups, scales_and_zeros.dtype))
 
 
 def int4_dequantize(packed: Tensor, scales_and_zeros: Tensor, in_features: int, start: int, out: Tensor) -> Tensor | None:
     """Rows start .. start + len(out) of an int4 matrix (plain layout) as bf16, written into out (rows, in) and
     returned; None where the kernel does not apply."""
     fits = 0 <= start and start + out.shape[0] <= packed.shape[0] and out.shape[1:] == (in_features,)
-    if not (fits and _cpu_bf16(out, scales_and_zeros) and out.is_contiguous()
+    if not (fits and usable() and _cpu_bf16(out) and out.is_contiguous()
             and _takes_int4_tensors(packed, scales_and_zeros, in_features)):
         return None
     group_size = in_features // scales_and_zeros.shape[0]
     built.int4_dequantize(packed.data_ptr(), scales_and_zeros.data_ptr(), out.data_ptr(), start, out.shape[0],
                           in_features, group_size, torch.get_num_threads())
+    return out
+
+
+# ---- the rest of a decode step (model.py's functions of the same names; kernels.fast_path puts these first) ----
+
+DECODE_ROWS = 32  # rows of activations (batch rows of one new position each) up to which these apply
+MAX_HEAD_DIM = 256  # the attention kernel keeps a query head in 16 registers
+
+
+def _decoding_bf16(*tensors: Tensor) -> bool:
+    return usable() and _cpu_bf16(*tensors)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor | None:
+    """model.rms_norm of up to DECODE_ROWS rows, or None."""
+    n = x.shape[-1]
+    if not (_decoding_bf16(x, weight) and x.numel() <= DECODE_ROWS * n and n % 16 == 0 and weight.shape == (n,)
+            and x.is_contiguous() and weight.is_contiguous()):
+        return None
+    out = torch.empty_like(x)
+    built.rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // n, n, eps)
+    return out
+
+
+def apply_rope(x: Tensor, rotations: Tensor) -> Tensor | None:
+    """model.apply_rope for one new position per batch row (x (B, 1, heads, Dh)), or None."""
+    batch, seq_len, heads, head_dim = x.shape
+    shared = rotations.shape == (1, head_dim // 2)  # the same position for every row; else one per row
+    if not (_decoding_bf16(x) and seq_len == 1 and batch <= DECODE_ROWS and head_dim % 2 == 0
+            and rotations.dtype == torch.complex64 and (shared or rotations.shape == (batch, 1, head_dim // 2))
+            and x.is_contiguous() and rotations.is_contiguous()):
+        return None
+    out = torch.empty_like(x)
+    built.rope(x.data_ptr(), rotations.data_ptr(), out.data_ptr(), batch, heads, head_dim, 0 if shared else head_dim)
+    return out
+
+
+def attend(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, record: dict | None = None,
+           name: str = "") -> Tensor | None:
+    """model.attend for one new position per batch row, or None (also when the caller records intermediates).
+    keys and values: (B, T, K, Dh) views of the cache, kv heads side by side in each position's row."""
+    batch, seq_len, n_heads, head_dim = q.shape
+    _, positions, n_kv_heads, _ = keys.shape
+    strides = keys.stride()
+    if not (record is None and _decoding_bf16(q, keys, values) and seq_len == 1 and batch <= DECODE_ROWS
+            and head_dim % 16 == 0 and head_dim <= MAX_HEAD_DIM and n_heads % n_kv_heads == 0
+            and keys.shape == values.shape == (batch, positions, n_kv_heads, head_dim) and positions > 0
+            and values.stride() == strides and strides[2:] == (head_dim, 1) and q.is_contiguous()
+            and (mask is None or _decoding_bf16(mask) and mask.shape == (batch, 1, 1, positions) and mask.stride(-1) == 1)):
+        return None
+    out = torch.empty(batch, 1, n_heads * head_dim, dtype=torch.bfloat16)
+    built.attend(q.data_ptr(), keys.data_ptr(), values.data_ptr(), 0 if mask is None else mask.data_ptr(),
+                 out.data_ptr(), batch, n_heads, n_kv_heads, positions, head_dim, strides[0], strides[1],
+                 0 if mask is None else mask.stride(0), math.sqrt(head_dim), torch.get_num_threads())
     return out

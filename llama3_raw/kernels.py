@@ -14,6 +14,7 @@ PyTorch's products are the fallback.
 """
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -31,6 +32,10 @@ DEQUANTIZE_ELEMENTS = 1 << 22  # weights converted to bf16 at a time in a many-r
 
 def matmul(x: Tensor, w: Weight) -> Tensor:
     """x @ w.T for a weight matrix w (out, in): (..., in) -> (..., out). Int8 weights multiply from their int8 bytes."""
+    if x.numel() == x.shape[-1]:  # one row (decoding one token): the compiled kernels where they apply
+        products = compiled_products(x, (w,))
+        if products is not None:
+            return products[0]
     if isinstance(w, Int8Weight):
         return int8_matmul(x, w)
     if isinstance(w, Int4Weight):
@@ -38,6 +43,24 @@ def matmul(x: Tensor, w: Weight) -> Tensor:
     if x.numel() == x.shape[-1] and x.device.type == "cpu":
         return row_times_matrix(x, w)  # decoding one token: a matrix-vector product
     return x @ w.T
+
+
+def matmuls(x: Tensor, *ws: Weight) -> tuple[Tensor, ...]:
+    """(x @ w.T for w in ws): one input times several weights (attention's q, k, v; the feed-forward's w1, w3).
+    Decoding through the compiled kernels, all in one call, the threads sharing all the matrices' rows."""
+    products = compiled_products(x, ws) if x.numel() == x.shape[-1] else None
+    return tuple(products) if products is not None else tuple(matmul(x, w) for w in ws)
+
+
+def compiled_products(x: Tensor, ws: tuple[Weight, ...]) -> list[Tensor] | None:
+    """One row x times weights of one kind (bf16, int8, int4 in the plain layout) by the compiled kernels, or None."""
+    if all(isinstance(w, Tensor) for w in ws):
+        return compiled.bf16_products(x, list(ws))
+    if all(isinstance(w, Int8Weight) for w in ws):
+        return compiled.int8_products(x, [(w.values, w.scales) for w in ws])
+    if all(isinstance(w, Int4Weight) and w.layout == "plain" for w in ws):
+        return compiled.int4_products(x, [(w.packed, w.scales_and_zeros) for w in ws])
+    return None
 
 
 def row_times_matrix(x: Tensor, w: Tensor) -> Tensor:
@@ -51,9 +74,6 @@ def row_times_matrix(x: Tensor, w: Tensor) -> Tensor:
     batch of row blocks (blocks, out/blocks, in) -- a view, no copy -- it is shared out among the
     threads. Each output is still the dot product of one weight row with x.
     """
-    out = compiled.bf16_product(x, w)  # where built: at the speed of memory
-    if out is not None:
-        return out.view(*x.shape[:-1], -1)
     threads = torch.get_num_threads()
     blocks = 1
     if x.dtype == torch.float32 and threads > 1 and w.is_contiguous():
@@ -63,6 +83,20 @@ def row_times_matrix(x: Tensor, w: Tensor) -> Tensor:
             return x @ w.T
         out = x.reshape(1, -1) @ w.view(blocks, -1, w.shape[1]).mT  # (blocks, 1, out/blocks)
     return out.view(*x.shape[:-1], -1)  # the blocks are consecutive rows: (..., out)
+
+
+def fast_path(compiled_version):
+    """Decorates one of model.py's functions with a compiled version of the same arithmetic (compiled.py), tried
+    first: it gives None where it does not apply (not decoding, not bf16 on a CPU it was built for, switched off),
+    and then the function's own body runs. That body is the model, and the reference the tests hold the compiled
+    version to (`function.__wrapped__`)."""
+    def decorate(reference):
+        @functools.wraps(reference)
+        def run(*args, **kwargs):
+            out = compiled_version(*args, **kwargs)
+            return reference(*args, **kwargs) if out is None else out
+        return run
+    return decorate
 
 
 # Attention products with up to this many query rows (decoding: the query heads that share a key head) go
@@ -98,10 +132,7 @@ def without_onednn():
 def int8_matmul(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
     """x @ dequantize(w).T: (..., in) -> (..., out), with x in the weight's compute dtype."""
     rows = x.reshape(-1, x.shape[-1])  # (N, in)
-    out = compiled.int8_product(rows, w.values, w.scales) if rows.shape[0] == 1 else None
-    if out is not None:
-        out = out.view(1, -1)  # (1, out)
-    elif rows.shape[0] == 1 and x.device.type == "cpu" and w.shape[1] % INT8_KERNEL_COLUMNS == 0:
+    if rows.shape[0] == 1 and x.device.type == "cpu" and w.shape[1] % INT8_KERNEL_COLUMNS == 0:
         # values.T converted one tile at a time inside the kernel, then each output column times its scale.
         # (Only for whole tiles of inputs: with any other count PyTorch 2.13's kernel reads past the row, giving
         # wrong sums or a crash -- measured with 36, 100 and 2050 inputs; 48, 96, 128 are right.)
@@ -161,14 +192,10 @@ def int4_matmul(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
 
 def plain_int4_matmul(rows: Tensor, w: Int4Weight) -> Tensor:
     """rows (N, in) @ dequantize(w).T for w in the plain layout, through the compiled kernels where they apply."""
-    if rows.shape[0] == 1:  # decoding
-        product = compiled.int4_product(rows, w.packed, w.scales_and_zeros, w.in_features)
-        if product is not None:
-            return product.view(1, -1)  # (1, out)
-    elif rows.shape[0] <= COMPILED_INT4_MAX_ROWS:
-        products = [compiled.int4_product(row, w.packed, w.scales_and_zeros, w.in_features) for row in rows]
+    if rows.shape[0] <= COMPILED_INT4_MAX_ROWS:
+        products = [compiled.int4_products(row, [(w.packed, w.scales_and_zeros)]) for row in rows]
         if all(p is not None for p in products):
-            return torch.stack(products)  # (N, out)
+            return torch.stack([p[0] for p in products])  # (N, out)
     # Many rows: a block of weight rows back to the compute dtype, multiply, next block.
     step = max(1, DEQUANTIZE_ELEMENTS // w.in_features)
     buffer = torch.empty(min(step, w.shape[0]), w.in_features, dtype=rows.dtype)  # the compiled kernel writes here

@@ -6,6 +6,9 @@ nothing is hidden in objects. Shapes use B = batch, S = new tokens, T = all posi
 
 The arithmetic follows Meta's reference (llama_models/llama3/model.py) step for step, including
 where it goes to float32 (RMSNorm statistics, RoPE, softmax), so fp32 and bf16 runs match it.
+
+Decoding bf16 on an AVX-512 CPU, functions marked `@fast_path` run a compiled twin of the same arithmetic
+(compiled.py); their bodies serve all else. LLAMA3_RAW_COMPILED=0 steps through every line here instead.
 """
 
 import functools
@@ -16,7 +19,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from .kernels import Weight, batched_matmul, matmul  # x @ w.T and a @ b, by the fastest kernel for the case
+from . import compiled
+from .kernels import Weight, batched_matmul, fast_path, matmul, matmuls  # x @ w.T, a @ b: the fastest kernel for the case
 from .parallel import SINGLE_PROCESS, Ranks
 from .params import ModelParams
 
@@ -57,6 +61,7 @@ def at_least_fp32(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+@fast_path(compiled.rms_norm)
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """x / sqrt(mean(x^2) + eps) * weight, with the statistics taken in float32 whatever x's dtype."""
     x32 = at_least_fp32(x)
@@ -103,6 +108,7 @@ def rope_rotations(params: ModelParams, start_pos: int, seq_len: int, device="cp
     return torch.polar(torch.ones_like(angles), angles).to(device)  # complex64
 
 
+@fast_path(compiled.apply_rope)
 def apply_rope(x: Tensor, rotations: Tensor) -> Tensor:
     """Rotate each interleaved pair (x[2j], x[2j+1]) of every head by its position's angle for frequency j."""
     pairs = torch.view_as_complex(at_least_fp32(x).reshape(*x.shape[:-1], -1, 2))  # (B, S, heads, Dh/2) complex
@@ -142,9 +148,10 @@ def attention(
 ) -> Tensor:
     batch, seq_len, _ = x.shape
     n_heads, n_kv_heads = ranks.local_heads(params)  # all of them in one process; this rank's share otherwise
-    q = matmul(x, wq).view(batch, seq_len, n_heads, params.head_dim)  # (B, S, H, Dh)
-    k = matmul(x, wk).view(batch, seq_len, n_kv_heads, params.head_dim)  # (B, S, K, Dh)
-    v = matmul(x, wv).view(batch, seq_len, n_kv_heads, params.head_dim)  # (B, S, K, Dh)
+    q, k, v = matmuls(x, wq, wk, wv)  # x @ wq.T, x @ wk.T, x @ wv.T
+    q = q.view(batch, seq_len, n_heads, params.head_dim)  # (B, S, H, Dh)
+    k = k.view(batch, seq_len, n_kv_heads, params.head_dim)  # (B, S, K, Dh)
+    v = v.view(batch, seq_len, n_kv_heads, params.head_dim)  # (B, S, K, Dh)
     q, k = apply_rope(q, rotations), apply_rope(k, rotations)
     keep(record, f"{name}.q", q)
     keep(record, f"{name}.k", k)
@@ -157,14 +164,25 @@ def attention(
         k = cache_k[:batch, :start_pos + seq_len]  # (B, T, K, Dh): a view of the cache, not a copy
         v = cache_v[:batch, :start_pos + seq_len]
 
+    mixed = attend(q, k, v, mask, record, name)  # (B, S, H * Dh)
+    out = matmul(mixed, wo)  # (B, S, H * Dh) -> (B, S, D)
+    return ranks.all_reduce(out)  # tensor parallel: each rank's heads give a partial sum of the output
+
+
+@fast_path(compiled.attend)
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, record: dict | None = None,
+           name: str = "attention") -> Tensor:
+    """Each query head's mix of the values, weighted by softmax(q k^T / sqrt(Dh) + mask) over all T positions:
+    q (B, S, H, Dh), k and v (B, T, K, Dh) -> (B, S, H * Dh), the heads side by side."""
+    (batch, seq_len, n_heads, head_dim), n_kv_heads = q.shape, k.shape[2]
     # Grouped-query attention: the n = H / K query heads that share key/value head g (query heads
     # g*n .. g*n+n-1, Meta's repeat_kv order) are stacked as n*S rows against that one head's keys,
     # so the cached keys and values are read in place instead of being copied n times every step.
     n = n_heads // n_kv_heads  # Meta's n_rep
-    q = q.view(batch, seq_len, n_kv_heads, n, params.head_dim)  # (B, S, K, n, Dh)
-    q = q.permute(0, 2, 3, 1, 4).reshape(batch, n_kv_heads, n * seq_len, params.head_dim)  # (B, K, n*S, Dh)
+    q = q.view(batch, seq_len, n_kv_heads, n, head_dim)  # (B, S, K, n, Dh)
+    q = q.permute(0, 2, 3, 1, 4).reshape(batch, n_kv_heads, n * seq_len, head_dim)  # (B, K, n*S, Dh)
     k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, K, T, Dh)
-    scores = batched_matmul(q, k.transpose(2, 3)) / math.sqrt(params.head_dim)  # (B, K, n*S, T)
+    scores = batched_matmul(q, k.transpose(2, 3)) / math.sqrt(head_dim)  # (B, K, n*S, T)
     scores = scores.view(batch, n_kv_heads, n, seq_len, -1)  # (B, K, n, S, T)
     if mask is not None:  # (S, T), or (B, 1, S, T) for padded rows: one more axis for the group
         scores = scores + (mask if mask.dim() == 2 else mask[:, :, None])
@@ -172,14 +190,14 @@ def attention(
     if record is not None:
         keep(record, f"{name}.weights", probs.reshape(batch, n_heads, seq_len, -1))  # (B, H, S, T)
     mixed = batched_matmul(probs.view(batch, n_kv_heads, n * seq_len, -1), v)  # (B, K, n*S, Dh)
-    mixed = mixed.view(batch, n_kv_heads, n, seq_len, params.head_dim).permute(0, 3, 1, 2, 4)  # (B, S, K, n, Dh)
-    out = matmul(mixed.reshape(batch, seq_len, -1), wo)  # (B, S, H * Dh) -> (B, S, D)
-    return ranks.all_reduce(out)  # tensor parallel: each rank's heads give a partial sum of the output
+    mixed = mixed.view(batch, n_kv_heads, n, seq_len, head_dim).permute(0, 3, 1, 2, 4)  # (B, S, K, n, Dh)
+    return mixed.reshape(batch, seq_len, n_heads * head_dim)
 
 
 def feed_forward(x: Tensor, w1: Weight, w2: Weight, w3: Weight, ranks: Ranks = SINGLE_PROCESS) -> Tensor:
     """SwiGLU: silu(x W1) gates x W3, then W2 projects back to dim."""
-    out = matmul(F.silu(matmul(x, w1)) * matmul(x, w3), w2)  # (B, S, hidden) -> (B, S, D)
+    gate, up = matmuls(x, w1, w3)  # (B, S, hidden) each
+    out = matmul(F.silu(gate) * up, w2)  # (B, S, hidden) -> (B, S, D)
     return ranks.all_reduce(out)  # tensor parallel: each rank's slice of the hidden units gives a partial sum
 
 
@@ -227,14 +245,12 @@ def forward(
     how many leading slots of each row are padding. Those rows get their own positions (a row's first
     real token is its position 0) and a mask that hides the pad slots, in this and every later call.
 
-    `last_only=True` returns the logits of the last position only (B, 1, V): all that generation needs,
-    and it saves the output matrix's work for every other prompt position (a fifth of a 1B prefill).
+    `last_only=True` returns the last position's logits only (B, 1, V), all generation needs (a 1B prefill: -20 %).
 
     `ranks` says which slice of every weight this process holds under tensor parallelism (parallel.py);
     the default, one process, holds them whole. The weights, cache and intermediates are then the rank's.
 
-    `dropout` is training's alone: a function applied to the embeddings and to each attention and feed-forward
-    output before it joins the residual stream (nanoGPT's places). Evaluation and generation never pass it.
+    `dropout`, training's alone, is applied to the embeddings and to what each attention and feed-forward adds.
     """
     batch, seq_len = tokens.shape
     start_pos = 0 if cache is None else cache.length

@@ -1,8 +1,8 @@
 """The compiled decode kernels (llama3_raw/csrc/decode_kernels.c) against PyTorch's float32 arithmetic.
 
-Where the package was installed without them (CI runs the tests from a clone), they are compiled here from
-the same source, with the same flags as setup.py, into a temporary folder; where there is no C compiler or
-the CPU lacks AVX-512 BF16/VNNI/VBMI/GFNI, these tests skip.
+Where the package was installed without them (CI runs the tests from a clone), conftest.py compiles them from
+the same source, with the same flags as setup.py; where there is no C compiler or the CPU lacks AVX-512
+BF16/VNNI/VBMI/GFNI, these tests skip. (The rest of a decode step: test_decode_steps.py.)
 
 Reference: x @ W.T in float32 of the exact same (dequantized) weights. Bounds, derived from what each kernel
 rounds (compiled.py's text), each plus the rounding of the result to bf16 (2^-8 of it) and float32 sums:
@@ -14,47 +14,11 @@ rounds (compiled.py's text), each plus the rounding of the result to bf16 (2^-8 
 The int4 dequantization is bit for bit quantize.dequantize_int4.
 """
 
-import importlib.util
-import subprocess
-import sysconfig
-from pathlib import Path
-
 import pytest
 import torch
 
 from llama3_raw import compiled, kernels
 from llama3_raw.quantize import dequantize_int4, layout_for, quantize_int4, quantize_int8
-
-SOURCE = Path(__file__).resolve().parent.parent / "llama3_raw" / "csrc" / "decode_kernels.c"
-FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]  # as setup.py
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """The compiled module: as installed, or compiled now from the source."""
-    module = compiled.built
-    if module is None:
-        out = tmp_path_factory.mktemp("kernels") / ("_decode_kernels" + sysconfig.get_config_var("EXT_SUFFIX"))
-        command = [sysconfig.get_config_var("CC").split()[0] or "cc", *FLAGS, "-shared", "-fPIC",
-                   "-I" + sysconfig.get_paths()["include"], str(SOURCE), "-o", str(out)]
-        try:
-            subprocess.run(command, check=True, capture_output=True, timeout=120)
-        except (OSError, subprocess.CalledProcessError) as e:
-            pytest.skip(f"no C compiler to build the kernels: {e}")
-        spec = importlib.util.spec_from_file_location("_decode_kernels", out)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    if not module.supported():
-        pytest.skip("this CPU lacks AVX-512 BF16/VNNI/VBMI/GFNI")
-    return module
-
-
-@pytest.fixture
-def kernels_on(built, monkeypatch):
-    monkeypatch.setattr(compiled, "built", built)
-    monkeypatch.delenv(compiled.SWITCH_ENV, raising=False)
-    assert compiled.usable()
-
 
 def int8_exact(q) -> torch.Tensor:
     """values * scale in float32: the kernel never rounds the weights to bf16, as quantize.dequantize does."""
@@ -90,7 +54,7 @@ def test_bf16_product(kernels_on, rows, cols, threads):
     x = torch.randn(cols, generator=generator).to(torch.bfloat16)
     torch.set_num_threads(threads)
     try:
-        error, expected = assert_within(compiled.bf16_product(x, w), w, x, None)
+        error, expected = assert_within(compiled.bf16_products(x, [w])[0], w, x, None)
     finally:
         torch.set_num_threads(2)
     assert error.max() <= 2 ** -7 * expected.abs().max()
@@ -101,7 +65,7 @@ def test_int8_product(kernels_on, rows, cols):
     generator = torch.Generator().manual_seed(rows + cols)
     q = quantize_int8(torch.randn(rows, cols, generator=generator))
     x = (torch.randn(cols, generator=generator) * torch.logspace(-3, 1, cols)).to(torch.bfloat16)  # uneven blocks
-    assert_within(compiled.int8_product(x, q.values, q.scales), int8_exact(q), x, 65534)
+    assert_within(compiled.int8_products(x, [(q.values, q.scales)])[0], int8_exact(q), x, 65534)
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
@@ -113,7 +77,7 @@ def test_int4_product(kernels_on, rows, cols, group_size):
     q = quantize_int4(torch.randn(rows, cols, generator=generator), group_size).to("cpu")
     assert q.layout == "plain" and q.scales_and_zeros.transpose(0, 1).is_contiguous()  # as the kernel reads it
     x = (torch.randn(cols, generator=generator) * torch.logspace(-3, 1, cols)).to(torch.bfloat16)
-    result = compiled.int4_product(x, q.packed, q.scales_and_zeros, cols)
+    result = compiled.int4_products(x, [(q.packed, q.scales_and_zeros)])[0]
     error, expected = assert_within(result, int4_exact(q), x, 254)
     assert error.max() <= 0.02 * expected.abs().max()
 
@@ -128,22 +92,22 @@ def test_int4_dequantization_is_bit_for_bit(kernels_on, group_size):
 
 def test_kernels_refuse_what_they_cannot_take(kernels_on):
     w = torch.randn(32, 64).to(torch.bfloat16)
-    assert compiled.bf16_product(torch.randn(64), w) is None  # float32 activations
-    assert compiled.bf16_product(torch.randn(32).to(torch.bfloat16), w.T) is None  # not contiguous
+    assert compiled.bf16_products(torch.randn(64), [w]) is None  # float32 activations
+    assert compiled.bf16_products(torch.randn(32).to(torch.bfloat16), [w.T]) is None  # not contiguous
     q8 = quantize_int8(torch.randn(8, 48))
-    assert compiled.int8_product(torch.randn(48).to(torch.bfloat16), q8.values, q8.scales) is None  # 48: not whole blocks
+    assert compiled.int8_products(torch.randn(48).to(torch.bfloat16), [(q8.values, q8.scales)]) is None  # 48: not whole blocks
     q4 = quantize_int4(torch.randn(16, 96), 32)  # 96 inputs: not whole 64-input pieces
     assert not compiled.takes_int4(q4.shape, 32, torch.bfloat16)
-    assert compiled.int4_product(torch.randn(96).to(torch.bfloat16), q4.packed, q4.scales_and_zeros, 96) is None
+    assert compiled.int4_products(torch.randn(96).to(torch.bfloat16), [(q4.packed, q4.scales_and_zeros)]) is None
     assert layout_for(torch.device("cpu"), q4.shape, 32, torch.bfloat16) == "cpu"  # so it goes to PyTorch's kernel
     by_column = quantize_int4(torch.randn(16, 64), 32)  # scales and zeros as quantized: by group, not by row
-    assert compiled.int4_product(torch.randn(64).to(torch.bfloat16), by_column.packed, by_column.scales_and_zeros, 64) is None
+    assert compiled.int4_products(torch.randn(64).to(torch.bfloat16), [(by_column.packed, by_column.scales_and_zeros)]) is None
 
 
 def test_switched_off_by_the_environment(kernels_on, monkeypatch):
     monkeypatch.setenv(compiled.SWITCH_ENV, "0")
     assert not compiled.usable()
-    assert compiled.bf16_product(torch.randn(32).to(torch.bfloat16), torch.randn(16, 32).to(torch.bfloat16)) is None
+    assert compiled.bf16_products(torch.randn(32).to(torch.bfloat16), [torch.randn(16, 32).to(torch.bfloat16)]) is None
 
 
 @pytest.mark.parametrize("n_rows", [1, 3, 40])  # one row (decoding), a few (kernel row by row), many (dequantized)
@@ -188,8 +152,9 @@ def test_non_finite_activations_give_non_finite_products(kernels_on, bad):
     x[70] = bad
     x = x.to(torch.bfloat16)
     q8, q4 = quantize_int8(w), quantize_int4(w, 32).to("cpu")
-    for result in (compiled.bf16_product(x, w.to(torch.bfloat16)), compiled.int8_product(x, q8.values, q8.scales),
-                   compiled.int4_product(x, q4.packed, q4.scales_and_zeros, 128)):
+    for results in (compiled.bf16_products(x, [w.to(torch.bfloat16)]), compiled.int8_products(x, [(q8.values, q8.scales)]),
+                    compiled.int4_products(x, [(q4.packed, q4.scales_and_zeros)])):
+        result, = results
         assert not result.float().isfinite().any()
 
 

@@ -249,6 +249,89 @@ AVX512 static void int4_dequantize_rows(const uint8_t *packed, const uint16_t *s
   }
 }
 
+/* ---- the rest of a decode step: RMSNorm, RoPE, attention over the cache ---------------------------------- */
+/* Between its products a decode step does little arithmetic, but in PyTorch that little is some forty operator
+   calls a layer (casts, views, a softmax), each paying its dispatch: about 4 ms of a 1B token. These do the same
+   arithmetic as model.py, rounding to bf16 where it rounds, in one call each. */
+
+AVX512 static __m512 round_bf16(__m512 v) { /* float32 -> nearest bf16 (ties to even) -> float32 */
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+
+/* model.rms_norm on `rows` rows of n (a multiple of 16): out = bf16(bf16(x r) w), r = 1 / sqrt(mean(x^2) + eps)
+   in float32. Only the order of the float32 sum of squares differs from PyTorch's. */
+AVX512 static void rms_norm_rows(const uint16_t *x, const uint16_t *w, uint16_t *out, int64_t rows, int64_t n,
+                                 float eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t *row = x + r * n;
+    __m512 squares = _mm512_setzero_ps();
+    for (int64_t k = 0; k < n; k += 16) {
+      __m512 v = load16_bf16(row + k);
+      squares = _mm512_add_ps(squares, _mm512_mul_ps(v, v));
+    }
+    const __m512 inverse = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(squares) / (float)n + eps));
+    for (int64_t k = 0; k < n; k += 16) {
+      __m512 normed = round_bf16(_mm512_mul_ps(load16_bf16(row + k), inverse));
+      _mm256_storeu_si256((__m256i *)(out + r * n + k), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(normed, load16_bf16(w + k))));
+    }
+  }
+}
+
+/* model.apply_rope for one position of `rows` batch rows: each pair (a, b) = (x[2j], x[2j+1]) of each head times
+   rotation j, (c, s) as complex numbers: (ac - bs, as + bc) in float32, each rounded once to bf16 -- PyTorch's
+   complex product term by term. Row r's rotations start at rotations + r * rotation_stride floats. */
+static void rope_rows(const uint16_t *x, const float *rotations, uint16_t *out, int64_t rows, int64_t heads,
+                      int64_t head_dim, int64_t rotation_stride) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *rotation = rotations + r * rotation_stride;
+    for (int64_t i = r * heads * head_dim; i < (r + 1) * heads * head_dim; i += 2) {
+      const float a = bf16_to_float(x[i]), b = bf16_to_float(x[i + 1]);
+      const float c = rotation[i % head_dim], s = rotation[i % head_dim + 1];
+      out[i] = float_to_bf16(a * c - b * s);
+      out[i + 1] = float_to_bf16(a * s + b * c);
+    }
+  }
+}
+
+/* model.attend for one new position: query head h against the T cached keys and values of its group's kv head
+   (h / n_rep), each a row of head_dim (a multiple of 16) every `position_stride` elements. The roundings are
+   model.py's: scores to bf16, then divided by sqrt(head_dim) and rounded again, plus the mask's bf16 row
+   (or none), softmax in float32, probabilities to bf16, their mix of the values summed in float32, rounded
+   to bf16. `scores` holds T floats for this head. */
+typedef struct {
+  const uint16_t *q, *keys, *values, *mask; /* q: the head's row; keys, values: the kv head's position 0 */
+  int64_t T, head_dim, position_stride;
+  float divisor; /* sqrt(head_dim) as PyTorch rounds the Python float */
+} HeadAttention;
+
+AVX512 static void attend_head(const HeadAttention *a, float *scores, uint16_t *out) {
+  const int64_t vectors = a->head_dim / 16;
+  __m512 q[16]; /* head_dim <= 256 */
+  for (int64_t j = 0; j < vectors; ++j) q[j] = load16_bf16(a->q + 16 * j);
+  float largest = -INFINITY;
+  for (int64_t t = 0; t < a->T; ++t) {
+    const uint16_t *key = a->keys + t * a->position_stride;
+    __m512 dot = _mm512_setzero_ps();
+    for (int64_t j = 0; j < vectors; ++j) dot = _mm512_fmadd_ps(q[j], load16_bf16(key + 16 * j), dot);
+    float score = bf16_to_float(float_to_bf16(bf16_to_float(float_to_bf16(_mm512_reduce_add_ps(dot))) / a->divisor));
+    if (a->mask) score = bf16_to_float(float_to_bf16(score + bf16_to_float(a->mask[t])));
+    scores[t] = score;
+    largest = score > largest ? score : largest;
+  }
+  float total = 0;
+  for (int64_t t = 0; t < a->T; ++t) total += scores[t] = expf(scores[t] - largest);
+  const float inverse = 1.0f / total;
+  __m512 mixed[16];
+  for (int64_t j = 0; j < vectors; ++j) mixed[j] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < a->T; ++t) {
+    const __m512 p = _mm512_set1_ps(bf16_to_float(float_to_bf16(scores[t] * inverse)));
+    const uint16_t *value = a->values + t * a->position_stride;
+    for (int64_t j = 0; j < vectors; ++j) mixed[j] = _mm512_fmadd_ps(p, load16_bf16(value + 16 * j), mixed[j]);
+  }
+  for (int64_t j = 0; j < vectors; ++j)
+    _mm256_storeu_si256((__m256i *)(out + 16 * j), (__m256i)_mm512_cvtneps_pbh(mixed[j]));
+}
+
 /* ---- Python ------------------------------------------------------------------------------------------- */
 
 static int supported_cpu(void) {
@@ -274,40 +357,79 @@ static PyObject *py_supported(PyObject *self, PyObject *args) {
   return PyBool_FromLong(supported_cpu());
 }
 
+/* Several matrices multiplied by the same activations (q, k and v; w1 and w3): their rows are shared among the
+   threads as one list, so that a small matrix (k, v: 512 rows) does not pay a start and an uneven end alone.
+   Python passes, per matrix, the addresses of its weights, its scales (int8, int4; else 0) and its output, its
+   row count and its group size (int4; else 0). */
+#define MAX_MATRICES 8
+typedef struct {
+  unsigned long long weights, scales, y;
+  long long rows, group;
+} Matrix;
+
+static int parse_matrices(PyObject *list, Matrix *m, int64_t *count, int64_t *total_rows) {
+  PyObject *items = PySequence_Fast(list, "a list of matrices");
+  if (!items) return 0;
+  *count = PySequence_Fast_GET_SIZE(items);
+  *total_rows = 0;
+  int ok = *count > 0 && *count <= MAX_MATRICES;
+  if (!ok) PyErr_SetString(PyExc_ValueError, "1 to 8 matrices");
+  for (int64_t i = 0; ok && i < *count; ++i) {
+    ok = PyArg_ParseTuple(PySequence_Fast_GET_ITEM(items, i), "KKKLL", &m[i].weights, &m[i].scales, &m[i].y,
+                          &m[i].rows, &m[i].group);
+    *total_rows += ok ? m[i].rows : 0;
+  }
+  Py_DECREF(items);
+  return ok;
+}
+
+/* This thread's share of all the matrices' rows, as [first, last) within matrix i; false where it has none there. */
+static int my_part(const Matrix *m, int64_t i, int64_t total_rows, int64_t *first, int64_t *last) {
+  int64_t mine_first, mine_last, offset = 0;
+  my_rows(total_rows, &mine_first, &mine_last);
+  for (int64_t j = 0; j < i; ++j) offset += m[j].rows;
+  *first = (mine_first > offset ? mine_first : offset) - offset;
+  *last = (mine_last < offset + m[i].rows ? mine_last : offset + m[i].rows) - offset;
+  return *first < *last;
+}
+
 static PyObject *py_bf16(PyObject *self, PyObject *args) {
-  (void)self;
-  unsigned long long x, w, y;
-  long long N, K;
+  unsigned long long x;
+  PyObject *list;
+  long long K;
   int threads;
-  if (!PyArg_ParseTuple(args, "KKKLLi", &x, &w, &y, &N, &K, &threads)) return NULL;
+  Matrix m[MAX_MATRICES];
+  int64_t count, total;
+  (void)self;
+  if (!PyArg_ParseTuple(args, "KOLi", &x, &list, &K, &threads) || !parse_matrices(list, m, &count, &total)) return NULL;
   Py_BEGIN_ALLOW_THREADS
 #pragma omp parallel num_threads(threads)
-  {
-    int64_t first, last;
-    my_rows(N, &first, &last);
-    bf16_rows((const uint16_t *)w, (const uint16_t *)x, (uint16_t *)y, first, last, K);
-  }
+  for (int64_t i = 0, first, last; i < count; ++i)
+    if (my_part(m, i, total, &first, &last))
+      bf16_rows((const uint16_t *)m[i].weights, (const uint16_t *)x, (uint16_t *)m[i].y, first, last, K);
   Py_END_ALLOW_THREADS
   Py_RETURN_NONE;
 }
 
 static PyObject *py_int8(PyObject *self, PyObject *args) {
-  (void)self;
-  unsigned long long x, w, scales, y;
-  long long N, K;
+  unsigned long long x;
+  PyObject *list;
+  long long K;
   int threads;
-  if (!PyArg_ParseTuple(args, "KKKKLLi", &x, &w, &scales, &y, &N, &K, &threads)) return NULL;
+  Matrix m[MAX_MATRICES];
+  int64_t count, total;
+  (void)self;
+  if (!PyArg_ParseTuple(args, "KOLi", &x, &list, &K, &threads) || !parse_matrices(list, m, &count, &total)) return NULL;
   int16_t *xq = malloc(K * sizeof(int16_t));
   float *xscales = malloc(K / BLOCK * sizeof(float));
   if (!xq || !xscales) { free(xq); free(xscales); return PyErr_NoMemory(); }
   Py_BEGIN_ALLOW_THREADS
   quantize_int16((const uint16_t *)x, K, xq, xscales);
 #pragma omp parallel num_threads(threads)
-  {
-    int64_t first, last;
-    my_rows(N, &first, &last);
-    int8_rows((const int8_t *)w, (const uint16_t *)scales, xq, xscales, (uint16_t *)y, first, last, K);
-  }
+  for (int64_t i = 0, first, last; i < count; ++i)
+    if (my_part(m, i, total, &first, &last))
+      int8_rows((const int8_t *)m[i].weights, (const uint16_t *)m[i].scales, xq, xscales, (uint16_t *)m[i].y, first,
+                last, K);
   Py_END_ALLOW_THREADS
   free(xq);
   free(xscales);
@@ -315,11 +437,14 @@ static PyObject *py_int8(PyObject *self, PyObject *args) {
 }
 
 static PyObject *py_int4(PyObject *self, PyObject *args) {
-  unsigned long long x, packed, scales_and_zeros, y;
-  long long N, K, group;
+  unsigned long long x;
+  PyObject *list;
+  long long K;
   int threads;
+  Matrix m[MAX_MATRICES];
+  int64_t count, total;
   (void)self;
-  if (!PyArg_ParseTuple(args, "KKKKLLLi", &x, &packed, &scales_and_zeros, &y, &N, &K, &group, &threads)) return NULL;
+  if (!PyArg_ParseTuple(args, "KOLi", &x, &list, &K, &threads) || !parse_matrices(list, m, &count, &total)) return NULL;
   Int4Activations a;
   a.windows = (K + 127) / 128;
   const int64_t padded = (a.windows + 3) / 4 * 4; /* whole spans of 4 windows; the rest stays zero */
@@ -332,11 +457,10 @@ static PyObject *py_int4(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     prepare_int4_activations((const uint16_t *)x, K, &a);
 #pragma omp parallel num_threads(threads)
-    {
-      int64_t first, last;
-      my_rows(N, &first, &last);
-      int4_rows((const uint8_t *)packed, (const uint16_t *)scales_and_zeros, &a, (uint16_t *)y, first, last, K, group);
-    }
+    for (int64_t i = 0, first, last; i < count; ++i)
+      if (my_part(m, i, total, &first, &last))
+        int4_rows((const uint8_t *)m[i].weights, (const uint16_t *)m[i].scales, &a, (uint16_t *)m[i].y, first, last,
+                  K, m[i].group);
     Py_END_ALLOW_THREADS
   }
   int failed = !(a.even && a.odd && a.minus8 && a.block_scale && a.block_sum);
@@ -364,14 +488,69 @@ static PyObject *py_int4_dequantize(PyObject *self, PyObject *args) {
   Py_RETURN_NONE;
 }
 
+static PyObject *py_rms_norm(PyObject *self, PyObject *args) {
+  unsigned long long x, w, out;
+  long long rows, n;
+  float eps;
+  (void)self;
+  if (!PyArg_ParseTuple(args, "KKKLLf", &x, &w, &out, &rows, &n, &eps)) return NULL;
+  rms_norm_rows((const uint16_t *)x, (const uint16_t *)w, (uint16_t *)out, rows, n, eps);
+  Py_RETURN_NONE;
+}
+
+static PyObject *py_rope(PyObject *self, PyObject *args) {
+  unsigned long long x, rotations, out;
+  long long rows, heads, head_dim, rotation_stride;
+  (void)self;
+  if (!PyArg_ParseTuple(args, "KKKLLLL", &x, &rotations, &out, &rows, &heads, &head_dim, &rotation_stride)) return NULL;
+  rope_rows((const uint16_t *)x, (const float *)rotations, (uint16_t *)out, rows, heads, head_dim, rotation_stride);
+  Py_RETURN_NONE;
+}
+
+/* Heads times positions times head_dim from which the heads are shared among threads (below: one thread) */
+#define ATTENTION_PARALLEL_WORK 65536
+
+static PyObject *py_attend(PyObject *self, PyObject *args) {
+  unsigned long long q, keys, values, mask, out;
+  long long batch, heads, kv_heads, T, head_dim, batch_stride, position_stride, mask_stride;
+  double divisor;
+  int threads;
+  (void)self;
+  if (!PyArg_ParseTuple(args, "KKKKKLLLLLLLLdi", &q, &keys, &values, &mask, &out, &batch, &heads, &kv_heads, &T,
+                        &head_dim, &batch_stride, &position_stride, &mask_stride, &divisor, &threads))
+    return NULL;
+  float *scores = malloc((size_t)(batch * heads * T) * sizeof(float));
+  if (!scores) return PyErr_NoMemory();
+  Py_BEGIN_ALLOW_THREADS
+  const int64_t n_rep = heads / kv_heads;
+#pragma omp parallel for num_threads(threads) if (heads * T * head_dim >= ATTENTION_PARALLEL_WORK)
+  for (int64_t i = 0; i < batch * heads; ++i) {
+    const int64_t b = i / heads, kv_offset = b * batch_stride + (i % heads) / n_rep * head_dim;
+    const HeadAttention a = {(const uint16_t *)q + i * head_dim, (const uint16_t *)keys + kv_offset,
+                             (const uint16_t *)values + kv_offset, mask ? (const uint16_t *)mask + b * mask_stride : NULL,
+                             T, head_dim, position_stride, (float)divisor};
+    attend_head(&a, scores + i * T, (uint16_t *)out + i * head_dim);
+  }
+  Py_END_ALLOW_THREADS
+  free(scores);
+  Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"supported", py_supported, METH_NOARGS, "Whether this CPU has AVX-512 with BF16, VNNI, VBMI and GFNI."},
-    {"bf16", py_bf16, METH_VARARGS, "bf16(x, w, y, N, K, threads): y (N) = w (N, K) @ x (K), all bf16 addresses."},
-    {"int8", py_int8, METH_VARARGS, "int8(x, w, scales, y, N, K, threads): y = (w int8 @ x) * scales, bf16."},
+    {"bf16", py_bf16, METH_VARARGS,
+     "bf16(x, [(w, 0, y, N, 0), ...], K, threads): each y (N) = w (N, K) @ x (K), all bf16 addresses."},
+    {"int8", py_int8, METH_VARARGS, "int8(x, [(w, scales, y, N, 0), ...], K, threads): y = (w int8 @ x) * scales."},
     {"int4", py_int4, METH_VARARGS,
-     "int4(x, packed, scales_and_zeros, y, N, K, group, threads): y = dequantized w @ x, bf16."},
+     "int4(x, [(packed, scales_and_zeros, y, N, group), ...], K, threads): y = dequantized w @ x, bf16."},
     {"int4_dequantize", py_int4_dequantize, METH_VARARGS,
      "int4_dequantize(packed, scales_and_zeros, out, row0, rows, K, group, threads): rows row0.. as bf16."},
+    {"rms_norm", py_rms_norm, METH_VARARGS, "rms_norm(x, w, out, rows, n, eps): model.rms_norm of bf16 rows."},
+    {"rope", py_rope, METH_VARARGS,
+     "rope(x, rotations, out, rows, heads, head_dim, rotation_stride): model.apply_rope for one position, bf16."},
+    {"attend", py_attend, METH_VARARGS,
+     "attend(q, keys, values, mask, out, batch, heads, kv_heads, T, head_dim, batch_stride, position_stride, "
+     "mask_stride, divisor, threads): model.attend for one new position, bf16."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_decode_kernels",
