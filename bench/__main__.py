@@ -13,7 +13,7 @@ own decode (the VM's bandwidth drifts by 2x within a minute), and against the hi
 run. "ours-int8" and "ours-int4" run the weights saved as `run.py --quantize int8|int4 --save-quantized`
 saves them (bench/out/ckpt-SHAPE-int8, -int4, written once). "llamacpp" (optional: `python -m bench.llamacpp
 setup` builds it) adds llama.cpp's llama-bench on BF16, Q8_0 and Q4_0 GGUF conversions of the same
-checkpoint, and a table of ratios ours / llama.cpp (bench/llamacpp.py). Output: bench/out/bench-SHAPE.{md,json,png}.
+checkpoint, each right after ours of the same width, and a table of ratios ours / llama.cpp (bench/llamacpp.py). Output: bench/out/bench-SHAPE.{md,json,png}.
 """
 
 import argparse
@@ -118,13 +118,23 @@ def run_worker(impl: str, dtype: str, ckpt: Path, threads: int, args) -> dict:
 
 
 def impl_runs(impl: str, dtype: str, args, ckpt: Path, quantized_ckpts: dict[str, Path], ggufs: dict):
-    """One repetition's runs of an implementation at a dtype: a worker, or for "llamacpp" one llama-bench per
-    GGUF file, at the first dtype only (its weights have their own types)."""
+    """One repetition's run of an implementation at a dtype: a worker, or one llama-bench on a GGUF file."""
     if impl in quantized_ckpts and dtype != "bfloat16":
         return []  # int8 / int4 weights with bf16 activations
-    if impl == "llamacpp":
-        return llamacpp.run_all(ggufs, args.threads, params_from_dict(SHAPES[args.shape])) if dtype == args.dtypes[0] else []
+    if impl in llamacpp.WIDTHS:
+        return [llamacpp.run_llama_bench(impl, ggufs[impl], args.threads, params_from_dict(SHAPES[args.shape]))]
     return [run_worker(impl, dtype, quantized_ckpts.get(impl, ckpt), args.threads, args)]
+
+
+def rep_order(impls: list[str], dtype: str, first_dtype: str) -> list[str]:
+    """One repetition's runs at a dtype, in order. "llamacpp" stands for its three GGUF runs, at the first dtype
+    only (its weights have their own types), each right after ours of the same width (llamacpp.PAIRS): the
+    machine's bandwidth drifts by 2x within minutes, and a pair run back to back meets nearly the same."""
+    if "llamacpp" not in impls or dtype != first_dtype:
+        return [impl for impl in impls if impl != "llamacpp"]
+    after = {ours: theirs for ours, _, theirs in llamacpp.PAIRS if ours in impls}
+    order = [run for impl in impls if impl != "llamacpp" for run in (impl, after.get(impl)) if run]
+    return order + [impl for impl in llamacpp.WIDTHS if impl not in order]
 
 
 def summary(values: list[float]) -> dict | None:
@@ -153,7 +163,8 @@ def summarise(runs: list[dict], bandwidth: float) -> dict:
         "file_gb": first["file_bytes"] / 1e9, "kv_cache_gb": first["kv_cache_bytes"] / 1e9,
         "prefill_short_tok_s": summary([r["prefill_short_tok_s"] for r in runs]),
         "prefill_long_tok_s": summary([r["prefill_long_tok_s"] for r in runs]),
-        "decode_tok_s": decode, "bytes_per_token": first["bytes_per_token"],
+        "decode_tok_s": decode, "decode_tok_s_by_rep": [r["decode_tok_s"] for r in runs],
+        "bytes_per_token": first["bytes_per_token"],
         "ceiling_tok_s": ceiling, "fraction_of_overall_ceiling": decode["median"] / ceiling,
         "bandwidth_after_decode_gb_s": summary([r["bandwidth_after_decode"] / 1e9 for r in adjacent]) if adjacent else None,
         "fraction_of_ceiling": summary(fractions) if fractions else None,
@@ -261,7 +272,7 @@ def main() -> None:
     runs: dict[tuple[str, str], list[dict]] = {}
     for rep in range(args.reps):
         for dtype in args.dtypes:
-            for impl in args.impls:
+            for impl in rep_order(args.impls, dtype, args.dtypes[0]):
                 for result in impl_runs(impl, dtype, args, ckpt, quantized_ckpts, ggufs):
                     runs.setdefault((result["impl"], result["dtype"]), []).append(result)
                     print(f"rep {rep + 1}: {result['impl']} {result['dtype']}: decode {result['decode_tok_s']:.2f} tok/s, prefill "

@@ -10,6 +10,11 @@ instructions, and keep up with memory (README, "Side by side with llama.cpp"):
 - int4: activations rounded to int8 per block of 32 (at most block max / 254 each), as llama.cpp does;
 - int4 back to bf16 for prompts, bit for bit as quantize.dequantize_int4.
 
+Between its products a decode step does little arithmetic, but in PyTorch that little is some forty operator
+calls a layer, each paying its dispatch: 4 ms of a 1B token, against 24 ms of int4 products. So RMSNorm, RoPE
+and attention over the cache have compiled twins here too (model.py's functions marked `@fast_path`), each one
+call that rounds where the model rounds (tests/test_decode_steps.py holds them to model.py's own code).
+
 pip builds them with the package (setup.py; `pip install -e .` in a clone); without a C compiler the build
 is skipped. They are used where built, on CPUs with AVX-512 BF16, VNNI, VBMI and GFNI, unless the environment
 variable LLAMA3_RAW_COMPILED is 0. Otherwise PyTorch's products serve: they are also the reference the

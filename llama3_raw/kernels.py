@@ -1,7 +1,7 @@
-"""The matrix products behind `model.matmul`: which kernel multiplies activations by a weight matrix.
+"""The code behind model.py's products (`matmul`, `matmuls`, `batched_matmul`) and its `@fast_path` functions.
 
-Nothing here changes the math (every function computes x @ W.T); it only picks the code that does it
-fastest for the case at hand, so model.py can read as Llama 3 and call one `matmul`:
+Nothing here changes the math (every product computes x @ W.T); it only picks the code that does it
+fastest for the case at hand, so model.py can read as Llama 3:
 
 - many rows (a prompt, a training batch): PyTorch's ordinary matrix multiply;
 - one row on the CPU (decoding one token): `row_times_matrix`, tuned to stream the weights quickly,
@@ -9,10 +9,11 @@ fastest for the case at hand, so model.py can read as Llama 3 and call one `matm
 - an int8 weight (quantize.py): `int8_matmul`, which reads the int8 bytes instead of a bf16 matrix;
 - an int4 weight (quantize.py): `int4_matmul`, which reads the 4-bit bytes.
 
-One-row products on the CPU go first to the compiled kernels (compiled.py) where they are built and apply;
-PyTorch's products are the fallback.
+One-row products on the CPU go first to the compiled kernels (compiled.py) where they are built and apply,
+several weights of the same input in one call (`matmuls`); PyTorch's products are the fallback. The rest of a
+decode step -- RMSNorm, RoPE, attention over the cache -- has compiled twins too, put in front of model.py's
+functions by `fast_path`.
 """
-
 import contextlib
 import functools
 import math

@@ -88,8 +88,8 @@ def test_ratio_table_pairs_whichever_of_our_widths_ran():
     lines = llamacpp.ratio_table(rows).splitlines()
     bf16 = [line for line in lines if line.startswith("| bf16 |")]
     int4 = [line for line in lines if line.startswith("| int4 |")]
-    assert bf16 == ["| bf16 | ours vs llama.cpp BF16 | 0.80× | 0.50× | 1.00× | 1.00× | 1.00× | 50% vs 62% |"]
-    assert int4 == ["| int4 | ours-int4 vs llama.cpp Q4_0 | 1.20× | 0.30× | 1.25× | 1.25× | 1.00× | 48% vs 40% |"]
+    assert bf16 == ["| bf16 | ours vs llama.cpp BF16 | 0.80× | 0.80× | 0.50× | 1.00× | 1.00× | 1.00× | 50% vs 62% |"]
+    assert int4 == ["| int4 | ours-int4 vs llama.cpp Q4_0 | 1.20× | 1.20× | 0.30× | 1.25× | 1.25× | 1.00× | 48% vs 40% |"]
     assert not any(line.startswith("| int8 |") for line in lines)  # no ours-int8 row: no pair
     assert llamacpp.ratio_table(rows[:1] + rows[3:]) == ""  # ours in float32 only: nothing like with like
 
@@ -146,3 +146,16 @@ def test_gguf_files_compute_the_checkpoints_function(tmp_path, monkeypatch):
     run = llamacpp.run_llama_bench("llamacpp-q8_0", paths["llamacpp-q8_0"], 2, checkpoint.params)
     assert run["llama_bench"]["n_prompt"] == 32 and run["decode_steps"] == 8 and run["bytes_per_token"] == per_token
     assert run["decode_tok_s"] > 0 and run["prefill_long_tok_s"] > 0 and 0 < run["peak_rss_bytes"] < 2e9
+
+
+def test_each_width_runs_right_after_ours_and_is_compared_rep_by_rep():
+    """The bandwidth drifts: a pair run back to back is compared within its repetition. Medians of the two
+    columns would say 20 / 30 = 0.67x here; the repetitions' ratios 2, 0.5 and 1 have the median 1."""
+    assert bench_main.rep_order(["ours", "ours-int4", "meta", "llamacpp"], "bfloat16", "bfloat16") == [
+        "ours", "llamacpp-bf16", "ours-int4", "llamacpp-q4_0", "meta", "llamacpp-q8_0"]
+    assert bench_main.rep_order(["ours", "llamacpp"], "float32", "bfloat16") == ["ours"]  # its own types: once a rep
+    assert bench_main.rep_order(["ours", "hf"], "bfloat16", "bfloat16") == ["ours", "hf"]
+    ours = [fake_run("ours", "bfloat16", decode, 60.0, 2.6, 2.5, 2.5) for decode in (10.0, 20.0, 30.0)]
+    theirs = [fake_run("llamacpp-bf16", "BF16", decode, 120.0, 2.6, 2.5, 2.5, load_s=None) for decode in (5.0, 40.0, 30.0)]
+    line = llamacpp.ratio_table([bench_main.summarise(ours, 20e9), bench_main.summarise(theirs, 20e9)]).splitlines()[-1]
+    assert line.startswith("| bf16 | ours vs llama.cpp BF16 | 0.67× | 1.00× |")

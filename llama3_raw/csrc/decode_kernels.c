@@ -1,5 +1,6 @@
-/* One row of activations times a weight matrix, y = W x, for decoding on CPUs with AVX-512 (BF16, VNNI, VBMI,
-   GFNI), and int4 weights back to bf16 for prompts.
+/* One row of activations times weight matrices, y = W x, for decoding on CPUs with AVX-512 (BF16, VNNI, VBMI,
+   GFNI); int4 weights back to bf16 for prompts; and the rest of a decode step (RMSNorm, RoPE, attention over the
+   cache: model.py's functions of those names, see the section below).
 
 Decoding one token reads every weight once, so the speed of these products is the speed at which the
 weights stream from memory. PyTorch's own one-row products run out of arithmetic first (its bf16 product
