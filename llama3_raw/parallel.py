@@ -151,7 +151,7 @@ def only_rank_zero_prints(ranks: Ranks):
 @contextlib.contextmanager
 def as_one_of(ranks: Ranks):
     """A command's body on every rank: rank 0 alone prints; a UserError on any rank is said by that rank, which
-    waits (a bounded time) for the others and exits with code 2; the process group is left at the end.
+    waits (a bounded time) for the others and exits with code 2; the ranks leave the process group together.
     In one process a UserError goes up unchanged, to run_tool."""
     try:
         with only_rank_zero_prints(ranks):
@@ -162,6 +162,8 @@ def as_one_of(ranks: Ranks):
         print(f"error: {err}", file=sys.stderr, flush=True)  # every rank says it, then they stop together
         wait_for_peers(ranks)
         raise SystemExit(2) from None
+    else:  # done: leave together (a gloo rank whose peer leaves while it still talks to it can abort)
+        wait_for_peers(ranks, rank_timeout_s())
     finally:
         leave_ranks(ranks)
 

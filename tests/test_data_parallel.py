@@ -28,7 +28,7 @@ from test_tensor_parallel import free_port
 from test_train import TINY_RECIPE, assert_user_error, read_log, small_corpus, train_tiny, write_recipe  # noqa: F401 (a fixture)
 from llama3_raw.errors import UserError
 from llama3_raw.generate import Sampling, generate
-from llama3_raw.parallel import Ranks
+from llama3_raw.parallel import Ranks, wait_for_peers
 from llama3_raw.tokenizer import tokenizer_from_bytes
 from llama3_raw.training import load_recipe, train
 from llama3_raw.training.data_parallel import check_batch_shares, rows_of_rank
@@ -57,6 +57,9 @@ def rank_worker(rank: int, world_size: int, port: int, recipe: str, corpus: str,
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
     train(load_recipe(Path(recipe), Path(corpus)), Path(outs[rank]), show_progress=False, threads=1,
           ranks=Ranks(rank, world_size), **kwargs)
+    # Leave together, as the command line's ranks do (parallel.as_one_of): rank 1, done first while rank 0 still
+    # samples and saves, once aborted here ("terminate called without an active exception") on leaving alone.
+    wait_for_peers(Ranks(rank, world_size), timeout_s=60)
     dist.destroy_process_group()
 
 
