@@ -174,6 +174,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor | None:
 
 def apply_rope(x: Tensor, rotations: Tensor) -> Tensor | None:
     """model.apply_rope for one new position per batch row (x (B, 1, heads, Dh)), or None."""
+    if x.dim() != 4:
+        return None
     batch, seq_len, heads, head_dim = x.shape
     shared = rotations.shape == (1, head_dim // 2)  # the same position for every row; else one per row
     if not (_decoding_bf16(x) and seq_len == 1 and batch <= DECODE_ROWS and head_dim % 2 == 0

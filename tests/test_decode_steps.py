@@ -86,6 +86,7 @@ def test_the_step_kernels_leave_what_they_do_not_take_to_the_model(kernels_on):
     assert compiled.rms_norm(x, weight, 1e-5) is None  # training: the compiled pieces have no backward
     assert compiled.rms_norm(torch.randn(40, 64).to(bf16), weight.detach(), 1e-5) is None  # 40 rows: a prompt
     assert compiled.apply_rope(q, torch.ones(2, 32, dtype=torch.complex64)) is None  # rotations for two positions
+    assert compiled.apply_rope(q[0], torch.ones(1, 32, dtype=torch.complex64)) is None  # not (B, S, heads, Dh)
 
 
 def test_switched_off_the_model_runs_its_own_code(kernels_on, monkeypatch):
