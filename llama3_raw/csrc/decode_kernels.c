@@ -368,69 +368,72 @@ typedef struct {
   long long rows, group;
 } Matrix;
 
-static int parse_matrices(PyObject *list, Matrix *m, int64_t *count, int64_t *total_rows) {
+/* The arguments of every product: x (K bf16 activations), the list of matrices, K, threads. */
+typedef struct {
+  unsigned long long x;
+  long long K;
+  int threads;
+  Matrix m[MAX_MATRICES];
+  int64_t count, total_rows;
+} Products;
+
+static int parse_products(PyObject *args, Products *p) {
+  PyObject *list;
+  if (!PyArg_ParseTuple(args, "KOLi", &p->x, &list, &p->K, &p->threads)) return 0;
   PyObject *items = PySequence_Fast(list, "a list of matrices");
   if (!items) return 0;
-  *count = PySequence_Fast_GET_SIZE(items);
-  *total_rows = 0;
-  int ok = *count > 0 && *count <= MAX_MATRICES;
+  p->count = PySequence_Fast_GET_SIZE(items);
+  p->total_rows = 0;
+  int ok = p->count > 0 && p->count <= MAX_MATRICES;
   if (!ok) PyErr_SetString(PyExc_ValueError, "1 to 8 matrices");
-  for (int64_t i = 0; ok && i < *count; ++i) {
-    ok = PyArg_ParseTuple(PySequence_Fast_GET_ITEM(items, i), "KKKLL", &m[i].weights, &m[i].scales, &m[i].y,
-                          &m[i].rows, &m[i].group);
-    *total_rows += ok ? m[i].rows : 0;
+  for (int64_t i = 0; ok && i < p->count; ++i) {
+    Matrix *m = &p->m[i];
+    ok = PyArg_ParseTuple(PySequence_Fast_GET_ITEM(items, i), "KKKLL", &m->weights, &m->scales, &m->y, &m->rows, &m->group);
+    p->total_rows += ok ? m->rows : 0;
   }
   Py_DECREF(items);
   return ok;
 }
 
 /* This thread's share of all the matrices' rows, as [first, last) within matrix i; false where it has none there. */
-static int my_part(const Matrix *m, int64_t i, int64_t total_rows, int64_t *first, int64_t *last) {
+static int my_part(const Products *p, int64_t i, int64_t *first, int64_t *last) {
   int64_t mine_first, mine_last, offset = 0;
-  my_rows(total_rows, &mine_first, &mine_last);
-  for (int64_t j = 0; j < i; ++j) offset += m[j].rows;
+  my_rows(p->total_rows, &mine_first, &mine_last);
+  for (int64_t j = 0; j < i; ++j) offset += p->m[j].rows;
   *first = (mine_first > offset ? mine_first : offset) - offset;
-  *last = (mine_last < offset + m[i].rows ? mine_last : offset + m[i].rows) - offset;
+  *last = (mine_last < offset + p->m[i].rows ? mine_last : offset + p->m[i].rows) - offset;
   return *first < *last;
 }
 
 static PyObject *py_bf16(PyObject *self, PyObject *args) {
-  unsigned long long x;
-  PyObject *list;
-  long long K;
-  int threads;
-  Matrix m[MAX_MATRICES];
-  int64_t count, total;
+  Products p;
   (void)self;
-  if (!PyArg_ParseTuple(args, "KOLi", &x, &list, &K, &threads) || !parse_matrices(list, m, &count, &total)) return NULL;
+  if (!parse_products(args, &p)) return NULL;
+  const int64_t K = p.K;
   Py_BEGIN_ALLOW_THREADS
-#pragma omp parallel num_threads(threads)
-  for (int64_t i = 0, first, last; i < count; ++i)
-    if (my_part(m, i, total, &first, &last))
-      bf16_rows((const uint16_t *)m[i].weights, (const uint16_t *)x, (uint16_t *)m[i].y, first, last, K);
+#pragma omp parallel num_threads(p.threads)
+  for (int64_t i = 0, first, last; i < p.count; ++i)
+    if (my_part(&p, i, &first, &last))
+      bf16_rows((const uint16_t *)p.m[i].weights, (const uint16_t *)p.x, (uint16_t *)p.m[i].y, first, last, K);
   Py_END_ALLOW_THREADS
   Py_RETURN_NONE;
 }
 
 static PyObject *py_int8(PyObject *self, PyObject *args) {
-  unsigned long long x;
-  PyObject *list;
-  long long K;
-  int threads;
-  Matrix m[MAX_MATRICES];
-  int64_t count, total;
+  Products p;
   (void)self;
-  if (!PyArg_ParseTuple(args, "KOLi", &x, &list, &K, &threads) || !parse_matrices(list, m, &count, &total)) return NULL;
+  if (!parse_products(args, &p)) return NULL;
+  const int64_t K = p.K;
   int16_t *xq = malloc(K * sizeof(int16_t));
   float *xscales = malloc(K / BLOCK * sizeof(float));
   if (!xq || !xscales) { free(xq); free(xscales); return PyErr_NoMemory(); }
   Py_BEGIN_ALLOW_THREADS
-  quantize_int16((const uint16_t *)x, K, xq, xscales);
-#pragma omp parallel num_threads(threads)
-  for (int64_t i = 0, first, last; i < count; ++i)
-    if (my_part(m, i, total, &first, &last))
-      int8_rows((const int8_t *)m[i].weights, (const uint16_t *)m[i].scales, xq, xscales, (uint16_t *)m[i].y, first,
-                last, K);
+  quantize_int16((const uint16_t *)p.x, K, xq, xscales);
+#pragma omp parallel num_threads(p.threads)
+  for (int64_t i = 0, first, last; i < p.count; ++i)
+    if (my_part(&p, i, &first, &last))
+      int8_rows((const int8_t *)p.m[i].weights, (const uint16_t *)p.m[i].scales, xq, xscales, (uint16_t *)p.m[i].y,
+                first, last, K);
   Py_END_ALLOW_THREADS
   free(xq);
   free(xscales);
@@ -438,14 +441,10 @@ static PyObject *py_int8(PyObject *self, PyObject *args) {
 }
 
 static PyObject *py_int4(PyObject *self, PyObject *args) {
-  unsigned long long x;
-  PyObject *list;
-  long long K;
-  int threads;
-  Matrix m[MAX_MATRICES];
-  int64_t count, total;
+  Products p;
   (void)self;
-  if (!PyArg_ParseTuple(args, "KOLi", &x, &list, &K, &threads) || !parse_matrices(list, m, &count, &total)) return NULL;
+  if (!parse_products(args, &p)) return NULL;
+  const int64_t K = p.K;
   Int4Activations a;
   a.windows = (K + 127) / 128;
   const int64_t padded = (a.windows + 3) / 4 * 4; /* whole spans of 4 windows; the rest stays zero */
@@ -456,12 +455,12 @@ static PyObject *py_int4(PyObject *self, PyObject *args) {
   a.block_sum = calloc(padded * 4, sizeof(float));
   if (a.even && a.odd && a.minus8 && a.block_scale && a.block_sum) {
     Py_BEGIN_ALLOW_THREADS
-    prepare_int4_activations((const uint16_t *)x, K, &a);
-#pragma omp parallel num_threads(threads)
-    for (int64_t i = 0, first, last; i < count; ++i)
-      if (my_part(m, i, total, &first, &last))
-        int4_rows((const uint8_t *)m[i].weights, (const uint16_t *)m[i].scales, &a, (uint16_t *)m[i].y, first, last,
-                  K, m[i].group);
+    prepare_int4_activations((const uint16_t *)p.x, K, &a);
+#pragma omp parallel num_threads(p.threads)
+    for (int64_t i = 0, first, last; i < p.count; ++i)
+      if (my_part(&p, i, &first, &last))
+        int4_rows((const uint8_t *)p.m[i].weights, (const uint16_t *)p.m[i].scales, &a, (uint16_t *)p.m[i].y, first,
+                  last, K, p.m[i].group);
     Py_END_ALLOW_THREADS
   }
   int failed = !(a.even && a.odd && a.minus8 && a.block_scale && a.block_sum);
