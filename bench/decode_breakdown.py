@@ -19,6 +19,7 @@ import torch
 
 from bench.worker import DTYPES
 from llama3_raw.checkpoints import cast_weights, load_checkpoint
+from llama3_raw.checkpoints.placement import in_huge_pages
 from llama3_raw.kernels import matmul
 from llama3_raw.model import forward, new_kv_cache
 from llama3_raw.quantize import is_quantized_key
@@ -36,7 +37,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
     checkpoint = load_checkpoint(args.ckpt, show_progress=False)
-    params, weights = checkpoint.params, cast_weights(checkpoint.weights, dtype, "cpu")
+    params, weights = checkpoint.params, in_huge_pages(cast_weights(checkpoint.weights, dtype, "cpu"))  # as load_model
     matrices = [w for key, w in weights.items() if is_quantized_key(key)]  # every multiplied matrix, in Meta's order
     rows = {n: torch.randn(1, n).to(dtype) for n in {m.shape[1] for m in matrices}}
     weight_bytes = sum(m.nbytes for m in matrices)

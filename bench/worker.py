@@ -21,6 +21,7 @@ import torch
 from llama3_raw.generate import generate
 from llama3_raw.checkpoints import cast_weights, load_checkpoint
 from llama3_raw.params import ModelParams
+from llama3_raw.checkpoints.placement import in_huge_pages
 from llama3_raw.quantize import quantize_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -198,6 +199,8 @@ def main() -> None:
     weights = cast_weights(checkpoint.weights, dtype, args.device)
     if args.impl in ("ours-int8", "ours-int4"):  # a saved int8 / int4 folder: its matrices stay so
         weights = quantize_weights(weights, dtype)
+    if args.impl in ("ours", "ours-int8", "ours-int4") and args.device == "cpu":  # as load_model places them
+        weights = in_huge_pages(weights)
     max_seq_len = args.long_prompt + args.decode_steps + 8
     if args.impl in ("ours", "ours-int8", "ours-int4"):
         prefill, decode_step, state = ours(weights, params, dtype, args.device)

@@ -26,6 +26,7 @@ from .loading import (cast_weights, check_folder_files, checkpoint_params, conve
 from .quantized import quantized_checkpoint_bytes, quantized_file, save_quantized_checkpoint
 from .meta import checkpoint_files
 from .places import find_default_checkpoint
+from .placement import in_huge_pages
 from .slicing import rank_shapes
 
 
@@ -162,6 +163,8 @@ def load_model(folder: CheckpointFolder, params: ModelParams | None = None, dtyp
     if save_quantized is not None:
         save_quantized_checkpoint(weights, folder.params, quantize, default_tokenizer_path(folder.directory),
                                   save_quantized, extra_files=(folder.directory / GENERATION_DEFAULTS_FILE,))
+    if device == "cpu":  # a decode step reads every weight: from 2 MiB pages it takes ~15 % less (placement.py)
+        weights = in_huge_pages(weights, show_progress=show_progress)
     if device == "cuda":
         torch.cuda.synchronize()
     context = (params or folder.params).max_seq_len

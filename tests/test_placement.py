@@ -1,0 +1,168 @@
+"""checkpoints/placement.py: the weights copied into anonymous memory in 2 MiB pages, unchanged in every other way.
+
+What could go wrong, and is checked here: a value, dtype, shape or stride changed (int4 scales are a transposed
+view that the kernels read in that order); tied weights untied (two copies); anonymous source memory zeroed by
+the file-page hand-back; the checkpoint's file pages kept as well as the copy (a second copy of the weights);
+the pages not huge after all; the same logits not coming out.
+"""
+
+import json
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import TINY_GQA, write_random_checkpoint
+from llama3_raw.checkpoints import load_checkpoint, load_model, open_folder, placement
+from llama3_raw.checkpoints.placement import file_backed_ranges, huge_pages_available, in_huge_pages
+from llama3_raw.model import forward
+from llama3_raw.quantize import Int4Weight, Int8Weight, quantize_weights
+
+REPO = Path(__file__).resolve().parent.parent
+needs_huge_pages = pytest.mark.skipif(not huge_pages_available(), reason="no transparent huge pages to ask for here")
+
+
+def mapping_of(address: int) -> dict[str, int]:
+    """The /proc/self/smaps fields (kB) of the mapping that holds `address`."""
+    fields, inside = {}, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = re.match(r"^([0-9a-f]+)-([0-9a-f]+) ", line)
+            if head:
+                if inside:
+                    break
+                inside = int(head[1], 16) <= address < int(head[2], 16)
+            elif inside and (field := re.match(r"^(\w+):\s+(\d+) kB", line)):
+                fields[field[1]] = int(field[2])
+    return fields
+
+
+def assert_same_weights(before: dict, after: dict, staying: tuple[str, ...] = ()) -> None:
+    """Equal in every way; moved, except the keys `staying`, which are the very same tensors."""
+    assert list(before) == list(after)
+    for key, old in before.items():
+        new = after[key]
+        assert type(new) is type(old), key
+        for old_t, new_t in zip(placement.tensors_of(old), placement.tensors_of(new)):
+            assert (new_t.dtype, new_t.shape, new_t.stride()) == (old_t.dtype, old_t.shape, old_t.stride()), key
+            assert torch.equal(new_t, old_t), key
+            assert (new_t.data_ptr() == old_t.data_ptr()) == (key in staying), key
+
+
+@needs_huge_pages
+def test_plain_and_quantized_weights_come_out_equal_and_tied_ones_stay_tied():
+    generator = torch.Generator().manual_seed(0)
+    embeddings = torch.randn(300, 64, generator=generator).to(torch.bfloat16)
+    weights = {"tok_embeddings.weight": embeddings, "norm.weight": torch.ones(64, dtype=torch.bfloat16),
+               "layers.0.attention.wq.weight": torch.randn(64, 64, generator=generator).to(torch.bfloat16),
+               "output.weight": embeddings}
+    int8 = quantize_weights(weights, torch.bfloat16, "int8")
+    int4 = quantize_weights(weights, torch.bfloat16, "int4", group_size=32)
+    assert not int4["output.weight"].scales_and_zeros.is_contiguous()  # a transposed view: kept so, strides and all
+    for original in (weights, int8, int4):
+        placed = in_huge_pages(dict(original))
+        tied = original is weights  # quantizing gives the output matrix its own copy
+        # The embeddings, read a row a step, move only as the output matrix: read whole every step.
+        assert_same_weights(original, placed, staying=() if tied else ("tok_embeddings.weight",))
+        assert (placed["tok_embeddings.weight"] is placed["output.weight"]) == tied
+        assert isinstance(placed["layers.0.attention.wq.weight"], (torch.Tensor, Int8Weight, Int4Weight))
+
+
+@needs_huge_pages
+def test_a_column_slice_is_copied_whole_and_contiguous():
+    full = torch.arange(64 * 128, dtype=torch.float32).view(64, 128)
+    half = full[:, 64:]  # a rank's column cut: its elements do not fill one block
+    placed = in_huge_pages({"w": half})["w"]
+    assert torch.equal(placed, half) and placed.is_contiguous()
+
+
+@needs_huge_pages
+def test_anonymous_sources_keep_their_values():
+    """Only a file's pages are handed back: MADV_DONTNEED on anonymous memory would zero what a caller still holds."""
+    held = torch.randn(1 << 20)  # 4 MiB, from malloc: anonymous
+    expected = held.clone()
+    in_huge_pages({"w": held})
+    assert torch.equal(held, expected)
+
+
+@needs_huge_pages
+def test_the_copy_is_in_2mib_pages_and_not_a_file():
+    weights = {f"layers.{i}.w": torch.full((1 << 20,), float(i)) for i in range(4)}  # 16 MiB
+    placed = in_huge_pages(weights)
+    address = placed["layers.0.w"].data_ptr()
+    assert not any(lo <= address < hi for lo, hi in file_backed_ranges())
+    assert address % (2 << 20) == 0  # the first tensor starts on a huge page
+    assert mapping_of(address)["AnonHugePages"] >= 8 << 10, mapping_of(address)
+    assert weights == {}  # consumed, so that each source could go as soon as it was copied
+
+
+def test_nothing_moves_where_huge_pages_are_off(tmp_path, monkeypatch):
+    setting = tmp_path / "enabled"
+    setting.write_text("always madvise [never]\n")
+    monkeypatch.setattr(placement, "THP_SETTING", setting)
+    weights = {"w": torch.ones(3)}
+    assert in_huge_pages(weights) is weights
+    monkeypatch.setattr(placement, "THP_SETTING", tmp_path / "absent")  # not Linux, or a kernel without THP
+    assert in_huge_pages(weights) is weights
+    meta = {"w": torch.ones(3, device="meta")}
+    assert in_huge_pages(meta) is meta
+
+
+@needs_huge_pages
+def test_load_model_places_the_weights_and_the_logits_do_not_change(tmp_path):
+    ckpt_dir = write_random_checkpoint(tmp_path / "ckpt", TINY_GQA, seed=3)
+    folder = open_folder(ckpt_dir)
+    model = load_model(folder, dtype="bfloat16", show_progress=False)
+    file_ranges = file_backed_ranges()
+    in_file = {key for key, w in model.weights.items() if any(lo <= w.data_ptr() < hi for lo, hi in file_ranges)}
+    assert in_file == {"tok_embeddings.weight"}  # this checkpoint has its own output matrix: the table stays mapped
+    mapped = load_checkpoint(ckpt_dir, show_progress=False).weights  # the same weights, memory-mapped from the file
+    tokens = torch.tensor([[128000, 5, 6, 7, 8]])
+    with torch.inference_mode():
+        placed_logits, _ = forward(model.weights, model.params, tokens)
+        mapped_logits, _ = forward(mapped, model.params, tokens)
+    assert torch.equal(placed_logits, mapped_logits)
+
+
+# A few hundred MB: big enough that keeping the file's pages as well as the copy would stand out.
+RSS_SHAPE = dict(TINY_GQA, dim=1024, n_layers=4, n_heads=16, n_kv_heads=4, multiple_of=256)
+RSS_PROBE = textwrap.dedent("""
+    import json, sys
+    import torch
+    from llama3_raw.checkpoints import load_checkpoint
+    from llama3_raw.checkpoints.placement import in_huge_pages
+    from llama3_raw.generate import generate
+    torch.ones(1) @ torch.ones(1, 1)  # torch's own start-up allocations happen before the baseline
+    def status(field):  # VmHWM does not inherit the parent's peak across exec
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    before = status("VmRSS")
+    ckpt = load_checkpoint(sys.argv[1], show_progress=False)
+    weights = in_huge_pages(dict(ckpt.weights))
+    tokens = list(generate(weights, ckpt.params, [128000, 5, 6, 7], 4, stop_ids=()))
+    print(json.dumps({"before": before, "after": status("VmRSS"), "peak": status("VmHWM"), "tokens": len(tokens)}))
+""")
+
+
+@needs_huge_pages
+def test_placing_holds_one_copy_of_the_weights(tmp_path):
+    """The checkpoint object still holds every memory-mapped tensor, so only the hand-back keeps the file's pages
+    out of the process: without it, the process would end up with the file's pages and the copy."""
+    ckpt_dir = write_random_checkpoint(tmp_path / "ckpt", RSS_SHAPE, seed=5)
+    file_bytes = (ckpt_dir / "consolidated.00.pth").stat().st_size
+    assert file_bytes > 200e6
+    result = subprocess.run([sys.executable, "-c", RSS_PROBE, str(ckpt_dir)], capture_output=True, text=True,
+                            cwd=REPO, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rss = json.loads(result.stdout)
+    assert rss["tokens"] == 4
+    # The copy (file_bytes, rounded up to pages per tensor), the tiny cache and activations, part of the logits;
+    # at the peak also the largest tensor's file pages, which go right after it is copied.
+    grown, peak = rss["after"] - rss["before"], rss["peak"] - rss["before"]
+    assert grown <= 1.1 * file_bytes + 60e6, f"grew by {grown / 1e6:.0f} MB for a {file_bytes / 1e6:.0f} MB file"
+    assert peak <= 1.1 * file_bytes + 60e6 + 50e6 + 128256 * 1024 * 2  # the largest: the embeddings
