@@ -128,6 +128,34 @@ def test_load_model_places_the_weights_and_the_logits_do_not_change(tmp_path):
     assert torch.equal(placed_logits, mapped_logits)
 
 
+@needs_huge_pages
+def test_a_checkpoint_mapped_in_2mib_pages_already_stays_mapped(tmp_path, monkeypatch):
+    """Whether the kernel maps a file with 2 MiB pages depends on its page cache; both answers are taken here."""
+    ckpt_dir = write_random_checkpoint(tmp_path / "ckpt", TINY_GQA, seed=4)
+    for already in (True, False):
+        monkeypatch.setattr(placement, "mapped_in_huge_pages", lambda tensors: already)
+        weights = load_checkpoint(ckpt_dir, show_progress=False).weights
+        weights["layers.0.made_at_load"] = torch.ones(4096)  # anonymous: moves either way
+        before = dict(weights)
+        placed = in_huge_pages(weights)
+        file_ranges = file_backed_ranges()
+        in_file = {key for key, w in placed.items() if any(lo <= w.data_ptr() < hi for lo, hi in file_ranges)}
+        expected = set(before) - {"layers.0.made_at_load"} if already else {"tok_embeddings.weight"}
+        assert in_file == expected, already
+        assert all(torch.equal(placed[key], before[key]) for key in before)
+
+
+def test_mapped_in_huge_pages_answers_from_what_the_kernel_mapped(monkeypatch):
+    """The check reads FilePmdMapped before and after mapping one page of every 2 MiB: it says yes only when that
+    grew by about the tensors' size. (The kernel's own answer for a real file depends on its page cache.)"""
+    t = torch.zeros(8 << 20, dtype=torch.uint8)
+    readings = iter([0, 8 << 20, 0, 2 << 20, 0, 0])
+    monkeypatch.setattr(placement, "file_pmd_mapped_bytes", lambda: next(readings))
+    assert placement.mapped_in_huge_pages([t]) is True
+    assert placement.mapped_in_huge_pages([t]) is False
+    assert placement.mapped_in_huge_pages([]) is False
+
+
 # A few hundred MB: big enough that keeping the file's pages as well as the copy would stand out.
 RSS_SHAPE = dict(TINY_GQA, dim=1024, n_layers=4, n_heads=16, n_kv_heads=4, multiple_of=256)
 RSS_PROBE = textwrap.dedent("""
