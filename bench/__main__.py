@@ -41,8 +41,10 @@ SHAPES = {
                ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0),
 }
 TIED = {"1b": True, "8b": False}  # Llama 3.2 1B ships without output.weight
-IMPL_NAMES = {"ours": "llama3_raw", "ours-int8": "llama3_raw int8", "ours-int4": "llama3_raw int4", "meta": "Meta reference",
-              "hf": "HF transformers"}
+IMPL_NAMES = {"ours": "llama3_raw", "ours-int8": "llama3_raw int8", "ours-int4": "llama3_raw int4",
+              "ours-int4-g64": "llama3_raw int4 g64", "meta": "Meta reference", "hf": "HF transformers"}
+# The saved int8 / int4 folders the quantized implementations load: (scheme, int4 group size or None for the default)
+QUANTIZED = {"ours-int8": ("int8", None), "ours-int4": ("int4", None), "ours-int4-g64": ("int4", 64)}
 NAMES = {**IMPL_NAMES, **llamacpp.IMPL_NAMES}  # "--impls llamacpp" adds three rows (bench/llamacpp.py)
 FILL_ROWS = 4096  # random rows generated at a time while writing a checkpoint
 
@@ -85,9 +87,9 @@ def write_random_checkpoint(folder: Path, shape: str) -> Path:
     return folder
 
 
-def write_quantized_checkpoint(ckpt: Path, scheme: str) -> tuple[Path, float | None]:
-    """The checkpoint's int8 or int4 weights saved as run.py saves them (`--quantize SCHEME --save-quantized`,
-    int4 in its default groups), once.
+def write_quantized_checkpoint(ckpt: Path, scheme: str, group_size: int | None = None) -> tuple[Path, float | None]:
+    """The checkpoint's int8 or int4 weights saved as run.py saves them (`--quantize SCHEME [--group-size G]
+    --save-quantized`; int4 in its default groups when `group_size` is None), once.
 
     "ours int8" / "ours int4" load these files, as a user with a 24 GiB machine would for the 8B shape:
     quantizing at load maps the 16 GB bf16 file and builds the quantized copy beside it. Returns (folder,
@@ -95,15 +97,16 @@ def write_quantized_checkpoint(ckpt: Path, scheme: str) -> tuple[Path, float | N
     """
     from llama3_raw.checkpoints import default_tokenizer_path, load_checkpoint
     from llama3_raw.checkpoints.quantized import QUANTIZED_FILES, save_quantized_checkpoint
-    from llama3_raw.quantize import quantize_weights
+    from llama3_raw.quantize import INT4_GROUP_SIZE, quantize_weights
 
-    folder = ckpt.with_name(f"{ckpt.name}-{scheme}")
+    suffix = f"-g{group_size}" if group_size is not None else ""
+    folder = ckpt.with_name(f"{ckpt.name}-{scheme}{suffix}")
     if (folder / QUANTIZED_FILES[scheme]).is_file():
         return folder, None
     start = time.perf_counter()
     checkpoint = load_checkpoint(ckpt, show_progress=False)
-    save_quantized_checkpoint(quantize_weights(checkpoint.weights, torch.bfloat16, scheme), checkpoint.params, scheme,
-                              default_tokenizer_path(ckpt), folder)
+    weights = quantize_weights(checkpoint.weights, torch.bfloat16, scheme, group_size or INT4_GROUP_SIZE)
+    save_quantized_checkpoint(weights, checkpoint.params, scheme, default_tokenizer_path(ckpt), folder)
     return folder, time.perf_counter() - start
 
 
@@ -128,12 +131,20 @@ def impl_runs(impl: str, dtype: str, args, ckpt: Path, quantized_ckpts: dict[str
 
 def rep_order(impls: list[str], dtype: str, first_dtype: str) -> list[str]:
     """One repetition's runs at a dtype, in order. "llamacpp" stands for its three GGUF runs, at the first dtype
-    only (its weights have their own types), each right after ours of the same width (llamacpp.PAIRS): the
-    machine's bandwidth drifts by 2x within minutes, and a pair run back to back meets nearly the same."""
+    only (its weights have their own types), each right after ours of the same width (llamacpp.PAIRS), and a
+    second of ours of that width (int4 in groups of 64) right after it: the machine's bandwidth drifts by 2x
+    within minutes, and runs back to back meet nearly the same."""
     if "llamacpp" not in impls or dtype != first_dtype:
         return [impl for impl in impls if impl != "llamacpp"]
-    after = {ours: theirs for ours, _, theirs in llamacpp.PAIRS if ours in impls}
-    order = [run for impl in impls if impl != "llamacpp" for run in (impl, after.get(impl)) if run]
+    order = []
+    for impl in impls:
+        if impl == "llamacpp" or impl in order:
+            continue
+        order.append(impl)
+        theirs = next((t for ours, _, t in llamacpp.PAIRS if ours == impl and t not in order), None)
+        if theirs:
+            order.append(theirs)
+            order += [ours for ours, _, t in llamacpp.PAIRS if t == theirs and ours in impls and ours not in order]
     return order + [impl for impl in llamacpp.WIDTHS if impl not in order]
 
 
@@ -164,6 +175,7 @@ def summarise(runs: list[dict], bandwidth: float) -> dict:
         "prefill_short_tok_s": summary([r["prefill_short_tok_s"] for r in runs]),
         "prefill_long_tok_s": summary([r["prefill_long_tok_s"] for r in runs]),
         "decode_tok_s": decode, "decode_tok_s_by_rep": [r["decode_tok_s"] for r in runs],
+        "bandwidth_by_rep": [r.get("bandwidth_after_decode") for r in runs],
         "bytes_per_token": first["bytes_per_token"],
         "ceiling_tok_s": ceiling, "fraction_of_overall_ceiling": decode["median"] / ceiling,
         "bandwidth_after_decode_gb_s": summary([r["bandwidth_after_decode"] / 1e9 for r in adjacent]) if adjacent else None,
@@ -216,10 +228,12 @@ def bar_chart(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    short_names = {"ours": "ours", "ours-int8": "ours int8", "ours-int4": "ours int4", "meta": "Meta", "hf": "HF",
+    short_names = {"ours": "ours", "ours-int8": "ours int8", "ours-int4": "ours int4", "ours-int4-g64": "ours int4\ng64",
+                   "meta": "Meta", "hf": "HF",
                    **llamacpp.SHORT_NAMES}
     labels = [f"{short_names[r['impl']]}\n{r['dtype'].replace('bfloat16', 'bf16').replace('float32', 'fp32')}" for r in rows]
-    colors = {"ours": "tab:blue", "ours-int8": "tab:cyan", "ours-int4": "tab:purple", "meta": "tab:orange", "hf": "tab:green",
+    colors = {"ours": "tab:blue", "ours-int8": "tab:cyan", "ours-int4": "tab:purple", "ours-int4-g64": "tab:olive",
+              "meta": "tab:orange", "hf": "tab:green",
               **llamacpp.COLORS}
     for ax, key, name in ((axes[0], "decode_tok_s", "decode tok/s"), (axes[1], "prefill_long_tok_s", "prefill tok/s (512 tokens)")):
         medians = [r[key]["median"] for r in rows]
@@ -262,11 +276,11 @@ def main() -> None:
     ckpt = write_random_checkpoint(args.out / f"ckpt-{args.shape}", args.shape)
     print(f"checkpoint {ckpt} ready in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
     quantized_ckpts, quantize_s = {}, {}
-    for scheme in ("int8", "int4"):
-        if f"ours-{scheme}" in args.impls and "bfloat16" in args.dtypes:
-            quantized_ckpts[f"ours-{scheme}"], quantize_s[scheme] = write_quantized_checkpoint(ckpt, scheme)
-            print(f"{scheme} checkpoint {quantized_ckpts[f'ours-{scheme}']} ready" +
-                  (f", quantized and saved in {quantize_s[scheme]:.0f}s" if quantize_s[scheme] else ""), file=sys.stderr)
+    for impl, (scheme, group_size) in QUANTIZED.items():
+        if impl in args.impls and "bfloat16" in args.dtypes:
+            quantized_ckpts[impl], quantize_s[impl] = write_quantized_checkpoint(ckpt, scheme, group_size)
+            print(f"{impl} checkpoint {quantized_ckpts[impl]} ready" +
+                  (f", quantized and saved in {quantize_s[impl]:.0f}s" if quantize_s[impl] else ""), file=sys.stderr)
     ggufs = llamacpp.write_ggufs(ckpt, args.threads) if "llamacpp" in args.impls else {}
     bandwidths = [read_bandwidth(args.threads)]
     runs: dict[tuple[str, str], list[dict]] = {}

@@ -45,7 +45,9 @@ WIDTHS = {"llamacpp-bf16": "BF16", "llamacpp-q8_0": "Q8_0", "llamacpp-q4_0": "Q4
 IMPL_NAMES = {impl: f"llama.cpp {kind}" for impl, kind in WIDTHS.items()}
 SHORT_NAMES = {impl: "llama.cpp" for impl in WIDTHS}
 COLORS = {"llamacpp-bf16": "tab:red", "llamacpp-q8_0": "tab:pink", "llamacpp-q4_0": "tab:brown"}
-PAIRS = [("ours", "bf16", "llamacpp-bf16"), ("ours-int8", "int8", "llamacpp-q8_0"), ("ours-int4", "int4", "llamacpp-q4_0")]
+# (ours, width, theirs); int4 in groups of 64 reads 4.5 bits a weight, as Q4_0 does (ours' default groups of 32: 5)
+PAIRS = [("ours", "bf16", "llamacpp-bf16"), ("ours-int8", "int8", "llamacpp-q8_0"), ("ours-int4", "int4", "llamacpp-q4_0"),
+         ("ours-int4-g64", "int4 g64", "llamacpp-q4_0")]
 PROMPT, GENERATE = 512, 64  # llama-bench -p, -n
 # Runs a command, reports its peak RSS from wait4: a child of the bench would inherit the bench's across exec.
 LAUNCHER = ("import os, sys; pid = os.posix_spawn(sys.argv[1], sys.argv[1:], os.environ); _, status, usage = "
@@ -236,6 +238,7 @@ def ratio_table(rows: list[dict]) -> str:
         by_rep = statistics.median(a / b for a, b in zip(ours["decode_tok_s_by_rep"], theirs["decode_tok_s_by_rep"]))
         lines.append(
             f"| {width} | {ours_impl} vs {IMPL_NAMES[theirs_impl]} | {ratio['decode_tok_s']:.2f}× | {by_rep:.2f}× | "
+            f"{per_bandwidth_by_rep(ours, theirs)} | "
             f"{ratio['prefill_long_tok_s']:.2f}× | {ratio['peak_rss_gb']:.2f}× | {ours['file_gb'] / theirs['file_gb']:.2f}× | "
             f"{ours['bytes_per_token'] / theirs['bytes_per_token']:.2f}× | "
             f"{ours['fraction_of_overall_ceiling']:.0%} vs {theirs['fraction_of_overall_ceiling']:.0%} |")
@@ -243,11 +246,20 @@ def ratio_table(rows: list[dict]) -> str:
         return ""
     return "\n".join([
         "", "", "Ratios ours / llama.cpp per width (medians; above 1: ours is faster, or uses more memory or bytes; "
-        "*rep by rep*: the median of each repetition's ratio, the two run back to back; "
+        "*rep by rep*: the median of each repetition's ratio, the two run back to back; *per GB/s*: each decode "
+        "divided by the bandwidth read right after it first; "
         f"llama.cpp's decode is {GENERATE} tokens from an empty cache, its prefill {PROMPT} tokens)", "",
-        "| width | pair | decode tok/s | decode, rep by rep | prefill tok/s | peak RSS | file | bytes read per token | "
-        "decode of highest ceiling (ours vs llama.cpp) |",
-        "|---|---|---|---|---|---|---|---|---|", *lines])
+        "| width | pair | decode tok/s | decode, rep by rep | decode per GB/s, rep by rep | prefill tok/s | peak RSS | "
+        "file | bytes read per token | decode of highest ceiling (ours vs llama.cpp) |",
+        "|---|---|---|---|---|---|---|---|---|---|", *lines])
+
+
+def per_bandwidth_by_rep(ours: dict, theirs: dict) -> str:
+    """The median over repetitions of (ours' decode / the bandwidth read right after it) over (theirs' / theirs'):
+    a pair back to back still meets different bandwidth now and then (it moves within seconds); "–" unmeasured."""
+    pairs = zip(ours["decode_tok_s_by_rep"], ours["bandwidth_by_rep"], theirs["decode_tok_s_by_rep"], theirs["bandwidth_by_rep"])
+    ratios = [(a / a_bw) / (b / b_bw) for a, a_bw, b, b_bw in pairs if a_bw and b_bw]
+    return f"{statistics.median(ratios):.2f}×" if ratios else "–"
 
 
 def tensor_errors(ckpt: Path, path: Path, layer: int = 0) -> dict[str, float]:

@@ -3,6 +3,11 @@
     python -m bench.quantized_accuracy --ckpt-dir weights/shakespeare --text data/tinyshakespeare.txt
     python -m bench.quantized_accuracy --ckpt-dir weights/shakespeare --text data/tinyshakespeare.txt --scheme int4 --group-size 64
     python -m bench.quantized_accuracy --ckpt-dir bench/out/ckpt-1b
+    python -m bench.quantized_accuracy --ckpt-dir weights/shakespeare --text data/tinyshakespeare.txt --scheme q4_0
+
+--scheme q4_0 is not one of ours: the same matrices rounded as llama.cpp's Q4_0 rounds them (blocks of 32, one
+scale each, no offset: 4.5 bits a weight, as our int4 in groups of 64), multiplied back in bf16 -- its accuracy as
+a reference point. (llama-quantize's Q4_0 files keep the output matrix in Q6_K; here it is Q4_0 too.)
 
 Greedy-decodes --steps tokens with the bf16 weights, then feeds that same sequence to both models
 (teacher forcing, so one early difference does not derail the rest) and reports the top-1 agreement
@@ -19,12 +24,25 @@ import torch
 from llama3_raw.generate import generate
 from llama3_raw.checkpoints import cast_weights, load_checkpoint
 from llama3_raw.model import forward
-from llama3_raw.quantize import quantize_weights
+from llama3_raw.quantize import is_quantized_key, quantize_weights
 from llama3_raw.tools.score import score_text
 from llama3_raw.tokenizer import load_tokenizer
 from llama3_raw.checkpoints import default_tokenizer_path
 
 VALIDATION_FRACTION = 0.1
+Q4_0_BLOCK = 32
+
+
+def q4_0_rounded(w: torch.Tensor) -> torch.Tensor:
+    """w (out, in) as llama.cpp's Q4_0 stores it, back in bf16: per block of 32 inputs the value of largest
+    magnitude m sets the scale d = m / -8 (kept as float16), q = min(15, trunc(x / d + 8.5)), w' = (q - 8) d
+    (ggml's quantize_row_q4_0_ref and dequantize_row_q4_0)."""
+    blocks = w.float().reshape(-1, Q4_0_BLOCK)  # (out * in / 32, 32)
+    largest = blocks.gather(1, blocks.abs().argmax(dim=1, keepdim=True))  # signed
+    scale = (largest / -8).half().float()
+    inverse = torch.where(scale != 0, 1 / (largest / -8), torch.zeros_like(scale))
+    q = torch.clamp(torch.trunc(blocks * inverse + 8.5), max=15)
+    return ((q - 8) * scale).reshape(w.shape).to(w.dtype)
 
 
 def main() -> None:
@@ -34,7 +52,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=128)
     parser.add_argument("--prompt", default="ROMEO:\n")
     parser.add_argument("--window", type=int, default=256, help="scoring window in tokens")
-    parser.add_argument("--scheme", choices=["int8", "int4"], default="int8")
+    parser.add_argument("--scheme", choices=["int8", "int4", "q4_0"], default="int8")
     parser.add_argument("--group-size", type=int, default=32, help="int4: inputs per scale and zero")
     args = parser.parse_args()
 
@@ -42,7 +60,10 @@ def main() -> None:
     params = checkpoint.params
     bf16 = cast_weights(checkpoint.weights, torch.bfloat16, "cpu")
     start = time.perf_counter()
-    quantized = quantize_weights(bf16, torch.bfloat16, args.scheme, args.group_size)
+    if args.scheme == "q4_0":
+        quantized = {key: q4_0_rounded(w) if is_quantized_key(key) else w for key, w in bf16.items()}
+    else:
+        quantized = quantize_weights(bf16, torch.bfloat16, args.scheme, args.group_size)
     quantize_s = time.perf_counter() - start
     tokenizer = load_tokenizer(str(default_tokenizer_path(checkpoint.directory)))
 

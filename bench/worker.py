@@ -1,6 +1,6 @@
 """One benchmark measurement in its own process, so that peak RSS belongs to one implementation.
 
-    python -m bench.worker --impl ours|ours-int8|ours-int4|meta|hf --dtype bfloat16 --ckpt DIR --threads 2
+    python -m bench.worker --impl ours|ours-int8|ours-int4|ours-int4-g64|meta|hf --dtype bfloat16 --ckpt DIR --threads 2
 
 Prints one JSON object: load seconds, peak RSS, prefill seconds for a long and a short prompt, decode
 tokens/s, the bytes of weights one decoded token reads, and the read bandwidth measured right after decoding. Every implementation gets the same
@@ -25,6 +25,7 @@ from llama3_raw.checkpoints.placement import in_huge_pages
 from llama3_raw.quantize import quantize_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+OURS = ("ours", "ours-int8", "ours-int4", "ours-int4-g64")  # this project: bf16/fp32, then saved quantized folders
 WARMUP_PROMPT = [128000, 1, 2, 3, 4]  # first calls pay one-off costs (page faults, kernel set-up): not timed
 
 
@@ -180,7 +181,7 @@ def hugging_face(weights: dict, params: ModelParams, dtype: torch.dtype, tied: b
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--impl", choices=["ours", "ours-int8", "ours-int4", "meta", "hf"], required=True)
+    parser.add_argument("--impl", choices=[*OURS, "meta", "hf"], required=True)
     parser.add_argument("--dtype", choices=DTYPES, required=True)
     parser.add_argument("--ckpt", type=Path, required=True)
     parser.add_argument("--threads", type=int, required=True)
@@ -197,12 +198,12 @@ def main() -> None:
     checkpoint = load_checkpoint(args.ckpt, show_progress=False)
     params = checkpoint.params
     weights = cast_weights(checkpoint.weights, dtype, args.device)
-    if args.impl in ("ours-int8", "ours-int4"):  # a saved int8 / int4 folder: its matrices stay so
+    if args.impl in OURS[1:]:  # a saved int8 / int4 folder: its matrices stay so
         weights = quantize_weights(weights, dtype)
-    if args.impl in ("ours", "ours-int8", "ours-int4") and args.device == "cpu":  # as load_model places them
+    if args.impl in OURS and args.device == "cpu":  # as load_model places them
         weights = in_huge_pages(weights)
     max_seq_len = args.long_prompt + args.decode_steps + 8
-    if args.impl in ("ours", "ours-int8", "ours-int4"):
+    if args.impl in OURS:
         prefill, decode_step, state = ours(weights, params, dtype, args.device)
     elif args.impl == "meta":
         prefill, decode_step = meta_reference(weights, params, max_seq_len)

@@ -88,8 +88,8 @@ def test_ratio_table_pairs_whichever_of_our_widths_ran():
     lines = llamacpp.ratio_table(rows).splitlines()
     bf16 = [line for line in lines if line.startswith("| bf16 |")]
     int4 = [line for line in lines if line.startswith("| int4 |")]
-    assert bf16 == ["| bf16 | ours vs llama.cpp BF16 | 0.80× | 0.80× | 0.50× | 1.00× | 1.00× | 1.00× | 50% vs 62% |"]
-    assert int4 == ["| int4 | ours-int4 vs llama.cpp Q4_0 | 1.20× | 1.20× | 0.30× | 1.25× | 1.25× | 1.00× | 48% vs 40% |"]
+    assert bf16 == ["| bf16 | ours vs llama.cpp BF16 | 0.80× | 0.80× | 0.80× | 0.50× | 1.00× | 1.00× | 1.00× | 50% vs 62% |"]
+    assert int4 == ["| int4 | ours-int4 vs llama.cpp Q4_0 | 1.20× | 1.20× | 1.20× | 0.30× | 1.25× | 1.25× | 1.00× | 48% vs 40% |"]
     assert not any(line.startswith("| int8 |") for line in lines)  # no ours-int8 row: no pair
     assert llamacpp.ratio_table(rows[:1] + rows[3:]) == ""  # ours in float32 only: nothing like with like
 
@@ -158,4 +158,29 @@ def test_each_width_runs_right_after_ours_and_is_compared_rep_by_rep():
     ours = [fake_run("ours", "bfloat16", decode, 60.0, 2.6, 2.5, 2.5) for decode in (10.0, 20.0, 30.0)]
     theirs = [fake_run("llamacpp-bf16", "BF16", decode, 120.0, 2.6, 2.5, 2.5, load_s=None) for decode in (5.0, 40.0, 30.0)]
     line = llamacpp.ratio_table([bench_main.summarise(ours, 20e9), bench_main.summarise(theirs, 20e9)]).splitlines()[-1]
-    assert line.startswith("| bf16 | ours vs llama.cpp BF16 | 0.67× | 1.00× |")
+    assert line.startswith("| bf16 | ours vs llama.cpp BF16 | 0.67× | 1.00× | 1.00× |")
+
+
+def test_the_same_rate_of_reading_at_another_bandwidth_compares_as_even():
+    """Within a pair the bandwidth can still move: ours decoding 10 tok/s while the machine read 20 GB/s and theirs
+    15 at 30 GB/s read at the same rate per GB/s (0.67x as raw speeds); a run without a reading gives no ratio."""
+    ours = [dict(fake_run("ours", "bfloat16", 10.0, 60.0, 2.6, 2.5, 2.5), bandwidth_after_decode=20e9)]
+    theirs = [dict(fake_run("llamacpp-bf16", "BF16", 15.0, 120.0, 2.6, 2.5, 2.5, load_s=None), bandwidth_after_decode=30e9)]
+    line = llamacpp.ratio_table([bench_main.summarise(ours, 40e9), bench_main.summarise(theirs, 40e9)]).splitlines()[-1]
+    assert line.startswith("| bf16 | ours vs llama.cpp BF16 | 0.67× | 0.67× | 1.00× |")
+    theirs[0]["bandwidth_after_decode"] = None
+    line = llamacpp.ratio_table([bench_main.summarise(ours, 40e9), bench_main.summarise(theirs, 40e9)]).splitlines()[-1]
+    assert line.startswith("| bf16 | ours vs llama.cpp BF16 | 0.67× | 0.67× | – |")
+
+
+def test_int4_in_groups_of_64_runs_right_after_q4_0_and_is_compared_with_it():
+    """Groups of 64 read 4.5 bits a weight, as Q4_0 does: the like-for-like pair, run in the same stretch."""
+    assert bench_main.rep_order(["ours-int4", "ours-int4-g64", "llamacpp"], "bfloat16", "bfloat16") == [
+        "ours-int4", "llamacpp-q4_0", "ours-int4-g64", "llamacpp-bf16", "llamacpp-q8_0"]
+    assert bench_main.rep_order(["ours-int4-g64", "llamacpp"], "bfloat16", "bfloat16") == [
+        "ours-int4-g64", "llamacpp-q4_0", "llamacpp-bf16", "llamacpp-q8_0"]
+    runs = [[fake_run("ours-int4", "bfloat16", 12.0, 30.0, 1.0, 1.0, 0.8)], [fake_run("ours-int4-g64", "bfloat16", 11.0, 30.0, 1.0, 1.0, 0.7)],
+            [fake_run("llamacpp-q4_0", "Q4_0", 10.0, 100.0, 0.8, 0.8, 0.8, load_s=None)]]
+    lines = llamacpp.ratio_table([bench_main.summarise(group, 20e9) for group in runs]).splitlines()
+    assert [line.split(" | ")[:3] for line in lines if line.startswith("| int4")] == [
+        ["| int4", "ours-int4 vs llama.cpp Q4_0", "1.20×"], ["| int4 g64", "ours-int4-g64 vs llama.cpp Q4_0", "1.10×"]]

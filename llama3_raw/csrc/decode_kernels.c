@@ -32,9 +32,11 @@ layouts first); the GIL is released while the product runs.
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,avx512vbmi,gfni,fma")))
 #define BLOCK 32        /* activations quantized per block of this many inputs */
 /* int4: how far ahead of the rows being read to ask for the bytes (into L2). Without it the int4 product read
-   19 GB/s, with it 27 (PyTorch's int4 kernel 21), measured on 1.3 GB of 8192x2048 matrices, 2 threads; 1 to
-   16 KB ahead measured alike. The bf16 and int8 products were slower with it (less arithmetic per byte). */
-#define INT4_PREFETCH_BYTES 4096
+   19 GB/s, with it 27 (PyTorch's int4 kernel 21), measured on 1.3 GB of 8192x2048 matrices, 2 threads. 8 KB ahead
+   read 6-7 % more than 4 KB over the 1B shape's matrices (alternating, 14 and 12 rounds, bandwidth 31-51 GB/s;
+   16 KB: 5 %). Not in the bf16 and int8 products: int8 was slower with it; bf16 read 3 % more 4 KB ahead and
+   4 % less 8 or 16 KB ahead (8 rounds), and whole bf16 steps with it 4 KB ahead measured alike before. */
+#define INT4_PREFETCH_BYTES 8192
 
 static float bf16_to_float(uint16_t h) {
   uint32_t bits = (uint32_t)h << 16;
