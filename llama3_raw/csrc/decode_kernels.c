@@ -214,7 +214,7 @@ AVX512 static __m512i add_lane_pairs(__m512i a, __m512i b) { /* (a0+a1, a2+a3, .
    GB/s both read alike. (Two rows at a time, sharing the activation reads, was faster in the cache but slower
    streaming from memory: 20.7 against 24 GB/s, 8192x2048, 2 threads, alternating.) */
 AVX512 static void int4_rows(const uint8_t *packed, const uint16_t *scales_and_zeros, const Int4Activations *a,
-                                     uint16_t *y, int64_t first, int64_t last, int64_t K, int64_t group) {
+                             uint16_t *y, int64_t first, int64_t last, int64_t K, int64_t group) {
   const int64_t groups = K / group, blocks_per_group = group / BLOCK, spans = (a->windows + 3) / 4;
   const __m512i block_group = lane_over(blocks_per_group); /* span block i -> its group in the span */
   const __m512i zero_half = _mm512_set1_epi32((int)0xffff0000u);
