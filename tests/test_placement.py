@@ -194,3 +194,20 @@ def test_placing_holds_one_copy_of_the_weights(tmp_path):
     grown, peak = rss["after"] - rss["before"], rss["peak"] - rss["before"]
     assert grown <= 1.1 * file_bytes + 60e6, f"grew by {grown / 1e6:.0f} MB for a {file_bytes / 1e6:.0f} MB file"
     assert peak <= 1.1 * file_bytes + 60e6 + 50e6 + 128256 * 1024 * 2  # the largest: the embeddings
+
+
+@needs_huge_pages
+def test_without_room_for_the_copy_the_weights_stay_mapped(tmp_path, monkeypatch):
+    """A mapped file can be paged in and out under memory pressure; an anonymous copy could not. So the copy is
+    made only where it leaves SPARE_BYTES available: the file's bytes count, anonymous sources only one at a time."""
+    ckpt_dir = write_random_checkpoint(tmp_path / "ckpt", TINY_GQA, seed=6)
+    mapped = load_checkpoint(ckpt_dir, show_progress=False).weights
+    file_bytes = sum(w.nbytes for key, w in mapped.items() if key != "tok_embeddings.weight")
+    monkeypatch.setattr(placement, "available_memory", lambda: placement.SPARE_BYTES + file_bytes // 2)
+    assert in_huge_pages(mapped) is mapped
+    anonymous = {f"layers.{i}.w": torch.ones(1 << 20) for i in range(8)}  # 32 MiB made at load, 4 MiB the largest
+    monkeypatch.setattr(placement, "available_memory", lambda: placement.SPARE_BYTES + (4 << 20) - 1)
+    assert in_huge_pages(anonymous) is anonymous
+    monkeypatch.setattr(placement, "available_memory", lambda: placement.SPARE_BYTES + (4 << 20))
+    placed = in_huge_pages(dict(anonymous))
+    assert all(placed[k].data_ptr() != anonymous[k].data_ptr() for k in anonymous)

@@ -16,7 +16,8 @@ tensor. It never holds two copies: a tensor that was the checkpoint file's pages
 anonymous is freed when its last reference goes. The copy costs load time (1B bf16, 2.47 GB: 1.1 to 3.2 s
 more, most of it the kernel finding and zeroing 2 MiB pages), so a memory-mapped checkpoint that the kernel
 maps with 2 MiB pages already (checked by mapping one page of every 2 MiB) stays where it is. Where huge
-pages are switched off ("never") or absent, everything stays where it is.
+pages are switched off ("never") or absent, or where the copy would not leave 2 GiB of memory available (a
+mapped file can be paged in and out under memory pressure; an anonymous copy could not), everything stays.
 """
 
 import ctypes
@@ -33,6 +34,7 @@ HUGE_PAGE = 2 << 20
 SLOT_ALIGN = 4096  # every tensor starts on its own page: the kernels' rows are then 64-byte aligned too
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 PROGRESS_MIN_BYTES = 256 << 20
+SPARE_BYTES = 2 << 30  # left over after the copy, for the cache, activations and everything else
 ROW_READ_KEYS = ("tok_embeddings.weight",)  # a decode step reads one row: no page walks to save
 
 
@@ -43,6 +45,19 @@ def huge_pages_available() -> bool:
     except OSError:
         return False
     return hasattr(mmap, "MADV_HUGEPAGE") and "[never]" not in setting
+
+
+def available_memory() -> int:
+    """/proc/meminfo's MemAvailable in bytes: what new memory can take without swapping (free memory and the page
+    cache that can be dropped, the checkpoint's own cached pages included); 0 where it is not to be read."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def tensors_of(weight) -> list[torch.Tensor]:
@@ -149,11 +164,17 @@ def in_huge_pages(weights: dict, show_progress: bool = False) -> dict:
     if mapped and mapped_in_huge_pages([t for key in mapped for t in tensors_of(weights[key])]):
         staying.update(mapped)  # the file's pages are 2 MiB already
     distinct = {id(w): w for key, w in weights.items() if key not in staying}
-    if not distinct:
+    sizes = [(slot_bytes(t), is_file_backed(t, file_ranges)) for w in distinct.values() for t in tensors_of(w)]
+    total = sum(size for size, _ in sizes)
+    # New memory: the copies of file pages (anonymous sources are freed as they are copied: one at a time)
+    needed = sum(size for size, in_file in sizes if in_file) + max((size for size, _ in sizes), default=0)
+    if not distinct or needed + SPARE_BYTES > available_memory():
+        return weights  # (too little room: a mapped file can still be paged in and out, a copy could not)
+    try:
+        arena = mmap.mmap(-1, total + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        arena.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # no address space for it, or no huge pages to ask for after all: they serve where they are
         return weights
-    total = sum(slot_bytes(t) for w in distinct.values() for t in tensors_of(w))
-    arena = mmap.mmap(-1, total + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    arena.madvise(mmap.MADV_HUGEPAGE)
     memory = torch.frombuffer(arena, dtype=torch.uint8)  # holds the mapping for as long as a tensor uses it
     offset = -memory.data_ptr() % HUGE_PAGE
     placed: dict[int, object] = {}
