@@ -178,3 +178,32 @@ def changed_copy(good: Path, folder: Path, weights_file: str, change) -> Path:
     change(state)
     torch.save(state, folder / weights_file)
     return folder
+
+
+# A few hundred MB: big enough that a second copy of the weights would stand out from the interpreter's noise.
+RSS_SHAPE = dict(TINY_GQA, dim=1024, n_layers=4, n_heads=16, n_kv_heads=4, multiple_of=256)
+RSS_PROBE = """
+import json, sys
+import torch
+torch.ones(1) @ torch.ones(1, 1)  # torch's own start-up allocations happen before the baseline
+def status(field):  # VmHWM, unlike getrusage's ru_maxrss, does not inherit the parent's peak across exec
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+before = status("VmRSS")
+{body}
+print(json.dumps({{"before": before, "after": status("VmRSS"), "peak": status("VmHWM"), "tokens": len(tokens)}}))
+"""
+
+
+def probe_rss(body: str, ckpt_dir: Path) -> dict:
+    """Runs `body` (Python that loads sys.argv[1] and sets `tokens`) in a fresh interpreter: its VmRSS before and
+    after, its peak (VmHWM), and len(tokens)."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-c", RSS_PROBE.format(body=body), str(ckpt_dir)], capture_output=True,
+                            text=True, cwd=repo, env={"PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)

@@ -10,13 +10,12 @@ Tolerances, stated once:
 import json
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import TINY_GQA, changed_copy, random_state_dict, write_random_checkpoint
+from helpers import RSS_SHAPE, TINY_GQA, changed_copy, probe_rss, random_state_dict, write_random_checkpoint
 from llama3_raw import cast_weights, kernels, load_checkpoint
 from llama3_raw.generate import generate
 from llama3_raw.kernels import int8_matmul, matmul, row_times_matrix
@@ -143,35 +142,20 @@ def test_int8_model_within_tolerance_of_bf16(gqa_checkpoint):
     torch.testing.assert_close(step[:, 0], int8_logits[:, -1], rtol=0.02, atol=0.05 * int8_logits.abs().max().item())
 
 
-# A few hundred MB: big enough that a second copy of the weights would stand out from the interpreter's noise.
-ZERO_COPY_SHAPE = dict(TINY_GQA, dim=1024, n_layers=4, n_heads=16, n_kv_heads=4, multiple_of=256)
-RSS_PROBE = textwrap.dedent("""
-    import json, sys
-    import torch
-    from llama3_raw import load_checkpoint, cast_weights
-    from llama3_raw.generate import generate
-    torch.ones(1) @ torch.ones(1, 1)  # torch's own start-up allocations happen before the baseline
-    def status(field):  # VmHWM, unlike getrusage's ru_maxrss, does not inherit the parent's peak across exec
-        for line in open("/proc/self/status"):
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    before = status("VmRSS")
-    ckpt = load_checkpoint(sys.argv[1], show_progress=False)
-    weights = cast_weights(ckpt.weights, torch.bfloat16, "cpu")
-    tokens = list(generate(weights, ckpt.params, [128000, 5, 6, 7], 4, stop_ids=()))
-    print(json.dumps({"before": before, "after": status("VmRSS"), "peak": status("VmHWM"),
-                      "tokens": len(tokens)}))
-""")
+LOAD_AND_GENERATE = """
+from llama3_raw import load_checkpoint, cast_weights
+from llama3_raw.generate import generate
+ckpt = load_checkpoint(sys.argv[1], show_progress=False)
+weights = cast_weights(ckpt.weights, torch.bfloat16, "cpu")
+tokens = list(generate(weights, ckpt.params, [128000, 5, 6, 7], 4, stop_ids=()))
+"""
 
 
 def test_bf16_generation_adds_no_second_copy_of_the_weights(tmp_path):
-    ckpt_dir = write_random_checkpoint(tmp_path / "ckpt", ZERO_COPY_SHAPE, seed=5)
+    ckpt_dir = write_random_checkpoint(tmp_path / "ckpt", RSS_SHAPE, seed=5)
     file_bytes = (ckpt_dir / "consolidated.00.pth").stat().st_size
     assert file_bytes > 200e6
-    result = subprocess.run([sys.executable, "-c", RSS_PROBE, str(ckpt_dir)], capture_output=True, text=True,
-                            cwd=REPO, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert result.returncode == 0, result.stderr
-    rss = json.loads(result.stdout)
+    rss = probe_rss(LOAD_AND_GENERATE, ckpt_dir)
     assert rss["tokens"] == 4
     # Everything the process gained: the file's mapped pages (once), the tiny cache and activations,
     # a fraction of the largest matrix's logits. A copy of the weights would add another file_bytes.

@@ -6,23 +6,17 @@ the file-page hand-back; the checkpoint's file pages kept as well as the copy (a
 the pages not huge after all; the same logits not coming out.
 """
 
-import json
 import re
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import TINY_GQA, write_random_checkpoint
+from helpers import RSS_SHAPE, TINY_GQA, probe_rss, write_random_checkpoint
 from llama3_raw.checkpoints import load_checkpoint, load_model, open_folder, placement
 from llama3_raw.checkpoints.placement import file_backed_ranges, huge_pages_available, in_huge_pages
 from llama3_raw.model import forward
 from llama3_raw.quantize import Int4Weight, Int8Weight, quantize_weights
 
-REPO = Path(__file__).resolve().parent.parent
 needs_huge_pages = pytest.mark.skipif(not huge_pages_available(), reason="no transparent huge pages to ask for here")
 
 
@@ -156,25 +150,14 @@ def test_mapped_in_huge_pages_answers_from_what_the_kernel_mapped(monkeypatch):
     assert placement.mapped_in_huge_pages([]) is False
 
 
-# A few hundred MB: big enough that keeping the file's pages as well as the copy would stand out.
-RSS_SHAPE = dict(TINY_GQA, dim=1024, n_layers=4, n_heads=16, n_kv_heads=4, multiple_of=256)
-RSS_PROBE = textwrap.dedent("""
-    import json, sys
-    import torch
-    from llama3_raw.checkpoints import load_checkpoint
-    from llama3_raw.checkpoints.placement import in_huge_pages
-    from llama3_raw.generate import generate
-    torch.ones(1) @ torch.ones(1, 1)  # torch's own start-up allocations happen before the baseline
-    def status(field):  # VmHWM does not inherit the parent's peak across exec
-        for line in open("/proc/self/status"):
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    before = status("VmRSS")
-    ckpt = load_checkpoint(sys.argv[1], show_progress=False)
-    weights = in_huge_pages(dict(ckpt.weights))
-    tokens = list(generate(weights, ckpt.params, [128000, 5, 6, 7], 4, stop_ids=()))
-    print(json.dumps({"before": before, "after": status("VmRSS"), "peak": status("VmHWM"), "tokens": len(tokens)}))
-""")
+LOAD_PLACE_AND_GENERATE = """
+from llama3_raw.checkpoints import load_checkpoint
+from llama3_raw.checkpoints.placement import in_huge_pages
+from llama3_raw.generate import generate
+ckpt = load_checkpoint(sys.argv[1], show_progress=False)
+weights = in_huge_pages(dict(ckpt.weights))  # ckpt still holds every mapped tensor
+tokens = list(generate(weights, ckpt.params, [128000, 5, 6, 7], 4, stop_ids=()))
+"""
 
 
 @needs_huge_pages
@@ -184,10 +167,7 @@ def test_placing_holds_one_copy_of_the_weights(tmp_path):
     ckpt_dir = write_random_checkpoint(tmp_path / "ckpt", RSS_SHAPE, seed=5)
     file_bytes = (ckpt_dir / "consolidated.00.pth").stat().st_size
     assert file_bytes > 200e6
-    result = subprocess.run([sys.executable, "-c", RSS_PROBE, str(ckpt_dir)], capture_output=True, text=True,
-                            cwd=REPO, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert result.returncode == 0, result.stderr
-    rss = json.loads(result.stdout)
+    rss = probe_rss(LOAD_PLACE_AND_GENERATE, ckpt_dir)
     assert rss["tokens"] == 4
     # The copy (file_bytes, rounded up to pages per tensor), the tiny cache and activations, part of the logits;
     # at the peak also the largest tensor's file pages, which go right after it is copied.
