@@ -15,7 +15,7 @@ from helpers import RSS_SHAPE, TINY_GQA, probe_rss, write_random_checkpoint
 from llama3_raw.checkpoints import load_checkpoint, load_model, open_folder, placement
 from llama3_raw.checkpoints.placement import file_backed_ranges, huge_pages_available, in_huge_pages
 from llama3_raw.model import forward
-from llama3_raw.quantize import Int4Weight, Int8Weight, quantize_weights
+from llama3_raw.quantize import Int4Weight, Int8Weight, groups_by_row, quantize_int4, quantize_weights
 
 needs_huge_pages = pytest.mark.skipif(not huge_pages_available(), reason="no transparent huge pages to ask for here")
 
@@ -55,7 +55,10 @@ def test_plain_and_quantized_weights_come_out_equal_and_tied_ones_stay_tied():
                "layers.0.attention.wq.weight": torch.randn(64, 64, generator=generator).to(torch.bfloat16),
                "output.weight": embeddings}
     int8 = quantize_weights(weights, torch.bfloat16, "int8")
-    int4 = quantize_weights(weights, torch.bfloat16, "int4", group_size=32)
+    int4 = dict(weights)
+    for key in ("layers.0.attention.wq.weight", "output.weight"):  # in the plain layout, whether or not the kernels
+        q = quantize_int4(weights[key], 32)                           # are built here (quantize_weights would pick)
+        int4[key] = Int4Weight(q.packed, groups_by_row(q.scales_and_zeros), q.in_features)
     assert not int4["output.weight"].scales_and_zeros.is_contiguous()  # a transposed view: kept so, strides and all
     for original in (weights, int8, int4):
         placed = in_huge_pages(dict(original))
