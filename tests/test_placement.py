@@ -186,11 +186,11 @@ def test_without_room_for_the_copy_the_weights_stay_mapped(tmp_path, monkeypatch
     ckpt_dir = write_random_checkpoint(tmp_path / "ckpt", TINY_GQA, seed=6)
     mapped = load_checkpoint(ckpt_dir, show_progress=False).weights
     file_bytes = sum(w.nbytes for key, w in mapped.items() if key != "tok_embeddings.weight")
-    monkeypatch.setattr(placement, "available_memory", lambda: placement.SPARE_BYTES + file_bytes // 2)
+    monkeypatch.setattr(placement, "available_memory_bytes", lambda: placement.SPARE_BYTES + file_bytes // 2)
     assert in_huge_pages(mapped) is mapped
     anonymous = {f"layers.{i}.w": torch.ones(1 << 20) for i in range(8)}  # 32 MiB made at load, 4 MiB the largest
-    monkeypatch.setattr(placement, "available_memory", lambda: placement.SPARE_BYTES + (4 << 20) - 1)
+    monkeypatch.setattr(placement, "available_memory_bytes", lambda: placement.SPARE_BYTES + (4 << 20) - 1)
     assert in_huge_pages(anonymous) is anonymous
-    monkeypatch.setattr(placement, "available_memory", lambda: placement.SPARE_BYTES + (4 << 20))
+    monkeypatch.setattr(placement, "available_memory_bytes", lambda: placement.SPARE_BYTES + (4 << 20))
     placed = in_huge_pages(dict(anonymous))
     assert all(placed[k].data_ptr() != anonymous[k].data_ptr() for k in anonymous)

@@ -22,13 +22,13 @@ mapped file can be paged in and out under memory pressure; an anonymous copy cou
 
 import ctypes
 import mmap
-import os
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from ..quantize import Int4Weight, Int8Weight
+from .defaults import available_memory_bytes
 
 HUGE_PAGE = 2 << 20
 SLOT_ALIGN = 4096  # every tensor starts on its own page: the kernels' rows are then 64-byte aligned too
@@ -45,19 +45,6 @@ def huge_pages_available() -> bool:
     except OSError:
         return False
     return hasattr(mmap, "MADV_HUGEPAGE") and "[never]" not in setting
-
-
-def available_memory() -> int:
-    """/proc/meminfo's MemAvailable in bytes: what new memory can take without swapping (free memory and the page
-    cache that can be dropped, the checkpoint's own cached pages included); 0 where it is not to be read."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def tensors_of(weight) -> list[torch.Tensor]:
@@ -168,7 +155,7 @@ def in_huge_pages(weights: dict, show_progress: bool = False) -> dict:
     total = sum(size for size, _ in sizes)
     # New memory: the copies of file pages (anonymous sources are freed as they are copied: one at a time)
     needed = sum(size for size, in_file in sizes if in_file) + max((size for size, _ in sizes), default=0)
-    if not distinct or needed + SPARE_BYTES > available_memory():
+    if not distinct or needed + SPARE_BYTES > available_memory_bytes():
         return weights  # (too little room: a mapped file can still be paged in and out, a copy could not)
     try:
         arena = mmap.mmap(-1, total + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
