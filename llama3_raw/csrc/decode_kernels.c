@@ -216,6 +216,7 @@ AVX512 static __m512i add_lane_pairs(__m512i a, __m512i b) { /* (a0+a1, a2+a3, .
 AVX512 static void int4_rows(const uint8_t *packed, const uint16_t *scales_and_zeros, const Int4Activations *a,
                              uint16_t *y, int64_t first, int64_t last, int64_t K, int64_t group) {
   const int64_t groups = K / group, blocks_per_group = group / BLOCK, spans = (a->windows + 3) / 4;
+  const int64_t span_groups = 16 / blocks_per_group; /* groups in a span of 16 blocks */
   const __m512i block_group = lane_over(blocks_per_group); /* span block i -> its group in the span */
   const __m512i zero_half = _mm512_set1_epi32((int)0xffff0000u);
   for (int64_t r = first; r < last; ++r) {
@@ -228,7 +229,7 @@ AVX512 static void int4_rows(const uint8_t *packed, const uint16_t *scales_and_z
       const __m512i d23 = add_lane_pairs(int4_window(row, a, w + 2, bytes_left - 128),
                                          int4_window(row, a, w + 3, bytes_left - 192));
       const __m512i block_dots = add_lane_pairs(d01, d23); /* lane i: block i of the span, sum (q - 8) xq */
-      const int64_t span_groups = 16 / blocks_per_group, groups_left = groups - s * span_groups;
+      const int64_t groups_left = groups - s * span_groups;
       const int64_t here = groups_left < 0 ? 0 : groups_left < span_groups ? groups_left : span_groups;
       const __mmask16 present = (__mmask16)((1u << here) - 1);
       const __m512i words = _mm512_permutexvar_epi32(block_group, _mm512_maskz_loadu_epi32(present, pairs + s * span_groups));
