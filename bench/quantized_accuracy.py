@@ -39,8 +39,9 @@ def q4_0_rounded(w: torch.Tensor) -> torch.Tensor:
     (ggml's quantize_row_q4_0_ref and dequantize_row_q4_0)."""
     blocks = w.float().reshape(-1, Q4_0_BLOCK)  # (out * in / 32, 32)
     largest = blocks.gather(1, blocks.abs().argmax(dim=1, keepdim=True))  # signed
-    scale = (largest / -8).half().float()
-    inverse = torch.where(scale != 0, 1 / (largest / -8), torch.zeros_like(scale))
+    d = largest / -8
+    scale = d.half().float()  # stored as float16; the rounding divides by d itself, as ggml's does
+    inverse = torch.where(d != 0, 1 / d, torch.zeros_like(d))
     q = torch.clamp(torch.trunc(blocks * inverse + 8.5), max=15)
     return ((q - 8) * scale).reshape(w.shape).to(w.dtype)
 
