@@ -20,8 +20,9 @@ import torch
 from bench.worker import DTYPES
 from llama3_raw.checkpoints import cast_weights, load_checkpoint
 from llama3_raw.checkpoints.placement import in_huge_pages
+from llama3_raw.fast_forward import forward  # the decode loop's: compiled pieces linked in
 from llama3_raw.kernels import matmul
-from llama3_raw.model import forward, new_kv_cache
+from llama3_raw.model import new_kv_cache
 from llama3_raw.quantize import is_quantized_key
 
 

@@ -12,8 +12,9 @@ instructions, and keep up with memory (README, "Side by side with llama.cpp"):
 
 Between its products a decode step does little arithmetic, but in PyTorch that little is some forty operator
 calls a layer, each paying its dispatch: 4 ms of a 1B token, against 24 ms of int4 products. So RMSNorm, RoPE
-and attention over the cache have compiled twins here too (model.py's functions marked `@fast_path`), each one
-call that rounds where the model rounds (tests/test_decode_steps.py holds them to model.py's own code).
+and attention over the cache have compiled twins here too (fast_forward.py links them in front of model.py's
+functions of the same names), each one call that rounds where the model rounds (tests/test_decode_steps.py
+holds them to model.py's own code).
 
 pip builds them with the package (setup.py; `pip install -e .` in a clone); without a C compiler the build
 is skipped. They are used where built, on CPUs with AVX-512 BF16, VNNI, VBMI and GFNI, unless the environment
@@ -151,7 +152,7 @@ def int4_dequantize(packed: Tensor, scales_and_zeros: Tensor, in_features: int, 
     return out
 
 
-# ---- the rest of a decode step (model.py's functions of the same names; kernels.fast_path puts these first) ----
+# ---- the rest of a decode step (model.py's functions of the same names; fast_forward.py links these first) ----
 
 DECODE_ROWS = 32  # rows of activations (batch rows of one new position each) up to which these apply
 MAX_HEAD_DIM = 256  # the attention kernel keeps a query head in 16 registers

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from . import fast_forward
 from .errors import UserError
 from .model import KVCache, Weights, forward, new_kv_cache
 from .parallel import SINGLE_PROCESS, Ranks
@@ -79,7 +80,8 @@ def decode(
     rows = list(range(tokens.shape[0]))  # the batch row each remaining row started as
     with torch.inference_mode():
         for _ in range(n_new):
-            logits, cache = forward(weights, params, tokens, cache, padding=padding, last_only=True, ranks=ranks)  # (B, 1, V)
+            step = forward if fast_forward.tracing() else fast_forward.forward  # stepped through: model.py's own code
+            logits, cache = step(weights, params, tokens, cache, padding=padding, last_only=True, ranks=ranks)  # (B, 1, V)
             next_ids = ranks.same_on_every_rank(sample_next_token(logits[:, -1], sampling, generator))  # (B,)
             going = [i for i, token in enumerate(next_ids.tolist()) if token not in stop_ids]
             if not going:

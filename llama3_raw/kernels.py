@@ -1,4 +1,5 @@
-"""The code behind model.py's products (`matmul`, `matmuls`, `batched_matmul`) and its `@fast_path` functions.
+"""Faster code for model.py's products (`matmul`, `matmuls`, `batched_matmul`), which the decode step links in
+(fast_forward.py), and the products of int8/int4 weights, which model.py's own products call.
 
 Nothing here changes the math (every product computes x @ W.T); it only picks the code that does it
 fastest for the case at hand, so model.py can read as Llama 3:
@@ -11,11 +12,10 @@ fastest for the case at hand, so model.py can read as Llama 3:
 
 One-row products on the CPU go first to the compiled kernels (compiled.py) where they are built and apply,
 several weights of the same input in one call (`matmuls`); PyTorch's products are the fallback. The rest of a
-decode step -- RMSNorm, RoPE, attention over the cache -- has compiled twins too, put in front of model.py's
-functions by `fast_path`.
+decode step -- RMSNorm, RoPE, attention over the cache -- has compiled twins too (compiled.py; fast_forward.py
+links them in front of model.py's functions).
 """
 import contextlib
-import functools
 import math
 
 import torch
@@ -31,16 +31,19 @@ INT8_KERNEL_COLUMNS = 16  # _weight_int8pack_mm multiplies correctly only inputs
 DEQUANTIZE_ELEMENTS = 1 << 22  # weights converted to bf16 at a time in a many-row int8 product: 8 MB
 
 
+def quantized_matmul(x: Tensor, w: Int8Weight | Int4Weight) -> Tensor:
+    """x @ dequantize(w).T: (..., in) -> (..., out), from the weight's int8 or int4 bytes."""
+    return int8_matmul(x, w) if isinstance(w, Int8Weight) else int4_matmul(x, w)
+
+
 def matmul(x: Tensor, w: Weight) -> Tensor:
-    """x @ w.T for a weight matrix w (out, in): (..., in) -> (..., out). Int8 weights multiply from their int8 bytes."""
+    """x @ w.T for a weight matrix w (out, in): (..., in) -> (..., out), by the fastest kernel for the case."""
     if x.numel() == x.shape[-1]:  # one row (decoding one token): the compiled kernels where they apply
         products = compiled_products(x, (w,))
         if products is not None:
             return products[0]
-    if isinstance(w, Int8Weight):
-        return int8_matmul(x, w)
-    if isinstance(w, Int4Weight):
-        return int4_matmul(x, w)
+    if not isinstance(w, Tensor):
+        return quantized_matmul(x, w)
     if x.numel() == x.shape[-1] and x.device.type == "cpu":
         return row_times_matrix(x, w)  # decoding one token: a matrix-vector product
     return x @ w.T
@@ -84,20 +87,6 @@ def row_times_matrix(x: Tensor, w: Tensor) -> Tensor:
             return x @ w.T
         out = x.reshape(1, -1) @ w.view(blocks, -1, w.shape[1]).mT  # (blocks, 1, out/blocks)
     return out.view(*x.shape[:-1], -1)  # the blocks are consecutive rows: (..., out)
-
-
-def fast_path(compiled_version):
-    """Decorates one of model.py's functions with a compiled version of the same arithmetic (compiled.py), tried
-    first: it gives None where it does not apply (not decoding, not bf16 on a CPU it was built for, switched off),
-    and then the function's own body runs. That body is the model, and the reference the tests hold the compiled
-    version to (`function.__wrapped__`)."""
-    def decorate(reference):
-        @functools.wraps(reference)
-        def run(*args, **kwargs):
-            out = compiled_version(*args, **kwargs)
-            return reference(*args, **kwargs) if out is None else out
-        return run
-    return decorate
 
 
 # Attention products with up to this many query rows (decoding: the query heads that share a key head) go

@@ -7,8 +7,9 @@ nothing is hidden in objects. Shapes use B = batch, S = new tokens, T = all posi
 The arithmetic follows Meta's reference (llama_models/llama3/model.py) step for step, including
 where it goes to float32 (RMSNorm statistics, RoPE, softmax), so fp32 and bf16 runs match it.
 
-Decoding bf16 on an AVX-512 CPU, functions marked `@fast_path` run a compiled twin of the same arithmetic
-(compiled.py); their bodies serve all else. LLAMA3_RAW_COMPILED=0 steps through every line here instead.
+Everything here is the plain arithmetic, and it is what runs when you step through it in a debugger. For speed,
+the decode loop runs these same functions linked to faster kernels for their products, RMSNorm, RoPE and
+attention (fast_forward.py) -- the same code objects, the same arithmetic, other code doing the sums.
 """
 
 import functools
@@ -19,8 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from . import compiled
-from .kernels import Weight, batched_matmul, fast_path, matmul, matmuls  # x @ w.T, a @ b: the fastest kernel for the case
+from .kernels import Weight, quantized_matmul
 from .parallel import SINGLE_PROCESS, Ranks
 from .params import ModelParams
 
@@ -31,11 +31,8 @@ Dropout = Callable[[Tensor], Tensor] | None  # training's regularizer (training/
 
 @dataclass(frozen=True)
 class KVCache:
-    """Keys and values of every position seen so far, one preallocated buffer per layer.
-
-    `forward` writes the new positions into the buffers in place and returns a cache whose `length`
-    counts them; the buffers are shared between the cache it was given and the one it returns.
-    """
+    """Keys and values of every position seen so far, one preallocated buffer per layer. `forward` writes new
+    positions into the buffers in place and returns a cache (sharing them) whose `length` counts them."""
 
     keys: tuple[Tensor, ...]  # per layer: (B, capacity, K, Dh)
     values: tuple[Tensor, ...]  # per layer: (B, capacity, K, Dh)
@@ -56,12 +53,26 @@ def new_kv_cache(params: ModelParams, batch_size: int, capacity: int, dtype: tor
     return KVCache(keys, values, 0)
 
 
+def matmul(x: Tensor, w: Weight) -> Tensor:
+    """x @ w.T: (..., in) -> (..., out), w (out, in) as Meta stores it; int8/int4 weights (quantize.py) too."""
+    return x @ w.T if isinstance(w, Tensor) else quantized_matmul(x, w)
+
+
+def matmuls(x: Tensor, *ws: Weight) -> tuple[Tensor, ...]:
+    """(x @ w.T for w in ws): one input, several weights (the decode step's kernels multiply them in one call)."""
+    return tuple(x @ w.T if isinstance(w, Tensor) else quantized_matmul(x, w) for w in ws)
+
+
+def batched_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b for every (batch, head): attention's products, named so the decode step can link a faster one."""
+    return a @ b
+
+
 def at_least_fp32(x: Tensor) -> Tensor:
     """Meta's `.float()`: bf16/fp16 go up to float32; float64 (gradient checks) stays float64."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-@fast_path(compiled.rms_norm)
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """x / sqrt(mean(x^2) + eps) * weight, with the statistics taken in float32 whatever x's dtype."""
     x32 = at_least_fp32(x)
@@ -70,10 +81,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 def scale_rope_frequencies(freqs: Tensor, params: ModelParams) -> Tensor:
-    """Llama 3.1's long-context fix: slow down low frequencies, keep high ones, blend in between.
-
-    The constants are Meta's (factor 8, 1, 4, 8192) unless a Hugging Face config.json said otherwise.
-    """
+    """Llama 3.1's long-context fix: slow down low frequencies, keep high ones, blend in between. The
+    constants are Meta's (factor 8, 1, 4, 8192) unless a Hugging Face config.json said otherwise."""
     scale, low, high = params.rope_scaling_factor, params.rope_low_freq_factor, params.rope_high_freq_factor
     original_context = params.rope_original_context
     low_freq_wavelen = original_context / low
@@ -94,12 +103,9 @@ def rope_frequencies(params: ModelParams) -> Tensor:
 
 
 def rope_rotations(params: ModelParams, start_pos: int, seq_len: int, device="cpu", padding: Tensor | None = None) -> Tensor:
-    """Unit complex numbers e^(i * position * freq) for positions start_pos..start_pos+seq_len-1.
-
-    Computed on the CPU in float32 exactly as Meta's `precompute_freqs_cis`, then moved. With `padding`
-    (B,) -- rows left-padded to a common length -- row b's positions start `padding[b]` slots later,
-    so each row gets its own rotations (B, S, Dh/2).
-    """
+    """Unit complex numbers e^(i * position * freq) for positions start_pos..start_pos+seq_len-1 (S, Dh/2),
+    computed on the CPU in float32 exactly as Meta's `precompute_freqs_cis`, then moved. With `padding` (B,)
+    -- rows left-padded to a common length -- row b's positions start `padding[b]` slots later (B, S, Dh/2)."""
     freqs = rope_frequencies(params)  # (Dh/2,)
     positions = torch.arange(start_pos, start_pos + seq_len, dtype=torch.float32)  # (S,)
     if padding is not None:  # slot j of row b is that row's position j - padding[b] (pad slots: clamped to 0)
@@ -108,7 +114,6 @@ def rope_rotations(params: ModelParams, start_pos: int, seq_len: int, device="cp
     return torch.polar(torch.ones_like(angles), angles).to(device)  # complex64
 
 
-@fast_path(compiled.apply_rope)
 def apply_rope(x: Tensor, rotations: Tensor) -> Tensor:
     """Rotate each interleaved pair (x[2j], x[2j+1]) of every head by its position's angle for frequency j."""
     pairs = torch.view_as_complex(at_least_fp32(x).reshape(*x.shape[:-1], -1, 2))  # (B, S, heads, Dh/2) complex
@@ -127,9 +132,8 @@ def causal_mask(seq_len: int, start_pos: int, dtype: torch.dtype, device) -> Ten
 
 
 def padded_causal_mask(padding: Tensor, seq_len: int, start_pos: int, dtype: torch.dtype, device) -> Tensor:
-    """Additive mask (B, 1, S, T) for rows left-padded by `padding` (B,) slots: causal, and no real token
-    sees a pad slot. Pad slots themselves still see earlier pad slots, so their scores stay finite (a row
-    of all -inf would be NaN, and NaN keys would poison every score they meet, masked or not)."""
+    """Additive mask (B, 1, S, T) for rows left-padded by `padding` (B,) slots: causal, and no real token sees a
+    pad slot. Pad slots see earlier pad slots, so their scores stay finite (all -inf would give NaN keys)."""
     queries = torch.arange(start_pos, start_pos + seq_len, device=device)  # (S,) slots of the new tokens
     keys = torch.arange(start_pos + seq_len, device=device)  # (T,)
     padding = padding.to(device)
@@ -146,6 +150,8 @@ def attention(
     rotations: Tensor, mask: Tensor | None, layer_cache: tuple[Tensor, Tensor] | None, start_pos: int,
     record: dict | None = None, name: str = "attention", ranks: Ranks = SINGLE_PROCESS,
 ) -> Tensor:
+    """Grouped-query self-attention of x (B, S, D) -> (B, S, D): project to query, key and value heads, rotate
+    q and k by their positions, append k and v to the layer's cache, let every query head attend, project back."""
     batch, seq_len, _ = x.shape
     n_heads, n_kv_heads = ranks.local_heads(params)  # all of them in one process; this rank's share otherwise
     q, k, v = matmuls(x, wq, wk, wv)  # x @ wq.T, x @ wk.T, x @ wv.T
@@ -169,7 +175,6 @@ def attention(
     return ranks.all_reduce(out)  # tensor parallel: each rank's heads give a partial sum of the output
 
 
-@fast_path(compiled.attend)
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, record: dict | None = None,
            name: str = "attention") -> Tensor:
     """Each query head's mix of the values, weighted by softmax(q k^T / sqrt(Dh) + mask) over all T positions:
@@ -206,6 +211,7 @@ def transformer_block(
     mask: Tensor | None, cache: KVCache | None, start_pos: int, record: dict | None = None,
     ranks: Ranks = SINGLE_PROCESS, dropout: Dropout = None,
 ) -> Tensor:
+    """One layer, (B, S, D) -> (B, S, D): x + attention(rms_norm(x)), then h + feed_forward(rms_norm(h))."""
     p = f"layers.{layer}."
     layer_cache = None if cache is None else (cache.keys[layer], cache.values[layer])
     attention_in = rms_norm(x, weights[p + "attention_norm.weight"], params.norm_eps)
@@ -234,23 +240,17 @@ def forward(
 ) -> tuple[Tensor, KVCache | None]:
     """Logits (B, S, V) in float32 (float64 for float64 weights) for token ids (B, S) that follow the cache's positions.
 
-    Without a cache the tokens are positions 0..S-1 (a whole prompt, or a training window). With one,
-    they continue at `cache.length`, their keys and values are written into it, and the returned
-    cache counts them. Pass `record={}` to get every intermediate by name, in forward order:
-    `tok_embeddings`, then for each layer i `layers.{i}.attention_norm`, `.attention.q/.k/.v`
-    (after RoPE), `.attention.weights` (B, H, S, T), `.attention`, `.attention_residual`,
-    `.ffn_norm`, `.feed_forward`, `.output`; finally `norm` and `logits`.
+    Without a cache the tokens are positions 0..S-1 (a whole prompt, or a training window). With one, they
+    continue at `cache.length`, their keys and values are written into it, and the returned cache counts them.
+    `record={}` gets every intermediate by name, in forward order: `tok_embeddings`, then per layer i
+    `layers.{i}.attention_norm`, `.attention.q/.k/.v` (after RoPE), `.attention.weights` (B, H, S, T),
+    `.attention`, `.attention_residual`, `.ffn_norm`, `.feed_forward`, `.output`; then `norm` and `logits`.
 
-    A batch of prompts of different lengths is left-padded to a common length: `padding` (B,) says
-    how many leading slots of each row are padding. Those rows get their own positions (a row's first
-    real token is its position 0) and a mask that hides the pad slots, in this and every later call.
-
-    `last_only=True` returns the last position's logits only (B, 1, V), all generation needs (a 1B prefill: -20 %).
-
-    `ranks` says which slice of every weight this process holds under tensor parallelism (parallel.py);
-    the default, one process, holds them whole. The weights, cache and intermediates are then the rank's.
-
-    `dropout`, training's alone, is applied to the embeddings and to what each attention and feed-forward adds.
+    `padding` (B,): leading pad slots of each left-padded row; such a row gets its own positions (its first
+    real token is position 0) and a mask hiding the pads, in this and every later call. `last_only=True`: the
+    last position's logits only (B, 1, V), all generation needs. `ranks`: the slice of every weight this
+    process holds under tensor parallelism (parallel.py); the default holds them whole. `dropout`: training's
+    alone, on the embeddings and on what each attention and feed-forward adds.
     """
     batch, seq_len = tokens.shape
     start_pos = 0 if cache is None else cache.length
@@ -276,12 +276,9 @@ def forward(
 
 
 def embed(table: Tensor, tokens: Tensor, ranks: Ranks = SINGLE_PROCESS) -> Tensor:
-    """Each token id's row of the embedding table: (B, S) -> (B, S, D).
-
-    Under tensor parallelism a rank holds only a slice of the vocabulary's rows (Meta's
-    VocabParallelEmbedding): ids outside it look up nothing (zero rows), and the sum over the ranks,
-    where exactly one rank holds each id, is the whole lookup.
-    """
+    """Each token id's row of the embedding table: (B, S) -> (B, S, D). Under tensor parallelism a rank holds a
+    slice of the vocabulary's rows (Meta's VocabParallelEmbedding): ids outside it look up zero rows, and the
+    sum over the ranks, where exactly one rank holds each id, is the whole lookup."""
     if ranks.world_size == 1:
         return table[tokens]
     local_ids = tokens - ranks.vocab_start(table.shape[0])

@@ -128,7 +128,8 @@ def test_matmul_through_the_kernels_agrees_with_pytorch_paths(kernels_on, monkey
 
 def test_the_model_decodes_the_same_tokens_with_and_without(kernels_on, monkeypatch, gqa_checkpoint):
     from llama3_raw import load_checkpoint
-    from llama3_raw.model import forward, new_kv_cache
+    from llama3_raw.fast_forward import forward  # the decode loop's: the compiled pieces linked in
+    from llama3_raw.model import new_kv_cache
     ckpt = load_checkpoint(gqa_checkpoint[0], show_progress=False)
     tokens = torch.randint(0, 128256, (1, 12), generator=torch.Generator().manual_seed(3))
 

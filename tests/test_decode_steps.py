@@ -1,6 +1,6 @@
 """The compiled rest of a decode step (RMSNorm, RoPE, attention over the cache; several products in one call)
-against model.py's own functions, which are the reference (`function.__wrapped__`: the body under
-kernels.fast_path).
+against model.py's own functions, which are the reference; fast_forward.py links the compiled pieces in front of
+them for the decode loop.
 
 Bounds, from what each compiled piece does differently (compiled.py, decode_kernels.c):
 - rms_norm: only the order of the float32 sum of squares, so the inverse root moves by a few float32 ulps; each
@@ -16,7 +16,7 @@ The kernels are built by conftest.py's `built` fixture (they skip where they can
 import pytest
 import torch
 
-from llama3_raw import compiled, kernels, model
+from llama3_raw import compiled, fast_forward, kernels, model
 from llama3_raw.quantize import quantize_int4, quantize_int8
 
 bf16 = torch.bfloat16
@@ -26,7 +26,7 @@ def test_rms_norm_matches_the_model(kernels_on):
     generator = torch.Generator().manual_seed(0)
     x = (torch.randn(3, 1, 2048, generator=generator) * torch.logspace(-2, 2, 2048)).to(bf16)  # 3 rows: a batch
     weight = torch.randn(2048, generator=generator).to(bf16)
-    fast, reference = compiled.rms_norm(x, weight, 1e-5), model.rms_norm.__wrapped__(x, weight, 1e-5)
+    fast, reference = compiled.rms_norm(x, weight, 1e-5), model.rms_norm(x, weight, 1e-5)
     assert fast is not None and fast.shape == reference.shape
     assert ((fast.float() - reference.float()).abs() <= 2 ** -7 * reference.float().abs()).all()
     assert (fast == reference).float().mean() >= 0.99
@@ -40,7 +40,7 @@ def test_rope_matches_the_model_exactly(kernels_on, batch, per_row):
     angles = torch.randn(batch, 1, 32, generator=generator) * 100 if per_row else torch.randn(1, 32, generator=generator) * 100
     rotations = torch.polar(torch.ones_like(angles), angles)
     fast = compiled.apply_rope(x, rotations)
-    assert fast is not None and torch.equal(fast, model.apply_rope.__wrapped__(x, rotations))
+    assert fast is not None and torch.equal(fast, model.apply_rope(x, rotations))
 
 
 def cache_views(generator, batch, positions, kv_heads, head_dim):
@@ -65,7 +65,7 @@ def test_attention_matches_the_model(kernels_on, batch, heads, kv_heads, positio
         hidden = torch.arange(positions)[None, :] < 5 * torch.arange(batch)[:, None]
         mask = torch.zeros(batch, 1, 1, positions).masked_fill(hidden[:, None, None], float("-inf")).to(bf16)
     fast = compiled.attend(q, keys, values, mask)
-    reference = model.attend.__wrapped__(q, keys, values, mask)
+    reference = model.attend(q, keys, values, mask)
     assert fast is not None and fast.shape == reference.shape == (batch, 1, heads * head_dim)
     assert (fast.float() - reference.float()).abs().max() <= 2 ** -6 * values.float().abs().max()
     assert (fast == reference).float().mean() >= 0.9
@@ -94,7 +94,7 @@ def test_switched_off_the_model_runs_its_own_code(kernels_on, monkeypatch):
     monkeypatch.setattr(compiled.built, "rms_norm", lambda *args: calls.append(args), raising=False)
     x, weight = torch.randn(1, 1, 64).to(bf16), torch.ones(64, dtype=bf16)
     monkeypatch.setenv(compiled.SWITCH_ENV, "0")
-    assert torch.equal(model.rms_norm(x, weight, 1e-5), model.rms_norm.__wrapped__(x, weight, 1e-5))
+    assert torch.equal(fast_forward.FAST["rms_norm"](x, weight, 1e-5), model.rms_norm(x, weight, 1e-5))
     assert not calls
 
 
@@ -138,8 +138,8 @@ def test_a_padded_batch_decodes_alike_with_and_without(kernels_on, monkeypatch):
 
     def next_logits():
         cache = model.new_kv_cache(params, 3, 10, bf16)
-        _, cache = model.forward(weights, params, tokens, cache, padding=padding)
-        return model.forward(weights, params, tokens[:, -1:], cache, padding=padding)[0][:, -1].float()
+        _, cache = fast_forward.forward(weights, params, tokens, cache, padding=padding)
+        return fast_forward.forward(weights, params, tokens[:, -1:], cache, padding=padding)[0][:, -1].float()
 
     with_kernels = next_logits()
     monkeypatch.setenv(compiled.SWITCH_ENV, "0")
@@ -154,8 +154,8 @@ def test_without_the_compiled_module_the_model_runs_its_own_code(monkeypatch, gq
     assert not compiled.usable()
     ckpt = load_checkpoint(gqa_checkpoint[0], show_progress=False)
     cache = model.new_kv_cache(ckpt.params, 1, 4, bf16)
-    _, cache = model.forward(ckpt.weights, ckpt.params, torch.tensor([[5, 6, 7]]), cache)
-    logits, _ = model.forward(ckpt.weights, ckpt.params, torch.tensor([[8]]), cache)  # one row: decoding
+    _, cache = fast_forward.forward(ckpt.weights, ckpt.params, torch.tensor([[5, 6, 7]]), cache)
+    logits, _ = fast_forward.forward(ckpt.weights, ckpt.params, torch.tensor([[8]]), cache)  # one row: decoding
     assert logits.isfinite().all()
     x = torch.randn(1, 1, 64).to(bf16)
     assert compiled.bf16_products(x, [torch.randn(8, 64).to(bf16)]) is None

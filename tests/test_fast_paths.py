@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from helpers import RSS_SHAPE, TINY_GQA, changed_copy, probe_rss, random_state_dict, write_random_checkpoint
-from llama3_raw import cast_weights, kernels, load_checkpoint
+from llama3_raw import cast_weights, fast_forward, kernels, load_checkpoint
 from llama3_raw.generate import generate
 from llama3_raw.kernels import int8_matmul, matmul, row_times_matrix
 from llama3_raw.model import forward, new_kv_cache
@@ -136,10 +136,12 @@ def test_int8_model_within_tolerance_of_bf16(gqa_checkpoint):
     agreement = (int8_logits.argmax(-1) == bf16_logits.argmax(-1)).float().mean()
     assert agreement >= INT8_TOP1_AGREEMENT
     # and decoding through the cache (one row per call: the int8 kernel) gives the prefill's logits
-    cache = new_kv_cache(ckpt.params, 1, 40, torch.bfloat16)
-    _, cache = forward(quantized, ckpt.params, tokens[:, :39], cache)
-    step, _ = forward(quantized, ckpt.params, tokens[:, 39:], cache)
-    torch.testing.assert_close(step[:, 0], int8_logits[:, -1], rtol=0.02, atol=0.05 * int8_logits.abs().max().item())
+    # (model.py's own products, and those the decode loop links in: fast_forward.py)
+    for step_forward in (forward, fast_forward.forward):
+        cache = new_kv_cache(ckpt.params, 1, 40, torch.bfloat16)
+        _, cache = step_forward(quantized, ckpt.params, tokens[:, :39], cache)
+        step, _ = step_forward(quantized, ckpt.params, tokens[:, 39:], cache)
+        torch.testing.assert_close(step[:, 0], int8_logits[:, -1], rtol=0.02, atol=0.05 * int8_logits.abs().max().item())
 
 
 LOAD_AND_GENERATE = """

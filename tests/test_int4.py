@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from helpers import TINY_GQA, changed_copy, random_state_dict, write_checkpoint
-from llama3_raw import cast_weights, compiled, kernels, load_checkpoint
+from llama3_raw import cast_weights, compiled, fast_forward, kernels, load_checkpoint
 from llama3_raw.checkpoints.quantized import int4_weight
 from llama3_raw.int4_layouts import (BLOCK_CANDIDATES, cpu_block_rows, cpu_unpack, pack_for_cpu, plain_from_values,
                                     values_from_plain)
@@ -104,10 +104,12 @@ def test_int4_model_within_tolerance_of_bf16(gqa_checkpoint):
     assert rms(int4_logits - bf16_logits) < INT4_LOGIT_RMS_TOLERANCE * rms(bf16_logits)
     assert (int4_logits.argmax(-1) == bf16_logits.argmax(-1)).float().mean() >= INT4_TOP1_AGREEMENT
     # decoding through the cache (one row per call: the int4 kernel) gives the prompt's logits
-    cache = new_kv_cache(ckpt.params, 1, 40, torch.bfloat16)
-    _, cache = forward(quantized, ckpt.params, tokens[:, :39], cache)
-    step, _ = forward(quantized, ckpt.params, tokens[:, 39:], cache)
-    torch.testing.assert_close(step[:, 0], int4_logits[:, -1], rtol=0.02, atol=0.05 * int4_logits.abs().max().item())
+    # (model.py's own products, and those the decode loop links in: fast_forward.py)
+    for step_forward in (forward, fast_forward.forward):
+        cache = new_kv_cache(ckpt.params, 1, 40, torch.bfloat16)
+        _, cache = step_forward(quantized, ckpt.params, tokens[:, :39], cache)
+        step, _ = step_forward(quantized, ckpt.params, tokens[:, 39:], cache)
+        torch.testing.assert_close(step[:, 0], int4_logits[:, -1], rtol=0.02, atol=0.05 * int4_logits.abs().max().item())
 
 
 def test_a_rank_slice_of_saved_int4_weights_is_the_slice_of_the_whole(pytorch_kernels):
