@@ -56,7 +56,11 @@ def stops_on(screen: str) -> list[tuple[str, int, str, str]]:
 @pytest.fixture
 def decoding_bf16():
     """Greedy generation with a small bf16 model: a 4-token prompt, then decode steps (one new position each)."""
-    params, weights = params_from_dict(SHAPE), random_state_dict(SHAPE, seed=5, dtype=torch.bfloat16)
+    return decoding(torch.bfloat16)
+
+
+def decoding(dtype: torch.dtype):
+    params, weights = params_from_dict(SHAPE), random_state_dict(SHAPE, seed=5, dtype=dtype)
     return lambda: list(generate(weights, params, [1, 2, 3, 4], 3, stop_ids=()))
 
 
@@ -66,8 +70,9 @@ def decode_step_stop(call_line: str) -> list[str]:
     return [f"b {MODEL_PY}:{line_of(call_line)}, x.shape[1] == 1", "c", "s", "n"]
 
 
-@pytest.mark.parametrize("kernels", ["built", "absent"])
-def test_one_step_into_rms_norm_and_attend_lands_in_their_bodies(kernels, request, decoding_bf16, monkeypatch):
+@pytest.mark.parametrize("kernels,dtype", [("built", torch.bfloat16), ("absent", torch.bfloat16),
+                                          ("built", torch.float32)])
+def test_one_step_into_rms_norm_and_attend_lands_in_their_bodies(kernels, dtype, request, monkeypatch):
     if kernels == "built":
         request.getfixturevalue("kernels_on")
     else:
@@ -76,7 +81,7 @@ def test_one_step_into_rms_norm_and_attend_lands_in_their_bodies(kernels, reques
         ("attention_in = rms_norm(x, ", "rms_norm", "x32 = at_least_fp32(x)"),
         ("mixed = attend(q, k, v, mask, record, name)", "attend", "(batch, seq_len, n_heads, head_dim), n_kv_heads"),
     ]:
-        stops = where_pdb_stops(decode_step_stop(call_line), decoding_bf16)
+        stops = where_pdb_stops(decode_step_stop(call_line), decoding(dtype))
         assert len(stops) >= 4, stops  # the start, the breakpoint, the step, the next line
         at_break, after_step, first_of_body = stops[1:4]
         assert (Path(at_break[0]).resolve(), call_line in at_break[3]) == (MODEL_PY, True)
