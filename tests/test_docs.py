@@ -143,18 +143,28 @@ def test_the_readme_test_command_is_what_ci_runs():
     assert any(b.code.strip() == ci_command for b in readme), "README.md no longer shows the command .ci/run runs"
 
 
-def test_relative_links_and_images_point_at_files():
+def anchors_of(path: Path) -> set[str]:
+    """The #anchors GitHub makes of a markdown file's headings: lower case, punctuation dropped, spaces -> '-'."""
+    text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.S)
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+            for heading in re.findall(r"^#+ (.*)$", text, flags=re.M)}
+
+
+def test_relative_links_and_images_point_at_files_and_headings():
     link = re.compile(r"!?\[[^\]]*\]\((?P<target>[^)\s]+)\)")
     broken = []
     for path in DOCS:
         text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.S)
         for match in link.finditer(text):
-            target = match["target"].split("#")[0]
-            if not target or re.match(r"[a-z]+:", target):
+            target, _, anchor = match["target"].partition("#")
+            if re.match(r"[a-z]+:", target):
                 continue
-            resolved = (path.parent / target).resolve()
-            if not resolved.exists() and str(resolved.relative_to(REPO)) not in PENDING_LINK_TARGETS:
-                broken.append(f"{path.relative_to(REPO)}: {match['target']}")
+            resolved = (path.parent / target).resolve() if target else path
+            if not resolved.exists():
+                if str(resolved.relative_to(REPO)) not in PENDING_LINK_TARGETS:
+                    broken.append(f"{path.relative_to(REPO)}: {match['target']}")
+            elif anchor and resolved.suffix == ".md" and anchor not in anchors_of(resolved):
+                broken.append(f"{path.relative_to(REPO)}: {match['target']} (no such heading)")
     assert not broken, "\n".join(broken)
 
 
