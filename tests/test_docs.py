@@ -178,7 +178,7 @@ def matches(shown: str, printed: str) -> bool:
             pattern.append(r"(?:[^\n]*\n)*?")
         else:
             pattern.append(".*".join(map(re.escape, line.rstrip().split("..."))) + r"[ \t]*\n")
-    return re.fullmatch("".join(pattern) + r"(?:[^\n]*\n)*", printed.rstrip("\n") + "\n" if printed else "") is not None
+    return re.fullmatch("".join(pattern), printed.rstrip("\n") + "\n" if printed else "") is not None
 
 
 @pytest.fixture(scope="module")
