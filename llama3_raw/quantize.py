@@ -53,31 +53,41 @@ def is_quantized_key(key: str) -> bool:
     return key == "output.weight" or key.endswith(QUANTIZED_SUFFIXES)
 
 
+class StoredMatrix:
+    """What an int8 and an int4 matrix share: they answer for the weight matrix (out, in) they stand for, as a
+    tensor would (`shape`, `dtype` -- the compute dtype, their scales' --, `device`, `nbytes`, `numel`), from
+    their two tensors: the quantized values (`stored`) and what turns them back into weights (`scales_of`)."""
+
+    shape: torch.Size
+    stored: torch.Tensor
+    scales_of: torch.Tensor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.scales_of.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.stored.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.stored.nbytes + self.scales_of.nbytes
+
+    def numel(self) -> int:
+        return self.shape.numel()  # the parameters it stands for
+
+
 @dataclass(frozen=True)
-class Int8Weight:
+class Int8Weight(StoredMatrix):
     """A weight matrix (out, in) as int8 values (out, in) and per-row scales (out,) in the compute dtype."""
 
     values: torch.Tensor  # int8 (out, in)
     scales: torch.Tensor  # (out,), the compute dtype
 
-    @property
-    def shape(self) -> torch.Size:
-        return self.values.shape
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.scales.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
-
-    @property
-    def nbytes(self) -> int:
-        return self.values.nbytes + self.scales.nbytes
-
-    def numel(self) -> int:
-        return self.values.numel()  # the parameters it stands for
+    shape = property(lambda self: self.values.shape)
+    stored = property(lambda self: self.values)
+    scales_of = property(lambda self: self.scales)
 
     def to(self, device=None, dtype=None) -> "Int8Weight":
         """On `device`, with scales (and so the compute) in `dtype`; the int8 values stay int8."""
@@ -112,7 +122,7 @@ def dequantize(w: Int8Weight | Int4Weight) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class Int4Weight:
+class Int4Weight(StoredMatrix):
     """A weight matrix (out, in) as 4-bit values, two to a byte, and a scale and zero per group of inputs.
 
     `packed` holds the values in `layout`: "plain" as checkpoints store them (and as tensor parallelism
@@ -124,28 +134,13 @@ class Int4Weight:
     in_features: int
     layout: str = "plain"
 
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((self.scales_and_zeros.shape[1], self.in_features))
+    shape = property(lambda self: torch.Size((self.scales_and_zeros.shape[1], self.in_features)))
+    stored = property(lambda self: self.packed)
+    scales_of = property(lambda self: self.scales_and_zeros)
 
     @property
     def group_size(self) -> int:
         return self.in_features // self.scales_and_zeros.shape[0]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.scales_and_zeros.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.packed.device
-
-    @property
-    def nbytes(self) -> int:
-        return self.packed.nbytes + self.scales_and_zeros.nbytes
-
-    def numel(self) -> int:
-        return self.shape.numel()
 
     def values(self) -> torch.Tensor:
         """The 4-bit values, one to a byte: uint8 (out, in), 0..15, on the CPU."""
