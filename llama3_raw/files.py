@@ -81,7 +81,7 @@ def atomic_folder(path: str | Path, needed_bytes: int = 0) -> Iterator[Path]:
 
 def missing_parents(path: Path) -> list[Path]:
     """The parents of `path` that do not exist yet, deepest first."""
-    return [parent for parent in path.parents if not parent.exists()]
+    return [parent for parent in path.parents if not os.path.exists(parent)]  # os.path's: no raise on a name too long
 
 
 def write_failure(path: Path, err: OSError, needed_bytes: int = 0) -> UserError:

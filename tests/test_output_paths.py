@@ -44,7 +44,8 @@ def bad_paths(tmp_path: Path) -> dict[str, Path]:
     tmp_path.mkdir()
     (tmp_path / "afile").write_text("keep me")
     paths = {"below a file": tmp_path / "afile" / "out", "an existing file": tmp_path / "afile",
-             "name too long": tmp_path / ("x" * 300), "deep below a file": tmp_path / "afile" / "a" / "b"}
+             "name too long": tmp_path / ("x" * 300), "below a name too long": tmp_path / ("x" * 300) / "out",
+             "deep below a file": tmp_path / "afile" / "a" / "b"}
     if LINUX_PROC:
         paths |= {"in /proc": Path("/proc/llama3_raw_out"), "deep in /proc": Path("/proc/llama3_raw_out/a/b")}
     if sysfs_refuses():
