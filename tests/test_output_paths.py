@@ -5,8 +5,10 @@ the path, no traceback, and nothing on disk changed: no folder made, no probe fi
 In-process: each command's main() with an argument list; stdout and stderr captured.
 """
 
+import contextlib
 import errno
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -57,6 +59,19 @@ def bad_paths(tmp_path: Path) -> dict[str, Path]:
     return paths
 
 
+@contextlib.contextmanager
+def read_only_mount(folder: Path):
+    """`folder` as a read-only file system (EROFS, which stops root too), or a skip where mounting needs root."""
+    folder.mkdir()
+    if not AS_ROOT or subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
+                                     capture_output=True).returncode != 0:
+        pytest.skip("mounting a read-only tmpfs needs root")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
 COMMANDS = {  # name -> (main, argv for an output path, the flag that names it)
     "inspect --out": (cli_main, lambda ckpt, out: ["inspect", "--ckpt-dir", str(ckpt), "--out", str(out)], "--out"),
     "run --save-quantized": (cli_main, lambda ckpt, out: ["run", "x", "--ckpt-dir", str(ckpt), "--quantize", "int8",
@@ -87,6 +102,16 @@ def test_an_output_that_cannot_be_written_is_one_sentence_before_the_work(comman
         assert tree_digest(tmp_path) == before, name
         assert not any(p.name.startswith(".write-check") for p in tmp_path.rglob("*")), name
     assert not Path("/proc/llama3_raw_out").exists()
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_an_output_on_a_read_only_file_system_is_one_sentence(command, gqa_checkpoint, tmp_path, capsys):
+    main, argv_for, flag = COMMANDS[command]
+    with read_only_mount(tmp_path / "ro") as folder:
+        code, stdout, stderr = call(main, argv_for(gqa_checkpoint[0], folder / "out"), capsys)
+        assert code == 2 and stdout == "" and list(folder.iterdir()) == []
+        assert stderr.startswith(f"error: {flag} {folder / 'out'}") and "(read-only file system); choose a folder " \
+            "you can write to." in stderr and stderr.count("\n") == 1, stderr
 
 
 def test_the_sentences_say_why_and_what_to_do(tmp_path, capsys):
