@@ -1,8 +1,9 @@
 """Llama 3 with raw tensors: Meta's checkpoint in a flat dict, a forward pass of small pure functions.
 
 Read in this order: params.py (the config), model.py (the forward pass), tokenizer.py, generate.py (the
-decode loop). Around them: kernels.py and quantize.py (how the matrix products run), checkpoints/ (a
-folder in, verified weights out), chat.py, training/, tools/ (inspect, compare, score), cli.py.
+decode loop). Around them: kernels.py, compiled.py and quantize.py (how the matrix products run),
+checkpoints/ (a folder in, verified weights out), chat.py (Meta's chat format), training/ (training from
+scratch), tools/ (inspect, compare, score), and cli/ (the command lines; run.py and __main__.py call it).
 """
 
 from .checkpoints import Checkpoint, cast_weights, load_checkpoint

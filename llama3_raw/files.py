@@ -81,7 +81,7 @@ def atomic_folder(path: str | Path, needed_bytes: int = 0) -> Iterator[Path]:
 
 def missing_parents(path: Path) -> list[Path]:
     """The parents of `path` that do not exist yet, deepest first."""
-    return [parent for parent in path.parents if not parent.exists()]
+    return [parent for parent in path.parents if not os.path.exists(parent)]  # os.path's: no raise on a name too long
 
 
 def write_failure(path: Path, err: OSError, needed_bytes: int = 0) -> UserError:
@@ -90,6 +90,8 @@ def write_failure(path: Path, err: OSError, needed_bytes: int = 0) -> UserError:
         need = f" (it needs about {megabytes(needed_bytes)})" if needed_bytes else ""
         return UserError(f"writing {path} failed: no space left on the disk{need}; nothing was left behind, "
                          f"free some space or write elsewhere.")
+    if err.errno == errno.EISDIR:
+        return UserError(f"writing {path} failed: it is a folder; nothing was left behind, name a file to write instead.")
     return UserError(f"writing {path} failed ({err.strerror or err}); nothing was left behind, fix that or write elsewhere.")
 
 
@@ -106,23 +108,58 @@ def current_umask() -> int:
 def check_new_folder(out_dir: Path, flag: str, needed_bytes: int = 0) -> None:
     """A folder about to be written must not hold anything yet: nothing already on disk is overwritten.
     It must also be creatable, with room for `needed_bytes`: checked before the work, not found out after."""
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    # os.path's exists, not Path's: False for a name too long, where Path.exists raises
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or any(Path(out_dir).iterdir())):
         raise UserError(f"{flag} {out_dir} already exists and is not an empty folder; choose a new folder name.")
     check_writable_folder(out_dir, flag, needed_bytes)
 
 
 def check_writable_folder(folder: Path, flag: str, needed_bytes: int = 0) -> None:
-    """`folder` is a folder, or can be made one (its nearest existing parent is a writable folder), and the
-    disk it is on has `needed_bytes` free."""
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    """`folder` is a folder, or can be made one, files can really be created in it, and the disk it is on has
+    `needed_bytes` free. Tried, not guessed from permission bits: root passes every os.access check, yet
+    cannot create /proc/x; the folders and the file the try makes are removed again."""
+    folder = Path(folder)
+    existing = next(p for p in (folder, *folder.parents) if os.path.exists(p))  # os.path's: False, not raise, on EACCES
     if not existing.is_dir():
         raise UserError(f"{flag} {folder} cannot be created: {existing} is a file, not a folder; choose another path.")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {folder} cannot be created: {existing} is not writable; choose another path.")
+    try:
+        try_writing_in(folder)
+    except OSError as err:
+        raise UserError(f"{flag} {folder} cannot be written ({refusal(err)}); choose a folder you can write to.") from None
     free = shutil.disk_usage(existing).free
     if needed_bytes > free:
         raise UserError(f"{flag} {folder} needs about {megabytes(needed_bytes)} but its disk has {megabytes(free)} "
                         f"free; free some space or choose a folder on another disk.")
+
+
+def try_writing_in(folder: Path) -> None:
+    """Make `folder` (and its missing parents) and an empty file in it, then remove all of that again."""
+    created = missing_parents(folder) + ([] if os.path.exists(folder) else [folder])
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".write-check.", suffix=".partial", dir=folder)
+        os.close(fd)
+        os.unlink(name)
+    finally:
+        for made in sorted(created, key=lambda p: len(p.parts), reverse=True):  # deepest first, only if still empty
+            with contextlib.suppress(OSError):
+                made.rmdir()
+
+
+def refusal(err: OSError) -> str:
+    """Why the system refused a write, in words that fit an output path (ENOENT under /proc is not "missing")."""
+    words = {errno.EACCES: "permission denied", errno.EPERM: "not permitted there", errno.EROFS: "read-only file system",
+             errno.ENOENT: "this file system does not take new files", errno.ENOTDIR: "a part of it is not a folder",
+             errno.EEXIST: "something that is not a folder is in the way"}
+    return words.get(err.errno, err.strerror or str(err))
+
+
+def make_folder(path: Path) -> None:
+    """mkdir -p, with a failure said as one sentence (what atomic_path says of a file it cannot write)."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise write_failure(Path(path), err) from None
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:

@@ -1,6 +1,7 @@
 """`llama3-raw` / `python -m llama3_raw`: one command line with a subcommand per tool, and `run.py`.
 
-    llama3-raw [run] [PROMPT] ...      complete a prompt (the command when the first word names none)
+    llama3-raw [run] [PROMPT] ...      complete a prompt (the command when the first word names none;
+                                       a lowercase word close to a name is refused as a typo)
     llama3-raw chat ...                chat with an Instruct model
     llama3-raw inspect | compare | score ...
 
@@ -8,8 +9,10 @@ Each subcommand has its own --help; `run.py` is the `run` command alone, as the 
 """
 
 import argparse
+import difflib
 import json
 import sys
+import textwrap
 
 from ..errors import ArgumentParser, run_tool
 from ..parallel import as_one_of, join_ranks
@@ -22,13 +25,19 @@ from .run_command import run
 DESCRIPTION = "Llama 3 written with raw tensors: complete a prompt, chat, and look inside the model."
 TOOLS = {"inspect": inspection, "compare": compare, "score": score}  # each: __doc__, add_arguments, run
 COMMAND_SUMMARIES = {
-    "run": "complete a prompt (the command when the first word is not one of these)",
+    "run": "complete a prompt (the command when the first word is none of these, nor a slip for one)",
     "chat": "chat with an Instruct model: one message per line, or one reply with --message",
     "inspect": "look inside one forward pass: logit lens, attention maps, shapes",
     "compare": "this project's forward pass against Meta's reference, block by block",
     "score": "perplexity and nats per character of a text file",
 }
 HELP_WORDS = ("-h", "--help", "--version")
+TYPO_SIMILARITY = 0.75  # difflib's ratio: one slip in a 4-letter name (chta) and up; compile/compare (0.71) is not
+TYPO_RULE = ("A first word that is one lowercase word (letters only) close to a command's name or the start of "
+             "one, such as insepct or insp, "
+             "is taken for a mistyped command and refused with the name it resembles; any other first word (a "
+             "phrase in quotes, a word with capitals, digits or punctuation) is a prompt. To complete such a word, "
+             "name the command: {prog} run insepct.")
 
 
 def print_result(args: argparse.Namespace, result) -> None:
@@ -54,6 +63,7 @@ def build_parser(prog: str, argv: list[str]) -> ArgumentParser:
     source = source_for(argv)
     parser = ArgumentParser(prog=prog, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
                             epilog=f"With no COMMAND, {prog} runs `run`: `{prog} \"ROMEO:\"` = `{prog} run \"ROMEO:\"`.\n"
+                            f"{textwrap.fill(TYPO_RULE.format(prog=prog), 100)}\n"
                             f"Each command has its own help: {prog} COMMAND --help.")
     parser.add_argument("--version", action="version", version=f"llama3_raw {__version__}")
     commands = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
@@ -72,12 +82,26 @@ def build_parser(prog: str, argv: list[str]) -> ArgumentParser:
     return parser
 
 
+def mistyped_command(word: str) -> str | None:
+    """The command `word` looks like a slip for, or None when it reads as a prompt (TYPO_RULE): a lowercase
+    word of letters only that is close to a command's name, or the start (3 letters or more) of only one."""
+    if word in COMMAND_SUMMARIES or not (word.isascii() and word.isalpha() and word.islower()):
+        return None
+    close = difflib.get_close_matches(word, COMMAND_SUMMARIES, n=1, cutoff=TYPO_SIMILARITY)
+    starts = [name for name in COMMAND_SUMMARIES if len(word) >= 3 and name.startswith(word)]
+    return close[0] if close else starts[0] if len(starts) == 1 else None
+
+
 def main(argv: list[str] | None = None, prog: str = "llama3-raw") -> int:
     """The `llama3-raw` console command (and `python -m llama3_raw`): a subcommand, or `run` when none is named."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(prog, argv)
+    if argv and (command := mistyped_command(argv[0])):
+        parser.error(f"{argv[0]} is not a command (did you mean {command}?); write {prog} {command}, or to "
+                     f"complete {argv[0]} as a prompt, {prog} run {argv[0]}")
     if not argv or (argv[0] not in COMMAND_SUMMARIES and argv[0] not in HELP_WORDS):
         argv = ["run", *argv]
-    args, unknown = build_parser(prog, argv).parse_known_args(argv)
+    args, unknown = parser.parse_known_args(argv)
     if unknown:  # said by the subcommand's parser, whose --help lists the flags it takes
         args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return args.main(args)

@@ -16,7 +16,7 @@ import torch
 
 from ..checkpoints import open_model
 from ..errors import UserError, run_tool
-from ..files import check_writable_folder, write_text
+from ..files import check_writable_folder, make_folder, write_text
 from ..model import at_least_fp32, forward, rms_norm
 from ..params import ModelParams
 from ..tokenizer import Tokenizer
@@ -95,7 +95,7 @@ def inspect_prompt(weights, params: ModelParams, tokenizer: Tokenizer, prompt: s
     top_ids, top_probs = top_ids.cpu(), top_probs.float().cpu()
     labels = [token_label(tokenizer, t) for t in prompt_ids]
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir)
     write_text(out_dir / "shapes.txt", shapes_trace(record))
     write_text(out_dir / "logit_lens.md", logit_lens_table(labels, top_ids, top_probs, tokenizer))
     attention_files = []

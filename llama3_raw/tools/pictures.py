@@ -1,8 +1,9 @@
 """The pictures `inspect` draws: the logit lens and one layer's attention maps, made to be read.
 
 Both show tokens as labels with their leading spaces made visible (`␣the`), in full; the logit lens
-wraps a long prompt into rows of at most LENS_ROW_TOKENS positions, and the attention maps draw the
-cells a query may not see (the future, masked) in grey, apart from the black of zero attention.
+wraps a long prompt into rows of at most LENS_ROW_TOKENS positions, as few as that takes and of
+near-equal length (18 positions: two rows of 9, not 16 and 2), and the attention maps draw the cells a
+query may not see (the future, masked) in grey, apart from the black of zero attention.
 """
 
 import math
@@ -33,13 +34,22 @@ def visible(label: str) -> str:
     return "␣" * (len(label) - len(stripped)) + stripped
 
 
+def lens_panels(seq_len: int, most: int = LENS_ROW_TOKENS) -> list[range]:
+    """The positions of each row of the logit lens: ceil(seq_len / most) rows, the first ones a position longer
+    where they cannot all be equal, so that no row is a nearly empty tail (18 -> 9 + 9, 33 -> 11 + 11 + 11)."""
+    n_rows = max(1, math.ceil(seq_len / most))
+    short, longer = divmod(seq_len, n_rows)
+    starts = [row * short + min(row, longer) for row in range(n_rows + 1)]
+    return [range(start, stop) for start, stop in zip(starts, starts[1:])]
+
+
 def plot_logit_lens(path: Path, labels_in: list[str], top_labels: list[list[str]], top_probs: torch.Tensor) -> None:
-    """Blocks (rows) x positions (columns), the prompt wrapped into rows of LENS_ROW_TOKENS positions;
+    """Blocks (rows) x positions (columns), the prompt wrapped into balanced rows (lens_panels);
     each cell: the top next-token guess and its probability, which also sets its colour."""
     plt = pyplot()
     n_layers, seq_len = top_probs.shape
-    chunks = [range(start, min(start + LENS_ROW_TOKENS, seq_len)) for start in range(0, seq_len, LENS_ROW_TOKENS)]
-    width = min(seq_len, LENS_ROW_TOKENS)
+    chunks = lens_panels(seq_len)
+    width = len(chunks[0])
     fig, axes = plt.subplots(len(chunks), 1, squeeze=False, layout="constrained",
                              figsize=(1.0 * width + 2.5, len(chunks) * (0.42 * n_layers + 1.1) + 0.8))
     for ax, chunk in zip(axes[:, 0], chunks):
