@@ -132,6 +132,13 @@ def check_writable_folder(folder: Path, flag: str, needed_bytes: int = 0) -> Non
                         f"free; free some space or choose a folder on another disk.")
 
 
+def check_output_file(path: Path, flag: str) -> None:
+    """A file about to be written (replaced whole, atomically, if it exists): not a folder, and its folder writable."""
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a folder; name the file to write, e.g. {Path(path) / 'tokenizer.model'}.")
+    check_writable_folder(Path(path).parent, f"{flag} {path}: its folder")
+
+
 def try_writing_in(folder: Path) -> None:
     """Make `folder` (and its missing parents) and an empty file in it, then remove all of that again."""
     created = missing_parents(folder) + ([] if os.path.exists(folder) else [folder])

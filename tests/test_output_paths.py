@@ -149,3 +149,15 @@ def test_a_missing_parent_is_made_for_a_real_inspect(gqa_checkpoint, tmp_path, c
     assert code == 0, stderr
     assert sorted(p.name for p in out.iterdir()) == ["attention_layer_00.png", "logit_lens.md", "logit_lens.png",
                                                      "shapes.txt"]
+
+
+def test_a_tokenizer_output_that_is_a_folder_is_refused_before_the_learning(tmp_path, capsys, monkeypatch):
+    from llama3_raw.training import bpe
+    (tmp_path / "tok.model" / "inside").mkdir(parents=True)
+    (tmp_path / "text.txt").write_text("to be or not to be " * 50)
+    monkeypatch.setattr(bpe, "learn_bpe", lambda *a: pytest.fail("learned before the output was checked"))
+    code, stdout, stderr = call(train_tokenizer.main, ["--input", str(tmp_path / "text.txt"), "--vocab-size", "260",
+                                                      "--output", str(tmp_path / "tok.model")], capsys)
+    assert code == 2 and stdout == "" and stderr.count("\n") == 1
+    assert stderr.startswith(f"error: --output {tmp_path / 'tok.model'} is a folder; name the file to write")
+    assert [p.name for p in (tmp_path / "tok.model").iterdir()] == ["inside"]

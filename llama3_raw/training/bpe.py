@@ -20,7 +20,7 @@ import regex  # installed with tiktoken (one of its dependencies); it knows \p{L
 from tqdm import tqdm
 
 from ..errors import UserError
-from ..files import check_writable_folder, read_text, write_text
+from ..files import check_output_file, read_text, write_text
 from ..tokenizer import SPLIT_PATTERN
 
 NUM_BYTE_TOKENS = 256
@@ -134,7 +134,7 @@ def train_tokenizer_file(input_path: Path, vocab_size: int, output: Path, show_p
     if vocab_size < NUM_BYTE_TOKENS:
         raise UserError(f"--vocab-size {vocab_size} is below {NUM_BYTE_TOKENS}; byte-level BPE needs all "
                         f"{NUM_BYTE_TOKENS} single bytes, so pass 256 or more.")
-    check_writable_folder(output.parent, f"--output {output}: its folder")  # before the learning, not after it
+    check_output_file(output, "--output")  # before the learning, not after it
     text = read_text(input_path, "--input")
     vocab = learn_bpe(text, vocab_size, show_progress)
     write_bpe_file(vocab, output)
