@@ -146,15 +146,16 @@ def fp32_model(ckpt_dir: Path):
 
 
 def spy_on_forward(monkeypatch, module) -> list[torch.Size]:
-    """Make `module.forward` record the shape (B, S) of the tokens of every call; returns the list it fills."""
+    """Make `module.forward` record the shape (B, S) of the tokens of every call; returns the list it fills.
+    For the decode loop (generate.py), both forwards it may take: model.py's and fast_forward.py's."""
+    from llama3_raw import fast_forward
     shapes = []
-    real_forward = module.forward
+    for owner in (module, fast_forward) if module.__name__ == "llama3_raw.generate" else (module,):
+        def recording_forward(weights, params, tokens, cache=None, real_forward=owner.forward, **kwargs):
+            shapes.append(tokens.shape)
+            return real_forward(weights, params, tokens, cache, **kwargs)
 
-    def recording_forward(weights, params, tokens, cache=None, **kwargs):
-        shapes.append(tokens.shape)
-        return real_forward(weights, params, tokens, cache, **kwargs)
-
-    monkeypatch.setattr(module, "forward", recording_forward)
+        monkeypatch.setattr(owner, "forward", recording_forward)
     return shapes
 
 
