@@ -3,7 +3,7 @@
 Decoding one token reads every weight once, so its speed is the speed at which the weights stream from
 memory. PyTorch's own one-row CPU products run out of arithmetic before memory runs out (each weight is
 converted to float32 first); these read bf16, int8 and int4 weights as stored, with AVX-512's dot-product
-instructions, and keep up with memory (README, "Side by side with llama.cpp"):
+instructions, and keep up with memory (docs/performance.md, "Side by side with llama.cpp"):
 
 - bf16: exact products, float32 sums (only the order of the additions differs from PyTorch's);
 - int8: activations rounded to int16 per block of 32 inputs (error at most block max / 65534 each);

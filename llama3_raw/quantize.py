@@ -39,7 +39,7 @@ from .int4_layouts import cpu_block_rows, cpu_unpack, pack_for_cpu, pack_for_cud
 
 QUANTIZE_ROWS = 4096  # rows converted at a time
 INT4_GROUP_SIZES = (32, 64, 128)  # inputs sharing one scale and zero; PyTorch's int4 kernels take these (and 256)
-INT4_GROUP_SIZE = 32  # the default: the most accurate, as llama.cpp's Q4_0 (see the README for speed and accuracy)
+INT4_GROUP_SIZE = 32  # the default: the most accurate, as llama.cpp's Q4_0 (docs/quantization.md: speed, accuracy)
 INT4_STEPS = 15  # values 0..15
 INT4_MIDDLE = 8  # the kernels compute (q - 8) * scale + zero
 INT8_MAX = 127  # symmetric: -127..127, so that negating a weight never overflows

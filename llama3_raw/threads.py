@@ -1,6 +1,6 @@
 """How many CPU threads the matrix kernels use when the user does not say (`--threads`).
 
-Measured on a 2-core machine shared with other work (README, "Threads"; bench/threads.py): a second
+Measured on a 2-core machine shared with other work (docs/command-line.md, "Threads"; bench/threads.py): a second
 thread made the shipped 5M model's 256-token forward 20x slower (0.056 s -> 1.2 s) and its decode 35x
 slower (242 -> 7 tok/s), and even a 160M model lost 4x, because a thread that has to wait for a busy core
 stalls every step of every matrix product. Small models gain nothing from more threads even on idle cores

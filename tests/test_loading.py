@@ -74,7 +74,8 @@ def broken_checkpoints(tmp: Path):
     def make(name, state=good, params=TINY_GQA):
         return write_checkpoint(tmp / name, params, state, tokenizer=None)
 
-    cases["missing dir"] = (tmp / "nowhere", "does not exist")
+    # said to a Python caller too: no command-line advice as the whole of it (README's record snippet met that)
+    cases["missing dir"] = (tmp / "nowhere", "does not exist; name a folder that holds params.json")
     d = make("no params")
     (d / "params.json").unlink()
     cases["no params"] = (d, "params.json does not exist")

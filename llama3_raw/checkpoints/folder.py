@@ -26,6 +26,7 @@ from .loading import (cast_weights, check_folder_files, checkpoint_params, conve
 from .quantized import quantized_checkpoint_bytes, quantized_file, save_quantized_checkpoint
 from .meta import checkpoint_files
 from .places import find_default_checkpoint
+from .safety import missing_folder
 from .placement import in_huge_pages
 from .slicing import rank_shapes
 
@@ -100,8 +101,7 @@ def check_folder_complete(ckpt_dir: Path, tokenizer_path: str | None) -> None:
         raise UserError(f"--ckpt-dir {ckpt_dir} is a file, not a folder; pass the folder that holds it "
                         f"({ckpt_dir.parent}) or another checkpoint folder.")
     if not ckpt_dir.is_dir():
-        raise UserError(f"checkpoint directory {ckpt_dir} does not exist; pass --ckpt-dir with the folder holding "
-                        f"params.json and consolidated.00.pth.")
+        raise missing_folder(ckpt_dir)
     check_folder_files(ckpt_dir)  # what is there is a regular file inside the folder (safety.py)
     if is_hf_format(ckpt_dir):
         return  # config.json + safetensors: huggingface.py names what is missing

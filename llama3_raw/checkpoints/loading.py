@@ -23,7 +23,7 @@ from .huggingface import (INDEX_FILE, is_hf_checkpoint_dir, params_from_hf_confi
                           safetensors_candidates)
 from .quantized import QUANTIZED_FILES, quantized_file, quantized_weights
 from .meta import PROGRESS_MIN_BYTES, check_weights, checkpoint_files, read_state_dict, warm_page_cache
-from .safety import check_params_fit_files, folder_file_size
+from .safety import check_params_fit_files, folder_file_size, missing_folder
 from .shards import keep_kv_heads_once, merge_shards, numbered_shards
 from .slicing import check_rank_count, load_rank_files, rank_shapes, slice_whole
 
@@ -84,7 +84,7 @@ def load_checkpoint(ckpt_dir: str | Path, show_progress: bool = True, ranks: Ran
     return the flat weight dict with Meta's names: the whole model, or a tensor-parallel rank's slice of it."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
-        raise UserError(f"checkpoint directory {ckpt_dir} does not exist; pass --ckpt-dir with the folder holding params.json and consolidated.00.pth.")
+        raise missing_folder(ckpt_dir)
     check_folder_files(ckpt_dir)
     if ranks.world_size > 1:
         return load_rank_slice(ckpt_dir, ranks, show_progress)

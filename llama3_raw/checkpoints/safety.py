@@ -45,3 +45,9 @@ def check_params_fit_files(params: ModelParams, file_bytes: int, where: Path) ->
         raise UserError(f"{where} describes a model of {params.parameter_count():,} parameters (at least "
                         f"{megabytes(needed)}) but the weight files hold {megabytes(file_bytes)}; the settings "
                         f"belong to another model, restore the ones that came with these weights.")
+
+
+def missing_folder(ckpt_dir: Path) -> UserError:
+    """Said alike to a Python caller (load_checkpoint, open_folder) and on the command line (--ckpt-dir)."""
+    return UserError(f"checkpoint folder {ckpt_dir} does not exist; name a folder that holds params.json and "
+                     f"consolidated.00.pth (on the command line: --ckpt-dir DIR; with no folder named, the default).")

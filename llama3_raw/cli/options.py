@@ -99,7 +99,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, source: DefaultsSource,
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=thread_count, help=f"CPU threads for the matrix kernels (default: 1 for a "
                         f"model under {SMALL_MODEL_PARAMETERS // 1_000_000}M parameters, else the cores that other "
-                        f"work leaves idle; see README, Threads)")
+                        f"work leaves idle; see docs/command-line.md, Threads)")
 
 
 def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
