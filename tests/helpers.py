@@ -5,6 +5,8 @@ is the oracle; it is a test-only dependency.
 """
 
 import json
+import sys
+import warnings
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -219,15 +221,29 @@ class Called(NamedTuple):
     stderr: str
 
 
+PYTHON_DEFAULT_IGNORES = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+
+
+def show_on_stderr(message, category, filename, lineno, file=None, line=None) -> None:
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def call(entry: Callable[[list[str]], int], argv: list, capsys) -> Called:
     """A command's main(argv) in this process, as a person runs it but without starting Python and torch again:
     stdout and stderr captured by capsys (what came before is dropped), the exit code from its return value or
-    from SystemExit (argparse's errors, sys.exit). The commands set torch's thread count for the model they load
-    (threads.py); it is put back, so that no later test runs on the count a command chose."""
+    from SystemExit (argparse's errors, sys.exit). Warnings reach stderr under Python's default filters, as in a
+    fresh interpreter (pytest would otherwise collect them, and a test that wants one line on stderr would not see
+    a second). The commands set torch's thread count for the model they load (threads.py); it is put back, so
+    that no later test runs on the count a command chose."""
     threads = torch.get_num_threads()
     capsys.readouterr()
     try:
-        code = entry([str(arg) for arg in argv])
+        with warnings.catch_warnings():
+            warnings.resetwarnings()
+            for category in PYTHON_DEFAULT_IGNORES:
+                warnings.simplefilter("ignore", category)
+            warnings.showwarning = show_on_stderr
+            code = entry([str(arg) for arg in argv])
     except SystemExit as stop:
         code = 0 if stop.code is None else stop.code
     finally:

@@ -153,6 +153,7 @@ def duplicated_kv_files(tmp_path: Path, copies: int = 2) -> tuple[Path, dict, di
     return ckpt_dir, real, state
 
 
+@pytest.mark.slow  # ranks: processes, each starting Python and torch
 def test_duplicated_kv_heads_are_kept_once_in_one_process_and_split_on_ranks(tmp_path):
     ckpt_dir, real, state = duplicated_kv_files(tmp_path)
     merged = load_checkpoint(ckpt_dir, show_progress=False)
@@ -165,6 +166,7 @@ def test_duplicated_kv_heads_are_kept_once_in_one_process_and_split_on_ranks(tmp
     assert_same_run(torch.load(tmp_path / "ours.pt", weights_only=True), alone)
 
 
+@pytest.mark.slow  # ranks: processes, each starting Python and torch
 def test_hugging_face_and_saved_int8_and_int4_folders_are_cut_per_rank(tmp_path, monkeypatch):
     from test_hf_checkpoint import hf_model
 
