@@ -4,8 +4,6 @@ and the shipped model loads in Meta's reference code with a good validation loss
 import json
 import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -226,9 +224,8 @@ def test_resume_from_another_recipe_is_refused(tiny_run, small_corpus, tmp_path,
 
 
 @pytest.mark.skipif(not (SHIPPED / "consolidated.00.pth").is_file(), reason="the shipped model is not trained yet")
-def test_run_py_without_arguments_uses_the_shipped_model():
-    result = subprocess.run([sys.executable, "run.py", "--max-new-tokens", "30"], capture_output=True, text=True,
-                            cwd=REPO, timeout=120)
+def test_run_py_without_arguments_uses_the_shipped_model(cli):
+    result = cli("--max-new-tokens", "30", cwd=REPO)  # run.py in this process (the docs' blocks run the script)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ROMEO:\n") and len(result.stdout.strip()) > len("ROMEO:") + 20
     assert "shakespeare" in result.stderr
