@@ -10,9 +10,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))  # tests import helpers.py as a plain module
 
 from llama3_raw import compiled  # noqa: E402
-from helpers import TINY_GQA, TINY_MHA_SCALED, TINY_MQA, random_state_dict, write_checkpoint  # noqa: E402
+from helpers import TINY_GQA, TINY_MHA_SCALED, TINY_MQA, call, random_state_dict, run_py, write_checkpoint  # noqa: E402
 
 torch.set_num_threads(2)
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """A command line run in this process (helpers.call): `cli(*args)` is `python run.py ARGS`; `entry=` names
+    another main (helpers.python_m, train.main, train_tokenizer.main), `cwd=` the folder it runs in (as a
+    subprocess's cwd; put back after the test). Returns helpers.Called: returncode, stdout, stderr."""
+    def run(*args, entry=run_py, cwd=None):
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        return call(entry, list(args), capsys)
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,10 @@ is the oracle; it is a test-only dependency.
 """
 
 import json
+import sys
+import warnings
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -208,3 +211,57 @@ def probe_rss(body: str, ckpt_dir: Path) -> dict:
                             text=True, cwd=repo, env={"PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}, timeout=300)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
+
+
+# ---- command lines in this process ----
+
+class Called(NamedTuple):
+    """What a command line did, as a subprocess.CompletedProcess names it (and unpacks as code, out, err)."""
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+PYTHON_DEFAULT_IGNORES = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+
+
+def show_on_stderr(message, category, filename, lineno, file=None, line=None) -> None:
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def call(entry: Callable[[list[str]], int], argv: list, capsys) -> Called:
+    """A command's main(argv) in this process, as a person runs it but without starting Python and torch again:
+    stdout and stderr captured by capsys (what came before is dropped), the exit code from its return value or
+    from SystemExit (argparse's errors, sys.exit). Warnings reach stderr under Python's default filters, as in a
+    fresh interpreter (pytest would otherwise collect them, and a test that wants one line on stderr would not see
+    a second). The commands set torch's thread count for the model they load (threads.py); it is put back, so
+    that no later test runs on the count a command chose."""
+    threads = torch.get_num_threads()
+    capsys.readouterr()
+    try:
+        with warnings.catch_warnings():
+            warnings.resetwarnings()
+            for category in PYTHON_DEFAULT_IGNORES:
+                warnings.simplefilter("ignore", category)
+            warnings.showwarning = show_on_stderr
+            code = entry([str(arg) for arg in argv])
+    except SystemExit as stop:
+        code = 0 if stop.code is None else stop.code
+    finally:
+        torch.set_num_threads(threads)
+    out, err = capsys.readouterr()
+    return Called(code, out, err)
+
+
+def run_py(argv: list[str]) -> int:
+    """`python run.py ARGV`."""
+    from llama3_raw.cli import run_script_main
+
+    return run_script_main(argv)
+
+
+def python_m(argv: list[str]) -> int:
+    """`python -m llama3_raw ARGV` (the same command line as the installed llama3-raw, under its own name)."""
+    from llama3_raw.cli import main
+
+    return main(argv, prog="python -m llama3_raw")

@@ -49,6 +49,7 @@ def test_llama_bench_json_gives_prefill_and_decode_speed():
         llamacpp.parse_llama_bench(json.dumps(json.loads(LLAMA_BENCH_SAMPLE)[:1]))
 
 
+@pytest.mark.slow  # a memory probe: a real launcher and its child
 def test_launcher_reports_the_peak_rss_of_its_child_not_of_the_bench():
     ballast = b"x" * (300 << 20)  # the bench's own memory, which a child of the bench would report as its peak
     child = [sys.executable, "-c", "import sys; data = b'y' * (100 << 20); sys.exit(3)"]

@@ -1,4 +1,5 @@
-"""The command line, run as a person runs it: a subprocess, exit codes, stdout/stderr, files left alone."""
+"""The command line as a person runs it: exit codes, stdout/stderr, files left alone. In this process (the `cli`
+fixture, helpers.call), but for one real `python -m llama3_raw`, the module form."""
 
 import hashlib
 import json
@@ -17,6 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def run_cli(*args, cwd=REPO, module=False):
+    """A real process: `python run.py ARGS`, or `python -m llama3_raw ARGS` with module=True."""
     command = [sys.executable, "-m", "llama3_raw"] if module else [sys.executable, str(REPO / "run.py")]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run([*command, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
@@ -27,9 +29,9 @@ def tree_digest(folder: Path) -> dict:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_json_output(gqa_checkpoint):
+def test_json_output(gqa_checkpoint, cli):
     ckpt_dir, _, _ = gqa_checkpoint
-    result = run_cli("--ckpt-dir", ckpt_dir, "--max-new-tokens", 6, "--json")
+    result = cli("--ckpt-dir", ckpt_dir, "--max-new-tokens", 6, "--json")
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)  # stdout is exactly one JSON object
     assert out["prompt_tokens"][:3] == [128000, 1820, 4320] and len(out["prompt_tokens"]) == 17
@@ -39,9 +41,9 @@ def test_json_output(gqa_checkpoint):
     assert out["stats"]["peak_rss_mb"] > 0 and out["stats"]["decode_tok_per_s"] > 0
 
 
-def test_streams_prompt_and_completion_and_module_form_agrees(gqa_checkpoint):
+def test_streams_prompt_and_completion_and_module_form_agrees(gqa_checkpoint, cli):
     ckpt_dir, _, _ = gqa_checkpoint
-    plain = run_cli("--ckpt-dir", ckpt_dir, "--max-new-tokens", 5)
+    plain = cli("--ckpt-dir", ckpt_dir, "--max-new-tokens", 5)
     assert plain.returncode == 0, plain.stderr
     assert plain.stdout.startswith(FORTY_TWO_PROMPT)
     as_json = json.loads(run_cli("--ckpt-dir", ckpt_dir, "--max-new-tokens", 5, "--json", module=True).stdout)
@@ -49,12 +51,12 @@ def test_streams_prompt_and_completion_and_module_form_agrees(gqa_checkpoint):
     assert "loaded" in plain.stderr
 
 
-def test_seed_repeats_sampling(gqa_checkpoint):
+def test_seed_repeats_sampling(gqa_checkpoint, cli):
     ckpt_dir, _, _ = gqa_checkpoint
     args = ("Once upon a time", "--ckpt-dir", ckpt_dir, "--max-new-tokens", 8, "--temperature", 1.0, "--json")
-    a = json.loads(run_cli(*args, "--seed", 1).stdout)["tokens"]
-    b = json.loads(run_cli(*args, "--seed", 1).stdout)["tokens"]
-    c = json.loads(run_cli(*args, "--seed", 2, "--top-k", 5).stdout)["tokens"]
+    a = json.loads(cli(*args, "--seed", 1).stdout)["tokens"]
+    b = json.loads(cli(*args, "--seed", 1).stdout)["tokens"]
+    c = json.loads(cli(*args, "--seed", 2, "--top-k", 5).stdout)["tokens"]
     assert a == b and a != c
 
 
@@ -77,7 +79,7 @@ def bad_setups(tmp_path_factory):
     "temperature", "top-p", "max-new-tokens", "dtype", "unknown flag", "bad generation.json", "flag without value",
     "ckpt-dir is a file", "only params.json",
 ])
-def test_bad_input_exits_2_with_one_sentence(bad_setups, case):
+def test_bad_input_exits_2_with_one_sentence(bad_setups, case, cli):
     tmp, good, mismatch, not_bpe, broken = bad_setups
     before = tree_digest(tmp)
     args, fragment = {
@@ -109,7 +111,7 @@ def test_bad_input_exits_2_with_one_sentence(bad_setups, case):
         (tmp / "only_params").mkdir()
         (tmp / "only_params" / "params.json").write_bytes((good / "params.json").read_bytes())
         before = tree_digest(tmp)
-    result = run_cli(*args)
+    result = cli(*args)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert fragment in result.stderr

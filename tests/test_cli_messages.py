@@ -4,7 +4,7 @@ cli/commands.py): in-process, `main(argv)` with stdout, stderr and the exit code
 import pytest
 
 from llama3_raw.cli import commands, main, run_script_main
-from helpers import OFFICIAL_TOKENIZER, TINY_GQA, random_state_dict, write_checkpoint
+from helpers import OFFICIAL_TOKENIZER, TINY_GQA, call, random_state_dict, write_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -12,15 +12,6 @@ def checkpoint(tmp_path_factory):
     """A tiny model with a tokenizer that spells every word: what a prompt becomes is seen in stdout."""
     return write_checkpoint(tmp_path_factory.mktemp("typo"), TINY_GQA, random_state_dict(TINY_GQA, seed=5),
                             tokenizer=OFFICIAL_TOKENIZER)
-
-
-def call(entry, argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = entry(argv)
-    except SystemExit as stop:  # argparse's own errors
-        code = stop.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize("word, command", [

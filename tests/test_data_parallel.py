@@ -26,6 +26,7 @@ import torch.multiprocessing as mp
 
 from test_tensor_parallel import free_port
 from test_train import TINY_RECIPE, assert_user_error, read_log, small_corpus, train_tiny, write_recipe  # noqa: F401 (a fixture)
+from llama3_raw import train as llama3_train
 from llama3_raw.errors import UserError
 from llama3_raw.generate import Sampling, generate
 from llama3_raw.parallel import Ranks, wait_for_peers
@@ -94,6 +95,7 @@ def assert_same_trajectory(ranked: Path, alone: Path) -> None:
                                    rtol=1e-4, atol=1e-10)
 
 
+@pytest.mark.slow  # ranks: processes, each starting Python and torch
 def test_two_ranks_follow_one_process_and_only_rank_zero_writes(one_process, small_corpus, tmp_path):
     recipe = write_recipe(tmp_path, TINY_RECIPE)
     out, rank_one_out = tmp_path / "out", tmp_path / "rank1_out"  # each rank gets its own --out here
@@ -114,6 +116,7 @@ def torchrun_train(*args, nproc: int = 2, timeout: float = 180) -> subprocess.Co
     return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=ENV, timeout=timeout)
 
 
+@pytest.mark.slow  # ranks: processes, each starting Python and torch
 def test_a_two_rank_state_resumes_in_one_process(one_process, small_corpus, tmp_path):
     recipe, out = write_recipe(tmp_path, TINY_RECIPE), tmp_path / "out"
     ranked = torchrun_train("--config", recipe, "--corpus", small_corpus, "--out", out, "--stop-after", 13)
@@ -125,6 +128,7 @@ def test_a_two_rank_state_resumes_in_one_process(one_process, small_corpus, tmp_
     assert [r["world_size"] for r in read_log(out) if r["kind"] == "train"] == [2, 1]
 
 
+@pytest.mark.slow  # ranks: processes, each starting Python and torch
 def test_a_killed_rank_ends_the_others(small_corpus, tmp_path):
     """A rank that dies: the others fail at their next collective (gloo sees the closed connection) and torchrun
     ends the group, within 60 s here; a rank that hangs instead is given up after COLLECTIVE_TIMEOUT_S (120 s)."""
@@ -200,12 +204,11 @@ def test_dropout_trains_and_is_off_in_evaluation_and_sampling(one_process, small
     assert samples[-1]["text"] == "ROMEO:\n" + tokenizer.decode(list(sampled))
 
 
-def test_cuda_without_a_gpu_is_one_sentence(tmp_path, small_corpus):
+def test_cuda_without_a_gpu_is_one_sentence(tmp_path, small_corpus, cli):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: test_cuda_training runs instead")
-    result = subprocess.run([sys.executable, "-m", "llama3_raw.train", "--no-progress", "--device", "cuda", "--config",
-                             str(write_recipe(tmp_path, TINY_RECIPE)), "--corpus", str(small_corpus), "--out",
-                             str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO, env=ENV, timeout=120)
+    result = cli("--no-progress", "--device", "cuda", "--config", write_recipe(tmp_path, TINY_RECIPE), "--corpus",
+                 small_corpus, "--out", tmp_path / "out", entry=llama3_train.main, cwd=REPO)
     assert_user_error(result, "--device cuda")
 
 

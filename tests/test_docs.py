@@ -231,6 +231,7 @@ def run_python(block: Block) -> str:
     return out.getvalue()
 
 
+@pytest.mark.slow  # each block a fresh bash and Python on the shipped model; the checks above stay in the fast tier
 @pytest.mark.parametrize("block", runnable_blocks(), ids=lambda b: b.name)
 def test_doc_block_runs(block, workdir, shipped_model_is_the_default):
     if block.not_run:

@@ -8,14 +8,11 @@ Tolerances, stated once:
 """
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import RSS_SHAPE, TINY_GQA, changed_copy, probe_rss, random_state_dict, write_random_checkpoint
+from helpers import RSS_SHAPE, TINY_GQA, changed_copy, probe_rss, python_m, random_state_dict, write_random_checkpoint
 from llama3_raw import cast_weights, fast_forward, kernels, load_checkpoint
 from llama3_raw.generate import generate
 from llama3_raw.kernels import int8_matmul, matmul, row_times_matrix
@@ -23,7 +20,6 @@ from llama3_raw.model import forward, new_kv_cache
 from llama3_raw.params import params_from_dict
 from llama3_raw.quantize import Int8Weight, dequantize, quantize_int8, quantize_weights
 
-REPO = Path(__file__).resolve().parent.parent
 BF16_BLOCK_TOLERANCE = 0.03
 INT8_LOGIT_TOLERANCE = 0.05
 INT8_TOP1_AGREEMENT = 0.9
@@ -153,6 +149,7 @@ tokens = list(generate(weights, ckpt.params, [128000, 5, 6, 7], 4, stop_ids=()))
 """
 
 
+@pytest.mark.slow  # a memory probe on a checkpoint of a few hundred MB, in a fresh interpreter
 def test_bf16_generation_adds_no_second_copy_of_the_weights(tmp_path):
     ckpt_dir = write_random_checkpoint(tmp_path / "ckpt", RSS_SHAPE, seed=5)
     file_bytes = (ckpt_dir / "consolidated.00.pth").stat().st_size
@@ -203,28 +200,23 @@ def test_cuda_generation_matches_cpu(gqa_checkpoint):
     assert len(list(generate(quantized, ckpt.params, prompt, 4, (), device="cuda"))) == 4
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, str(REPO / "run.py"), *map(str, args)], capture_output=True, text=True,
-                          cwd=REPO, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, timeout=300)
-
-
-def test_cli_quantize_int8_generates_and_refuses_float32(gqa_checkpoint):
+def test_cli_quantize_int8_generates_and_refuses_float32(gqa_checkpoint, cli):
     ckpt_dir, _, _ = gqa_checkpoint
-    result = run_cli("--ckpt-dir", ckpt_dir, "--quantize", "int8", "--max-new-tokens", 5, "--json")
+    result = cli("--ckpt-dir", ckpt_dir, "--quantize", "int8", "--max-new-tokens", 5, "--json")
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert out["dtype"] == "bfloat16" and len(out["tokens"]) == 5
     assert "with int8 weights" in result.stderr
-    refused = run_cli("--ckpt-dir", ckpt_dir, "--quantize", "int8", "--dtype", "float32")
+    refused = cli("--ckpt-dir", ckpt_dir, "--quantize", "int8", "--dtype", "float32")
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert [line for line in refused.stderr.splitlines() if "error:" in line] == [
         "error: --quantize int8 computes in bfloat16 (int8 weights, bf16 activations); drop --dtype float32."]
 
 
-def test_saved_int8_checkpoint_loads_as_the_same_int8_model(gqa_checkpoint, tmp_path):
+def test_saved_int8_checkpoint_loads_as_the_same_int8_model(gqa_checkpoint, tmp_path, cli):
     ckpt_dir, _, _ = gqa_checkpoint
     saved = tmp_path / "int8"
-    first = run_cli("--ckpt-dir", ckpt_dir, "--quantize", "int8", "--save-quantized", saved, "--max-new-tokens", 6, "--json")
+    first = cli("--ckpt-dir", ckpt_dir, "--quantize", "int8", "--save-quantized", saved, "--max-new-tokens", 6, "--json")
     assert first.returncode == 0, first.stderr
     assert sorted(p.name for p in saved.iterdir()) == ["model.int8.pth", "params.json", "tokenizer.model"]
     assert json.loads((saved / "params.json").read_text()) == json.loads((ckpt_dir / "params.json").read_text())
@@ -244,7 +236,7 @@ def test_saved_int8_checkpoint_loads_as_the_same_int8_model(gqa_checkpoint, tmp_
     assert payload <= (saved / "model.int8.pth").stat().st_size < payload + 200_000
 
     # A later run loads the folder directly (no --quantize) and generates the same tokens.
-    second = run_cli("--ckpt-dir", saved, "--max-new-tokens", 6, "--json")
+    second = cli("--ckpt-dir", saved, "--max-new-tokens", 6, "--json")
     assert second.returncode == 0, second.stderr
     assert "with int8 weights" in second.stderr
     assert json.loads(second.stdout)["tokens"] == json.loads(first.stdout)["tokens"]
@@ -256,45 +248,44 @@ def error_lines(result) -> list[str]:
     return [line for line in result.stderr.splitlines() if "error:" in line]
 
 
-def test_save_quantized_refuses_bad_requests_and_leaves_files_alone(gqa_checkpoint, tmp_path):
+def test_save_quantized_refuses_bad_requests_and_leaves_files_alone(gqa_checkpoint, tmp_path, cli):
     ckpt_dir, _, _ = gqa_checkpoint
-    assert error_lines(run_cli("--ckpt-dir", ckpt_dir, "--save-quantized", tmp_path / "new")) == [
+    assert error_lines(cli("--ckpt-dir", ckpt_dir, "--save-quantized", tmp_path / "new")) == [
         "error: --save-quantized writes quantized weights; add --quantize int8 or --quantize int4."]
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "notes.txt").write_text("keep me")
-    assert error_lines(run_cli("--ckpt-dir", ckpt_dir, "--quantize", "int8", "--save-quantized", occupied)) == [
+    assert error_lines(cli("--ckpt-dir", ckpt_dir, "--quantize", "int8", "--save-quantized", occupied)) == [
         f"error: --save-quantized {occupied} already exists and is not an empty folder; choose a new folder name."]
     assert [p.name for p in occupied.iterdir()] == ["notes.txt"] and (occupied / "notes.txt").read_text() == "keep me"
 
 
-def test_damaged_int8_checkpoints_are_refused_in_one_sentence(gqa_checkpoint, tmp_path):
+def test_damaged_int8_checkpoints_are_refused_in_one_sentence(gqa_checkpoint, tmp_path, cli):
     ckpt_dir, _, _ = gqa_checkpoint
     good = tmp_path / "good"
-    assert run_cli("--ckpt-dir", ckpt_dir, "--quantize", "int8", "--save-quantized", good, "--max-new-tokens", 1).returncode == 0
+    assert cli("--ckpt-dir", ckpt_dir, "--quantize", "int8", "--save-quantized", good, "--max-new-tokens", 1).returncode == 0
 
     def variant(name, change):
         return changed_copy(good, tmp_path / name, "model.int8.pth", change)
 
     no_scales = variant("no_scales", lambda s: s.pop("layers.0.attention.wq.weight.scales"))
-    assert error_lines(run_cli("--ckpt-dir", no_scales)) == [
+    assert error_lines(cli("--ckpt-dir", no_scales)) == [
         f"error: {no_scales / 'model.int8.pth'} does not match its params.json (missing "
         f"layers.0.attention.wq.weight.scales); save the int8 weights again with run.py --quantize int8 --save-quantized."]
     not_int8 = variant("not_int8", lambda s: s.update({"layers.1.feed_forward.w2.weight":
                                                        s["layers.1.feed_forward.w2.weight"].to(torch.bfloat16)}))
-    [line] = error_lines(run_cli("--ckpt-dir", not_int8))
+    [line] = error_lines(cli("--ckpt-dir", not_int8))
     assert "layers.1.feed_forward.w2.weight is" in line and "torch.int8" in line
     truncated = tmp_path / "truncated"
     truncated.mkdir()
     for file in ("params.json", "tokenizer.model"):
         (truncated / file).write_bytes((good / file).read_bytes())
     (truncated / "model.int8.pth").write_bytes((good / "model.int8.pth").read_bytes()[:5000])
-    [line] = error_lines(run_cli("--ckpt-dir", truncated))
+    [line] = error_lines(cli("--ckpt-dir", truncated))
     assert "model.int8.pth is truncated or corrupt" in line
-    [line] = error_lines(run_cli("--ckpt-dir", good, "--dtype", "float32"))
+    [line] = error_lines(cli("--ckpt-dir", good, "--dtype", "float32"))
     assert line == f"error: {good} holds int8 weights, which compute in bfloat16; drop --dtype float32."
-    compare = subprocess.run([sys.executable, "-m", "llama3_raw", "compare", "--ckpt-dir", str(good)], capture_output=True,
-                             text=True, cwd=REPO, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, timeout=300)
+    compare = cli("compare", "--ckpt-dir", good, entry=python_m)
     assert error_lines(compare) == [f"error: {good} holds int8 weights, which Meta's reference cannot run; compare "
                                     f"the checkpoint they were quantized from."]
 

@@ -1,4 +1,5 @@
-"""The command line with the other checkpoint formats, batched prompts and chat, run as a subprocess."""
+"""The command line with the other checkpoint formats, batched prompts and chat: in this process (the `cli`
+fixture), but for the chat read from a real standard input."""
 
 import json
 import os
@@ -10,43 +11,43 @@ import torch
 
 from helpers import OFFICIAL_TOKENIZER, TINY_GQA, random_state_dict, write_checkpoint, write_sharded_checkpoint
 from llama3_raw import load_tokenizer
-from test_cli import REPO, run_cli, tree_digest
+from test_cli import REPO, tree_digest
 
 PROMPTS = ["Hello", "the answer to the ultimate question of life, the universe, and everything is ", "1, 2, 3,"]
 
 
-def test_prompts_file_json_lines_equal_single_runs(gqa_checkpoint, tmp_path):
+def test_prompts_file_json_lines_equal_single_runs(gqa_checkpoint, tmp_path, cli):
     ckpt_dir, _, _ = gqa_checkpoint
     prompts_file = tmp_path / "prompts.jsonl"
     prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    result = run_cli("--ckpt-dir", ckpt_dir, "--prompts-file", prompts_file, "--max-new-tokens", 5,
+    result = cli("--ckpt-dir", ckpt_dir, "--prompts-file", prompts_file, "--max-new-tokens", 5,
                      "--dtype", "float32", "--json")
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]  # JSON lines: one object per prompt
     assert [line["prompt"] for line in lines] == PROMPTS and [line["index"] for line in lines] == [0, 1, 2]
     for line in lines:
-        alone = json.loads(run_cli(line["prompt"], "--ckpt-dir", ckpt_dir, "--max-new-tokens", 5,
+        alone = json.loads(cli(line["prompt"], "--ckpt-dir", ckpt_dir, "--max-new-tokens", 5,
                                    "--dtype", "float32", "--json").stdout)
         assert line["tokens"] == alone["tokens"] and line["text"] == alone["text"]
         assert line["prompt_tokens"] == alone["prompt_tokens"]
 
 
-def test_plain_prompts_file_prints_each_prompt_and_its_completion_apart(gqa_checkpoint, tmp_path):
+def test_plain_prompts_file_prints_each_prompt_and_its_completion_apart(gqa_checkpoint, tmp_path, cli):
     ckpt_dir, _, _ = gqa_checkpoint
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("Hello\n\n1, 2, 3,\n")
     args = ("--ckpt-dir", ckpt_dir, "--prompts-file", prompts_file, "--max-new-tokens", 3)
-    result = run_cli(*args)
+    result = cli(*args)
     assert result.returncode == 0, result.stderr
-    texts = [json.loads(line)["text"] for line in run_cli(*args, "--json").stdout.splitlines()]  # greedy: the same
+    texts = [json.loads(line)["text"] for line in cli(*args, "--json").stdout.splitlines()]  # greedy: the same
     assert result.stdout == (f"=== prompt 1 ===\nHello\n--- completion ---\n{texts[0]}\n\n"
                              f"=== prompt 2 ===\n1, 2, 3,\n--- completion ---\n{texts[1]}\n\n")
     assert "2 prompts in one batch" in result.stderr
 
 
-def test_interactive_chat_through_stdin_keeps_the_conversation(gqa_checkpoint, tmp_path):
+def test_interactive_chat_through_stdin_keeps_the_conversation(gqa_checkpoint, tmp_path, cli):
     ckpt_dir, _, _ = gqa_checkpoint
-    one_shot = json.loads(run_cli("--ckpt-dir", ckpt_dir, "--chat", "--message", "Hi there", "--max-new-tokens", 6,
+    one_shot = json.loads(cli("--ckpt-dir", ckpt_dir, "--chat", "--message", "Hi there", "--max-new-tokens", 6,
                                   "--json").stdout)
     assert one_shot["messages"][-1] == {"role": "assistant", "content": one_shot["text"]}
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -60,7 +61,7 @@ def test_interactive_chat_through_stdin_keeps_the_conversation(gqa_checkpoint, t
     assert load_tokenizer(OFFICIAL_TOKENIZER).encode(one_shot["text"], bos=False) == one_shot["tokens"]
     history = tmp_path / "history.json"
     history.write_text(json.dumps(one_shot["messages"] + [{"role": "user", "content": "And then?"}]))
-    second = json.loads(run_cli("--ckpt-dir", ckpt_dir, "--chat", "--chat-file", history, "--max-new-tokens", 6,
+    second = json.loads(cli("--ckpt-dir", ckpt_dir, "--chat", "--chat-file", history, "--max-new-tokens", 6,
                                 "--json").stdout)
     assert result.stdout == one_shot["text"] + "\n" + second["text"] + "\n"
 
@@ -94,7 +95,7 @@ def bad_formats(tmp_path_factory):
 
 @pytest.mark.parametrize("case", ["shard gap", "uneven shards", "index to missing file", "not llama config",
                                   "empty prompts file", "chat file not json", "context too long", "message without chat"])
-def test_bad_input_exits_2_with_one_sentence(bad_formats, case):
+def test_bad_input_exits_2_with_one_sentence(bad_formats, case, cli):
     tmp, good = bad_formats
     args, fragment = {
         "shard gap": (["--ckpt-dir", tmp / "gap"], "consolidated.01.pth is missing"),
@@ -109,7 +110,7 @@ def test_bad_input_exits_2_with_one_sentence(bad_formats, case):
         "message without chat": (["--ckpt-dir", good, "--message", "hi"], "add --chat"),
     }[case]
     before = tree_digest(tmp)
-    result = run_cli(*args)
+    result = cli(*args)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert fragment in result.stderr, result.stderr

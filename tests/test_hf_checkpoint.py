@@ -6,8 +6,6 @@ numbers, so float32 results differ in the last bits: logits (values O(1)) must a
 """
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -125,14 +123,13 @@ def test_unpermute_inverts_hugging_faces_permute():
     assert torch.equal(unpermute_rows(hf, n_heads), meta)
 
 
-def test_cli_reads_original_tokenizer_and_greedy_tokens_match_transformers(tmp_path):
+def test_cli_reads_original_tokenizer_and_greedy_tokens_match_transformers(tmp_path, cli):
     """A Hub-style folder: config.json + safetensors, Meta's tokenizer.model in original/."""
     model = hf_model(vocab_size=128256, eos=128009)
     model.save_pretrained(tmp_path)
     (tmp_path / "original").mkdir()
     (tmp_path / "original" / "tokenizer.model").write_bytes(OFFICIAL_TOKENIZER.read_bytes())
-    result = subprocess.run([sys.executable, str(REPO / "run.py"), "--ckpt-dir", str(tmp_path), "--max-new-tokens", "8",
-                             "--dtype", "float32", "--json"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    result = cli("--ckpt-dir", tmp_path, "--max-new-tokens", "8", "--dtype", "float32", "--json", cwd=REPO)
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     with torch.no_grad():

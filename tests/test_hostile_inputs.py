@@ -4,7 +4,8 @@ memory or leave half-written files; every number a flag takes is range-checked; 
 Through the command line where it is about the command line: exit 2, exactly one `error:` line naming the
 file or flag, no traceback, within a time bound. "Nothing outside the folder was opened" is proven with
 FIFOs: opening one for reading blocks until a writer comes, so a tool that opened it would hang and hit
-the subprocess timeout instead of exiting 2.
+the subprocess timeout instead of exiting 2. Those, and the refusals that a regression would turn into a hang
+or an exhausted memory, run as real processes (run_tool); the others in this process (the `cli` fixture).
 """
 
 import errno
@@ -21,7 +22,7 @@ import pytest
 import torch
 
 import llama3_raw.tokenizer as tokenizer_module
-from helpers import OFFICIAL_TOKENIZER, TINY_GQA, random_state_dict, write_checkpoint, write_sharded_checkpoint
+from helpers import OFFICIAL_TOKENIZER, TINY_GQA, python_m, random_state_dict, write_checkpoint, write_sharded_checkpoint
 from llama3_raw import UserError, load_checkpoint, train, train_tokenizer
 from llama3_raw.checkpoints import quantized as quantized_module
 from llama3_raw.checkpoints import load_model, open_folder
@@ -73,8 +74,12 @@ def hf_folder(tmp: Path, weight_map: dict) -> Path:
 
 # ---- 1. a Hugging Face index, or a symlink, pointing outside the folder ----
 
-@pytest.mark.parametrize("entry", ["relative", "absolute", "etc_passwd", "symlink"])
-def test_index_entries_outside_the_folder_are_refused_unopened(tmp_path, entry):
+HANGS = pytest.mark.slow  # a real process with a time bound: opening the FIFO (or reading /dev/zero) would hang
+
+
+@pytest.mark.parametrize("entry", [pytest.param("relative", marks=HANGS), pytest.param("absolute", marks=HANGS),
+                                   "etc_passwd", pytest.param("symlink", marks=HANGS)])
+def test_index_entries_outside_the_folder_are_refused_unopened(tmp_path, entry, cli):
     outside = tmp_path / "outside"
     outside.mkdir()
     target = fifo(outside / "model-00002-of-00002.safetensors")  # opening it would hang
@@ -84,19 +89,20 @@ def test_index_entries_outside_the_folder_are_refused_unopened(tmp_path, entry):
                                   "model.norm.weight": name})
     if entry == "symlink":
         (folder / name).symlink_to(target)
-    result = run_tool("--ckpt-dir", folder, "--max-new-tokens", 1)
+    runner = cli if entry == "etc_passwd" else run_tool  # only /etc/passwd can be opened without hanging
+    result = runner("--ckpt-dir", folder, "--max-new-tokens", 1)
     named_by = "" if entry == "symlink" else "model.safetensors.index.json entry"  # the folder's own file: found first
     assert_refused(result, "outside the checkpoint folder", named_by,
                    "passwd" if entry == "etc_passwd" else "model-00002-of-00002.safetensors")
 
 
-def test_a_weight_file_symlinked_out_of_the_folder_is_refused(tmp_path):
+def test_a_weight_file_symlinked_out_of_the_folder_is_refused(tmp_path, cli):
     state = random_state_dict(TINY_GQA, seed=5)
     elsewhere = write_checkpoint(tmp_path / "elsewhere", TINY_GQA, state)
     folder = write_checkpoint(tmp_path / "folder", TINY_GQA, state)
     (folder / "consolidated.00.pth").unlink()
     (folder / "consolidated.00.pth").symlink_to(elsewhere / "consolidated.00.pth")
-    result = run_tool("--ckpt-dir", folder, "--max-new-tokens", 1)
+    result = cli("--ckpt-dir", folder, "--max-new-tokens", 1)
     assert_refused(result, "consolidated.00.pth resolves to", "outside the checkpoint folder")
 
 
@@ -118,12 +124,13 @@ def good_checkpoint(tmp_path_factory):
     return write_checkpoint(tmp_path_factory.mktemp("good"), TINY_GQA, random_state_dict(TINY_GQA, seed=4))
 
 
-@pytest.mark.parametrize("name, kind", [("consolidated.00.pth", "fifo"), ("consolidated.00.pth", "folder"),
-                                        ("consolidated.00.pth", "dev_zero"), ("params.json", "folder"),
-                                        ("params.json", "fifo"), ("tokenizer.model", "fifo"),
-                                        ("generation.json", "fifo"), ("model.int8.pth", "fifo"),
-                                        ("model.int4.pth", "fifo")])
-def test_files_that_are_not_regular_files_are_refused_before_opening(tmp_path, good_checkpoint, name, kind):
+@pytest.mark.parametrize("name, kind", [
+    pytest.param("consolidated.00.pth", "fifo", marks=HANGS), ("consolidated.00.pth", "folder"),
+    pytest.param("consolidated.00.pth", "dev_zero", marks=HANGS), ("params.json", "folder"),
+    pytest.param("params.json", "fifo", marks=HANGS), pytest.param("tokenizer.model", "fifo", marks=HANGS),
+    pytest.param("generation.json", "fifo", marks=HANGS), pytest.param("model.int8.pth", "fifo", marks=HANGS),
+    pytest.param("model.int4.pth", "fifo", marks=HANGS)])
+def test_files_that_are_not_regular_files_are_refused_before_opening(tmp_path, good_checkpoint, name, kind, cli):
     folder = tmp_path / "ckpt"
     folder.mkdir()
     for file in good_checkpoint.iterdir():
@@ -135,12 +142,14 @@ def test_files_that_are_not_regular_files_are_refused_before_opening(tmp_path, g
         (folder / name).mkdir()
     else:
         (folder / name).symlink_to("/dev/zero")
-    result = run_tool("--ckpt-dir", folder, "--max-new-tokens", 1)
+    runner = cli if kind == "folder" else run_tool  # a folder cannot hang a tool that opens it; the others could
+    result = runner("--ckpt-dir", folder, "--max-new-tokens", 1)
     expected = {"fifo": "is a pipe, not a regular file", "folder": "is a folder, not a regular file",
                 "dev_zero": "outside the checkpoint folder"}[kind]
     assert_refused(result, name, expected)
 
 
+@HANGS
 def test_a_tokenizer_flag_naming_a_fifo_is_refused(tmp_path, good_checkpoint):
     result = run_tool("--ckpt-dir", good_checkpoint, "--tokenizer", fifo(tmp_path / "tok.model"))
     assert_refused(result, "--tokenizer", "is a pipe")
@@ -148,6 +157,7 @@ def test_a_tokenizer_flag_naming_a_fifo_is_refused(tmp_path, good_checkpoint):
 
 # ---- 3. sizes trusted before they are checked ----
 
+@pytest.mark.slow  # a real process: a regression would run out of memory (it did)
 def test_params_with_a_billion_layers_is_refused_at_once(tmp_path, good_checkpoint):
     folder = tmp_path / "ckpt"
     folder.mkdir()
@@ -160,6 +170,7 @@ def test_params_with_a_billion_layers_is_refused_at_once(tmp_path, good_checkpoi
     assert time.perf_counter() - start < 30  # the shape table alone took 35 s and then ran out of memory
 
 
+@pytest.mark.slow  # a real process: a regression would allocate the full tensor
 def test_shards_with_a_huge_dim_are_refused_before_the_merge_allocates(tmp_path, monkeypatch):
     folder = write_sharded_checkpoint(tmp_path / "shards", TINY_GQA, random_state_dict(TINY_GQA, seed=6), 2)
     (folder / "params.json").write_text(json.dumps(dict(TINY_GQA, dim=10**9)))
@@ -182,13 +193,14 @@ def test_shards_with_a_huge_dim_are_refused_before_the_merge_allocates(tmp_path,
 
 # ---- 4. remote tokenizers: bounded in time ----
 
-def test_a_remote_tokenizer_that_cannot_be_reached_is_refused_in_bounded_time(good_checkpoint):
+@pytest.mark.slow  # a real process with a time bound, and a lookup that waits for the network
+def test_a_remote_tokenizer_that_cannot_be_reached_is_refused_in_bounded_time(good_checkpoint, cli):
     start = time.perf_counter()
     result = run_tool("--ckpt-dir", good_checkpoint, "--tokenizer", "gs://nonexistent-bucket/tokenizer.model",
                       timeout=TIME_BOUND_S)
     assert_refused(result, "--tokenizer gs://nonexistent-bucket/tokenizer.model could not be read")
     assert time.perf_counter() - start < tokenizer_module.REMOTE_TIMEOUT_S + 30  # python + torch start included
-    assert f"{tokenizer_module.REMOTE_TIMEOUT_S} s" in run_tool("--help").stdout
+    assert f"{tokenizer_module.REMOTE_TIMEOUT_S} s" in cli("--help").stdout
 
 
 def test_a_silent_web_server_gets_the_time_bound(monkeypatch):
@@ -204,10 +216,10 @@ def test_a_silent_web_server_gets_the_time_bound(monkeypatch):
 
 # ---- 5. writes that fail half-way ----
 
-def test_save_quantized_below_a_file_is_refused_before_loading(tmp_path, good_checkpoint):
+def test_save_quantized_below_a_file_is_refused_before_loading(tmp_path, good_checkpoint, cli):
     (tmp_path / "afile").write_text("keep me")
     before = tree_digest(tmp_path)
-    result = run_tool("--ckpt-dir", good_checkpoint, "--quantize", "int8", "--save-quantized", tmp_path / "afile" / "q8")
+    result = cli("--ckpt-dir", good_checkpoint, "--quantize", "int8", "--save-quantized", tmp_path / "afile" / "q8")
     assert_refused(result, "--save-quantized", "afile is a file, not a folder")
     assert "loaded" not in result.stderr and tree_digest(tmp_path) == before
 
@@ -268,27 +280,27 @@ def test_atomic_writes_turn_a_full_disk_into_one_sentence(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["old.bin"] and (tmp_path / "old.bin").read_bytes() == b"old"
 
 
-def test_training_out_below_a_file_is_refused_at_once(tmp_path):
+def test_training_out_below_a_file_is_refused_at_once(tmp_path, cli):
     (tmp_path / "afile").write_text("keep me")
-    result = run_tool("--out", tmp_path / "afile" / "run", module="llama3_raw.train")
+    result = cli("--out", tmp_path / "afile" / "run", entry=train.main)
     assert_refused(result, "--out", "afile is a file, not a folder")
     assert [p.name for p in tmp_path.iterdir()] == ["afile"]
 
 
 # ---- 6. numbers out of range ----
 
-def test_a_seed_beyond_64_bits_is_one_sentence(good_checkpoint):
-    result = run_tool("--ckpt-dir", good_checkpoint, "--seed", "1180591620717411303424", "--temperature", "1")
+def test_a_seed_beyond_64_bits_is_one_sentence(good_checkpoint, cli):
+    result = cli("--ckpt-dir", good_checkpoint, "--seed", "1180591620717411303424", "--temperature", "1")
     assert_refused(result, "--seed", "2**63-1")
 
 
 @pytest.mark.parametrize("temperature", ["0", "0.8"])
-def test_weights_that_are_not_finite_are_one_sentence(tmp_path, temperature):
+def test_weights_that_are_not_finite_are_one_sentence(tmp_path, temperature, cli):
     """A NaN weight makes NaN logits: greedy decoding printed NUL bytes and sampling died in torch.multinomial."""
     state = random_state_dict(TINY_GQA, seed=21)
     state["layers.1.feed_forward.w2.weight"][3, 5] = float("nan")
     ckpt_dir = write_checkpoint(tmp_path / "nan", TINY_GQA, state, tokenizer=OFFICIAL_TOKENIZER)
-    result = run_tool("--ckpt-dir", ckpt_dir, "--temperature", temperature, "--seed", "1", "--max-new-tokens", "3")
+    result = cli("--ckpt-dir", ckpt_dir, "--temperature", temperature, "--seed", "1", "--max-new-tokens", "3")
     assert_refused(result, "NaN or infinite", "replace the checkpoint with an intact copy")
 
 
@@ -365,9 +377,9 @@ def test_mixed_shard_dtypes_are_noted(tmp_path, capsys):
     assert "consolidated.01.pth holds float32 tensors, converted to shard 00's bfloat16" in capsys.readouterr().err
 
 
-def test_a_float16_checkpoint_is_noted(tmp_path):
+def test_a_float16_checkpoint_is_noted(tmp_path, cli):
     folder = write_checkpoint(tmp_path / "fp16", TINY_GQA, random_state_dict(TINY_GQA, seed=8, dtype=torch.float16))
-    result = run_tool("--ckpt-dir", folder, "--max-new-tokens", 1, "--dtype", "float32")
+    result = cli("--ckpt-dir", folder, "--max-new-tokens", 1, "--dtype", "float32")
     assert result.returncode == 0, result.stderr
     assert "float16 tensor(s), converted to float32" in result.stderr
 
@@ -400,9 +412,10 @@ def test_inspect_layers_range_is_checked_before_it_is_expanded():
     ("llama3_raw.train_tokenizer", ["--input", "afile", "--vocab-size", "300", "--output", "afile/tok.model"], "--output"),
     ("llama3_raw", ["inspect", "--out", "afile/views"], "--out"),
 ])
-def test_other_outputs_below_a_file_are_refused_before_the_work(tmp_path, good_checkpoint, module, args, flag):
+def test_other_outputs_below_a_file_are_refused_before_the_work(tmp_path, good_checkpoint, module, args, flag, cli):
     (tmp_path / "afile").write_text("some text to learn from")
     extra = ["--ckpt-dir", good_checkpoint] if args[0] == "inspect" else []
-    result = run_tool(*args, *extra, module=module, cwd=tmp_path)
+    entry = {"llama3_raw.train_tokenizer": train_tokenizer.main, "llama3_raw": python_m}[module]
+    result = cli(*args, *extra, entry=entry, cwd=tmp_path)
     assert_refused(result, flag, "afile is a file, not a folder")
     assert [p.name for p in tmp_path.iterdir()] == ["afile"]

@@ -1,7 +1,6 @@
 """Issue 7's views: logit lens, attention maps, shapes trace, compare against Meta's reference, score."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import fp32_model
+from helpers import fp32_model, python_m
 from llama3_raw import forward
 from llama3_raw.tools.compare import compare_with_reference, perturbed
 from llama3_raw.tools.inspection import inspect_prompt, logit_lens
@@ -123,12 +122,13 @@ def test_sliding_windows_score_each_token_once_with_enough_context(model):
     assert partial == pytest.approx(first + by_hand, rel=1e-5)
 
 
-def run_module(*args):
-    return subprocess.run([sys.executable, "-m", "llama3_raw", *map(str, args)], capture_output=True, text=True,
-                          cwd=REPO, timeout=300)
+@pytest.fixture
+def run_module(cli):
+    """`python -m llama3_raw ARGS`, in this process (helpers.call)."""
+    return lambda *args: cli(*args, entry=python_m, cwd=REPO)
 
 
-def test_tools_from_the_command_line(gqa_checkpoint, tmp_path):
+def test_tools_from_the_command_line(gqa_checkpoint, tmp_path, run_module):
     ckpt_dir, _, _ = gqa_checkpoint
     result = run_module("inspect", "Hello there", "--ckpt-dir", ckpt_dir, "--out", tmp_path / "views", "--layers", "1")
     assert result.returncode == 0, result.stderr
@@ -158,7 +158,7 @@ def test_tools_from_the_command_line(gqa_checkpoint, tmp_path):
     (["score", "missing.txt"], "missing.txt does not exist"),
     (["score", "EMPTY", "--window", "1"], "is empty"),
 ])
-def test_tool_bad_input(gqa_checkpoint, tmp_path, args, fragment):
+def test_tool_bad_input(gqa_checkpoint, tmp_path, args, fragment, run_module):
     ckpt_dir, _, _ = gqa_checkpoint
     (tmp_path / "EMPTY").write_text("")
     args = [str(tmp_path / "EMPTY") if a == "EMPTY" else a for a in args]
@@ -166,10 +166,11 @@ def test_tool_bad_input(gqa_checkpoint, tmp_path, args, fragment):
     assert result.returncode == 2 and fragment in result.stderr and "Traceback" not in result.stderr
 
 
-def test_compare_without_the_reference_says_how_to_install(gqa_checkpoint):
+def test_compare_without_the_reference_says_how_to_install(gqa_checkpoint, cli, monkeypatch):
+    from llama3_raw.tools.compare import main
     ckpt_dir, _, _ = gqa_checkpoint
-    script = ("import sys; sys.modules['llama_models'] = None; "
-              "from llama3_raw.tools.compare import main; sys.exit(main(['--ckpt-dir', sys.argv[1]]))")
-    result = subprocess.run([sys.executable, "-c", script, str(ckpt_dir)], capture_output=True, text=True, cwd=REPO)
+    for name in [name for name in sys.modules if name == "llama_models" or name.startswith("llama_models.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if never installed: every import of it fails
+    result = cli("--ckpt-dir", ckpt_dir, entry=main)
     assert result.returncode == 2
     assert "pip install --no-deps llama-models" in result.stderr and "Traceback" not in result.stderr

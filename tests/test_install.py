@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # a wheel built and installed into a fresh virtual environment
 
 
 def pip(*args, cwd=REPO) -> subprocess.CompletedProcess:

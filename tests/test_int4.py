@@ -15,10 +15,6 @@ A wrong nibble order or group would give errors near 100 %.
 """
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -30,8 +26,6 @@ from llama3_raw.int4_layouts import (BLOCK_CANDIDATES, cpu_block_rows, cpu_unpac
                                     values_from_plain)
 from llama3_raw.model import forward, new_kv_cache
 from llama3_raw.quantize import Int4Weight, dequantize, quantize_int4, quantize_weights
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -160,21 +154,15 @@ def test_the_written_out_arrangement_is_pytorchs():
     assert torch.equal(arranged(q.to(torch.uint8), *cpu_block_rows()).view(-1), packed.view(-1))
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, str(REPO / "run.py"), *map(str, args)], capture_output=True, text=True,
-                          cwd=REPO, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
-                                                   compiled.SWITCH_ENV: os.environ.get(compiled.SWITCH_ENV, "1")}, timeout=300)
-
-
 def error_lines(result) -> list[str]:
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     return [line for line in result.stderr.splitlines() if "error:" in line]
 
 
-def test_saved_int4_checkpoint_loads_as_the_same_int4_model(gqa_checkpoint, tmp_path, pytorch_kernels):
+def test_saved_int4_checkpoint_loads_as_the_same_int4_model(gqa_checkpoint, tmp_path, pytorch_kernels, cli):
     ckpt_dir, _, _ = gqa_checkpoint
     saved = tmp_path / "int4"
-    first = run_cli("--ckpt-dir", ckpt_dir, "--quantize", "int4", "--save-quantized", saved, "--max-new-tokens", 6, "--json")
+    first = cli("--ckpt-dir", ckpt_dir, "--quantize", "int4", "--save-quantized", saved, "--max-new-tokens", 6, "--json")
     assert first.returncode == 0, first.stderr
     assert "with int4 weights" in first.stderr
     assert sorted(p.name for p in saved.iterdir()) == ["model.int4.pth", "params.json", "tokenizer.model"]
@@ -203,27 +191,27 @@ def test_saved_int4_checkpoint_loads_as_the_same_int4_model(gqa_checkpoint, tmp_
                                 (block_rows, halves))
         assert torch.equal(elsewhere.plain(), w1.plain())
 
-    second = run_cli("--ckpt-dir", saved, "--max-new-tokens", 6, "--json")
+    second = cli("--ckpt-dir", saved, "--max-new-tokens", 6, "--json")
     assert second.returncode == 0, second.stderr
     assert "with int4 weights" in second.stderr
     assert json.loads(second.stdout)["tokens"] == json.loads(first.stdout)["tokens"]
 
 
-def test_int4_requests_that_cannot_work_are_refused_before_loading(gqa_checkpoint, tmp_path):
+def test_int4_requests_that_cannot_work_are_refused_before_loading(gqa_checkpoint, tmp_path, cli):
     ckpt_dir, _, _ = gqa_checkpoint
     # TINY_GQA's feed-forward hidden size is 224: groups of 32 fit, groups of 64 do not
-    assert error_lines(run_cli("--ckpt-dir", ckpt_dir, "--quantize", "int4", "--group-size", "64")) == [
+    assert error_lines(cli("--ckpt-dir", ckpt_dir, "--quantize", "int4", "--group-size", "64")) == [
         f"error: --quantize int4 cannot take layers.0.feed_forward.w2.weight of {ckpt_dir}: its 224 inputs do not "
         f"split into groups of 64; pass --group-size 32."]
-    [line] = error_lines(run_cli("--ckpt-dir", ckpt_dir, "--quantize", "int4", "--group-size", "48"))
+    [line] = error_lines(cli("--ckpt-dir", ckpt_dir, "--quantize", "int4", "--group-size", "48"))
     assert "--group-size" in line and "48" in line
-    assert error_lines(run_cli("--ckpt-dir", ckpt_dir, "--quantize", "int8", "--group-size", "32")) == [
+    assert error_lines(cli("--ckpt-dir", ckpt_dir, "--quantize", "int8", "--group-size", "32")) == [
         "error: --group-size only applies to int4 weights; add --quantize int4 (or drop --group-size)."]
-    assert error_lines(run_cli("--ckpt-dir", ckpt_dir, "--quantize", "int4", "--dtype", "float32")) == [
+    assert error_lines(cli("--ckpt-dir", ckpt_dir, "--quantize", "int4", "--dtype", "float32")) == [
         "error: --quantize int4 computes in bfloat16 (int4 weights, bf16 activations); drop --dtype float32."]
     one_kv_head = dict(TINY_GQA, n_kv_heads=1)  # wk and wv: 8 rows, fewer than the kernels' 16
     odd_rows = write_checkpoint(tmp_path / "odd", one_kv_head, random_state_dict(one_kv_head, seed=4))
-    assert error_lines(run_cli("--ckpt-dir", odd_rows, "--quantize", "int4")) == [
+    assert error_lines(cli("--ckpt-dir", odd_rows, "--quantize", "int4")) == [
         f"error: --quantize int4 cannot take layers.0.attention.wk.weight of {odd_rows}: its 8 rows are not a "
         f"multiple of 16; use --quantize int8."]
 
@@ -242,32 +230,32 @@ def test_int4_on_ranks_checks_each_ranks_part(gqa_checkpoint):
         check_int4_shapes(folder, 32, Ranks(1, 2))
 
 
-def test_damaged_int4_checkpoints_are_refused_in_one_sentence(gqa_checkpoint, tmp_path):
+def test_damaged_int4_checkpoints_are_refused_in_one_sentence(gqa_checkpoint, tmp_path, cli):
     ckpt_dir, _, _ = gqa_checkpoint
     good = tmp_path / "good"
-    assert run_cli("--ckpt-dir", ckpt_dir, "--quantize", "int4", "--save-quantized", good, "--max-new-tokens", 1).returncode == 0
+    assert cli("--ckpt-dir", ckpt_dir, "--quantize", "int4", "--save-quantized", good, "--max-new-tokens", 1).returncode == 0
 
     def variant(name, change):
         return changed_copy(good, tmp_path / name, "model.int4.pth", change)
 
     again = "save the int4 weights again with run.py --quantize int4 --save-quantized."
     no_scales = variant("no_scales", lambda s: s.pop("layers.0.attention.wq.weight.scales_and_zeros"))
-    assert error_lines(run_cli("--ckpt-dir", no_scales)) == [
+    assert error_lines(cli("--ckpt-dir", no_scales)) == [
         f"error: {no_scales / 'model.int4.pth'} does not match its params.json (missing "
         f"layers.0.attention.wq.weight.scales_and_zeros); {again}"]
     unpacked = variant("unpacked", lambda s: s.update({"layers.1.feed_forward.w2.weight":
                                                        values_from_plain(s["layers.1.feed_forward.w2.weight"])}))
-    [line] = error_lines(run_cli("--ckpt-dir", unpacked))
+    [line] = error_lines(cli("--ckpt-dir", unpacked))
     assert "layers.1.feed_forward.w2.weight is (64, 224) torch.uint8" in line and again in line
     # groups of 16 (not a size the kernels take): every matrix's scales and zeros twice as many
     def regroup(s):
         for key in [k for k in s if k.endswith(".scales_and_zeros")]:
             s[key] = s[key].repeat_interleave(2, dim=0)
-    [line] = error_lines(run_cli("--ckpt-dir", variant("groups16", regroup)))
+    [line] = error_lines(cli("--ckpt-dir", variant("groups16", regroup)))
     assert "group size 16 is none of 32, 64, 128" in line
-    [line] = error_lines(run_cli("--ckpt-dir", good, "--quantize", "int8"))
+    [line] = error_lines(cli("--ckpt-dir", good, "--quantize", "int8"))
     assert line == f"error: {good} holds int4 weights already; drop --quantize int8, or quantize the checkpoint they were made from."
-    [line] = error_lines(run_cli("--ckpt-dir", good, "--dtype", "float32"))
+    [line] = error_lines(cli("--ckpt-dir", good, "--dtype", "float32"))
     assert line == f"error: {good} holds int4 weights, which compute in bfloat16; drop --dtype float32."
 
 

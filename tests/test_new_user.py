@@ -1,6 +1,7 @@
 """What a new user meets first (issue 14): help that names where defaults come from, subcommands with their
 own help, flag errors in one line for every tool, threads, the seed of a sampled run, honest notes on stderr,
-and a training run that says how it stopped. Run as a person runs them: subprocesses."""
+and a training run that says how it stopped. Run as a person runs them, each main() with an argument list in this
+process (the `run` fixture below); Ctrl-C, which needs a process to signal, in a real one."""
 
 import json
 import os
@@ -14,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import TINY_GQA, TINY_RECIPE, write_random_checkpoint
+from helpers import TINY_GQA, TINY_RECIPE, python_m, run_py, write_random_checkpoint
+from llama3_raw import train, train_tokenizer
 from llama3_raw.threads import SMALL_MODEL_PARAMETERS, default_threads, usable_cores, use_threads
 from llama3_raw.tools.pictures import visible
 
@@ -22,15 +24,21 @@ REPO = Path(__file__).resolve().parent.parent
 SHIPPED_GENERATION = json.loads((REPO / "weights" / "shakespeare" / "generation.json").read_text())
 
 
-def run(*args, module: str | None = "llama3_raw", cwd=REPO, timeout=300):
-    """`python -m MODULE ARGS` (module None: `python run.py ARGS`)."""
-    command = [sys.executable, "-m", module] if module else [sys.executable, str(REPO / "run.py")]
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    return subprocess.run([*command, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env,
-                          timeout=timeout)
+ENTRIES = {None: run_py, "llama3_raw": python_m, "llama3_raw.train": train.main,
+           "llama3_raw.train_tokenizer": train_tokenizer.main}
 
 
-def test_help_names_the_source_of_every_default_and_shows_examples():
+@pytest.fixture
+def run(cli):
+    """`run(*args, module=MODULE)`: `python -m MODULE ARGS` (module None: `python run.py ARGS`), in this process, in the
+    clone's folder as a person who cloned it runs them."""
+    def run(*args, module: str | None = "llama3_raw", cwd=REPO):
+        return cli(*args, entry=ENTRIES[module], cwd=cwd)
+
+    return run
+
+
+def test_help_names_the_source_of_every_default_and_shows_examples(run):
     result = run("--help", module=None)
     assert result.returncode == 0 and result.stdout.startswith("usage: run.py")
     text = " ".join(result.stdout.split())  # argparse wraps lines; compare the words
@@ -40,18 +48,18 @@ def test_help_names_the_source_of_every_default_and_shows_examples():
     assert "shipped/shakespeare/generation.json sets" in text and "examples:" in result.stdout
 
 
-def test_help_for_a_checkpoint_without_generation_json_says_built_in(gqa_checkpoint):
+def test_help_for_a_checkpoint_without_generation_json_says_built_in(gqa_checkpoint, run):
     ckpt_dir, _, _ = gqa_checkpoint
     text = " ".join(run("--ckpt-dir", ckpt_dir, "--help", module=None).stdout.split())
     assert "tokens to generate at most (default 32, built-in)" in text and "has no generation.json" in text
 
 
-def test_version():
+def test_version(run):
     result = run("--version")
     assert result.returncode == 0 and re.fullmatch(r"llama3_raw \d+\.\d+\.\d+\n", result.stdout)
 
 
-def test_top_level_help_lists_the_commands_and_each_has_its_own():
+def test_top_level_help_lists_the_commands_and_each_has_its_own(run):
     top = run("--help")
     assert top.returncode == 0
     for command in ("run", "chat", "inspect", "compare", "score"):
@@ -61,7 +69,7 @@ def test_top_level_help_lists_the_commands_and_each_has_its_own():
     assert "--message" in run("chat", "--help").stdout and "--window" in run("score", "--help").stdout
 
 
-def test_chat_subcommand_answers_like_run_py_chat(gqa_checkpoint):
+def test_chat_subcommand_answers_like_run_py_chat(gqa_checkpoint, run):
     ckpt_dir, _, _ = gqa_checkpoint
     args = ("--ckpt-dir", ckpt_dir, "--message", "Hi", "--max-new-tokens", 4, "--json")
     via_subcommand = json.loads(run("chat", *args).stdout)
@@ -82,14 +90,14 @@ def test_chat_subcommand_answers_like_run_py_chat(gqa_checkpoint):
     ("llama3_raw.train", ["--threads", "many"], "--threads many is not a thread count (1 to 1024)"),
     ("llama3_raw.train_tokenizer", ["--input", "x"], "--vocab-size, --output are required"),
 ])
-def test_every_tool_says_a_flag_error_in_one_line_without_usage(module, args, fragment):
+def test_every_tool_says_a_flag_error_in_one_line_without_usage(module, args, fragment, run):
     result = run(*args, module=module)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and fragment in result.stderr
     assert "usage:" not in result.stderr and "--help" in result.stderr and result.stdout == ""
 
 
-def test_thread_rule_and_flag(gqa_checkpoint):
+def test_thread_rule_and_flag(gqa_checkpoint, run):
     assert default_threads(SMALL_MODEL_PARAMETERS - 1) == 1  # the shipped 5M model: one thread
     assert 1 <= default_threads(SMALL_MODEL_PARAMETERS) <= usable_cores()
     before = torch.get_num_threads()
@@ -103,7 +111,7 @@ def test_thread_rule_and_flag(gqa_checkpoint):
     assert json.loads(run(*args, "--threads", 2, module=None).stdout)["stats"]["threads"] == 2
 
 
-def test_an_unseeded_sampled_run_says_its_seed_and_the_seed_repeats_it(gqa_checkpoint):
+def test_an_unseeded_sampled_run_says_its_seed_and_the_seed_repeats_it(gqa_checkpoint, run):
     ckpt_dir, _, _ = gqa_checkpoint
     args = ("Once", "--ckpt-dir", ckpt_dir, "--max-new-tokens", 6, "--temperature", 1.0, "--json")
     first = run(*args, module=None)
@@ -116,7 +124,7 @@ def test_an_unseeded_sampled_run_says_its_seed_and_the_seed_repeats_it(gqa_check
     assert json.loads(greedy.stdout)["stats"]["seed"] is None  # greedy draws nothing
 
 
-def test_an_empty_prompt_says_it_starts_from_begin_of_text_and_counts_in_the_singular(gqa_checkpoint):
+def test_an_empty_prompt_says_it_starts_from_begin_of_text_and_counts_in_the_singular(gqa_checkpoint, run):
     ckpt_dir, _, _ = gqa_checkpoint
     result = run("", "--ckpt-dir", ckpt_dir, "--max-new-tokens", 1, module=None)
     assert result.returncode == 0, result.stderr
@@ -124,7 +132,7 @@ def test_an_empty_prompt_says_it_starts_from_begin_of_text_and_counts_in_the_sin
     assert "[1 prompt token, " in result.stderr and "; 1 new token, " in result.stderr
 
 
-def test_chat_with_the_shipped_base_model_warns_and_an_unmarked_checkpoint_does_not(gqa_checkpoint):
+def test_chat_with_the_shipped_base_model_warns_and_an_unmarked_checkpoint_does_not(gqa_checkpoint, run):
     assert SHIPPED_GENERATION["instruct"] is False
     shipped = run("chat", "--message", "Hi", "--max-new-tokens", 3)
     assert shipped.returncode == 0 and "is a base model, not an Instruct one" in shipped.stderr
@@ -133,7 +141,7 @@ def test_chat_with_the_shipped_base_model_warns_and_an_unmarked_checkpoint_does_
     assert unmarked.returncode == 0 and "base model" not in unmarked.stderr
 
 
-def test_generation_json_instruct_must_be_true_or_false(tmp_path):
+def test_generation_json_instruct_must_be_true_or_false(tmp_path, run):
     ckpt_dir = write_random_checkpoint(tmp_path / "ckpt", TINY_GQA, seed=3)
     (ckpt_dir / "generation.json").write_text('{"instruct": "no"}')
     result = run("--ckpt-dir", ckpt_dir, module=None)
@@ -156,7 +164,7 @@ def tiny_training(tmp_path):
     return ["--config", recipe, "--corpus", corpus, "--out", tmp_path / "out", "--no-progress"], tmp_path / "out"
 
 
-def test_training_says_how_it_stopped_where_the_state_is_and_how_to_resume(tiny_training):
+def test_training_says_how_it_stopped_where_the_state_is_and_how_to_resume(tiny_training, run):
     args, out = tiny_training
     stopped = run(*args, "--stop-after", 5, module="llama3_raw.train")
     assert stopped.returncode == 0, stopped.stderr
@@ -171,6 +179,7 @@ def test_training_says_how_it_stopped_where_the_state_is_and_how_to_resume(tiny_
     assert (out / "consolidated.00.pth").is_file()
 
 
+@pytest.mark.slow  # a real process to signal, and a training run until it is
 def test_ctrl_c_saves_the_state_and_says_how_to_resume(tiny_training):
     args, out = tiny_training
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")

@@ -17,6 +17,7 @@ from llama3_raw import train, train_tokenizer
 from llama3_raw.cli import main as cli_main
 from llama3_raw.errors import UserError
 from llama3_raw.files import check_writable_folder, try_writing_in, write_failure, write_text
+from helpers import call
 from test_cli import tree_digest
 
 LINUX_PROC = Path("/proc/self").is_dir()
@@ -30,15 +31,6 @@ def sysfs_refuses() -> bool:
         return os.path.isdir("/sys")
     os.rmdir("/sys/llama3_raw_probe")
     return False
-
-
-def call(main, argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as stop:  # argparse's own errors
-        code = stop.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def bad_paths(tmp_path: Path) -> dict[str, Path]:

@@ -163,6 +163,7 @@ tokens = list(generate(weights, ckpt.params, [128000, 5, 6, 7], 4, stop_ids=()))
 """
 
 
+@pytest.mark.slow  # a memory probe on a checkpoint of a few hundred MB, in a fresh interpreter
 @needs_huge_pages
 def test_placing_holds_one_copy_of_the_weights(tmp_path):
     """The checkpoint object still holds every memory-mapped tensor, so only the hand-back keeps the file's pages

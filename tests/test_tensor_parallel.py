@@ -107,6 +107,7 @@ def assert_same_run(ranked: dict, alone: dict) -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=f"decode step {step}")
 
 
+@pytest.mark.slow  # ranks: processes, each starting Python and torch
 @pytest.mark.parametrize("p, n_files, world_size", [
     (TINY_GQA, 2, 2),                       # a rank per file, mapped as it is
     (dict(TINY_GQA, n_kv_heads=4), 4, 4),   # 4 kv heads on 4 ranks
@@ -125,6 +126,7 @@ def test_ranks_equal_one_process_at_every_step(tmp_path, p, n_files, world_size)
     assert ranked["wk_rows"] == head_dim * max(1, p["n_kv_heads"] // world_size)  # only the kv heads it reads
 
 
+@pytest.mark.slow  # ranks: processes, each starting Python and torch
 @pytest.mark.parametrize("p, world_size", [(TINY_GQA, 2), (dict(TINY_GQA, n_kv_heads=4), 4)])
 def test_greedy_tokens_equal_metas_model_parallel_ranks(tmp_path, p, world_size):
     state = random_state_dict(p, seed=12)
@@ -151,6 +153,7 @@ def duplicated_kv_files(tmp_path: Path, copies: int = 2) -> tuple[Path, dict, di
     return ckpt_dir, real, state
 
 
+@pytest.mark.slow  # ranks: processes, each starting Python and torch
 def test_duplicated_kv_heads_are_kept_once_in_one_process_and_split_on_ranks(tmp_path):
     ckpt_dir, real, state = duplicated_kv_files(tmp_path)
     merged = load_checkpoint(ckpt_dir, show_progress=False)
@@ -163,6 +166,7 @@ def test_duplicated_kv_heads_are_kept_once_in_one_process_and_split_on_ranks(tmp
     assert_same_run(torch.load(tmp_path / "ours.pt", weights_only=True), alone)
 
 
+@pytest.mark.slow  # ranks: processes, each starting Python and torch
 def test_hugging_face_and_saved_int8_and_int4_folders_are_cut_per_rank(tmp_path, monkeypatch):
     from test_hf_checkpoint import hf_model
 
@@ -244,18 +248,18 @@ def two_shards(tmp_path_factory):
     return one, two
 
 
-def test_cli_under_torchrun_prints_once_and_matches_one_process(two_shards):
+@pytest.mark.slow  # torchrun: a launcher and its ranks, each starting Python and torch
+def test_cli_under_torchrun_prints_once_and_matches_one_process(two_shards, cli):
     one, two = two_shards
     flags = ("--max-new-tokens", 6, "--dtype", "float32", "--json")
-    alone = cli_json(subprocess.run([sys.executable, str(REPO / "run.py"), "hello", "--ckpt-dir", one, *map(str, flags)],
-                                    capture_output=True, text=True, cwd=REPO, timeout=120,
-                                    env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}))
+    alone = cli_json(cli("hello", "--ckpt-dir", one, *flags, cwd=REPO))
     ranked = torchrun("hello", "--ckpt-dir", two, *flags)
     out = cli_json(ranked)  # one JSON object: only rank 0 wrote to stdout
     assert out["tokens"] == alone["tokens"] and out["stats"]["world_size"] == 2 and alone["stats"]["world_size"] == 1
     assert ranked.stderr.count("loaded rank 0 of 2") == 1
 
 
+@pytest.mark.slow  # torchrun: a launcher and its ranks, each starting Python and torch
 def test_two_machines_on_one_host_give_the_same_tokens(two_shards):
     _, two = two_shards
     port = free_port()
@@ -281,6 +285,7 @@ def error_lines(result) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("error:")]
 
 
+@pytest.mark.slow  # torchrun: a launcher and its ranks, each starting Python and torch
 def test_ranks_that_do_not_divide_the_heads_are_refused_on_every_rank(two_shards):
     one, _ = two_shards
     # Every rank refuses by itself, before any rank waits for another: with torchrun watching only every 15 s,
@@ -289,6 +294,7 @@ def test_ranks_that_do_not_divide_the_heads_are_refused_on_every_rank(two_shards
     assert len(lines) == 3 and all("cannot be shared by 3 ranks" in line and "1, 2, 4, 8" in line for line in lines)
 
 
+@pytest.mark.slow  # torchrun: a launcher and its ranks, each starting Python and torch
 def test_a_missing_shard_is_named_on_every_rank(tmp_path):
     from helpers import OFFICIAL_TOKENIZER
     ckpt_dir = write_sharded_checkpoint(tmp_path, dict(TINY_GQA, n_kv_heads=4),
@@ -298,6 +304,7 @@ def test_a_missing_shard_is_named_on_every_rank(tmp_path):
     assert len(lines) == 2 and all("consolidated.02.pth is missing" in line for line in lines)
 
 
+@pytest.mark.slow  # torchrun: a launcher and its ranks, each starting Python and torch
 def test_a_rank_killed_mid_run_ends_the_others(two_shards):
     _, two = two_shards
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
@@ -320,6 +327,7 @@ def test_a_rank_killed_mid_run_ends_the_others(two_shards):
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
 
 
+@pytest.mark.slow  # a real rank that waits for its peer: environment variables, a process group, a time-out
 def test_a_rendezvous_that_never_completes_ends_in_one_sentence(two_shards):
     """Rank 0 of 2 started alone (its peer never comes): it gives up after LLAMA3_RAW_RANK_TIMEOUT_S."""
     _, two = two_shards

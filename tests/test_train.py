@@ -4,8 +4,6 @@ and the shipped model loads in Meta's reference code with a good validation loss
 import json
 import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -176,9 +174,12 @@ def test_shipped_model_matches_meta_and_has_low_validation_loss():
 SHIPPED_SLICE_BOUND = 1.60
 
 
-def run_train_cli(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "llama3_raw.train", "--no-progress", *map(str, args)],
-                          capture_output=True, text=True, cwd=REPO, timeout=timeout)
+@pytest.fixture
+def run_train_cli(cli):
+    """`python -m llama3_raw.train --no-progress ARGS`, in this process (helpers.call)."""
+    from llama3_raw import train as train_command
+
+    return lambda *args: cli("--no-progress", *args, entry=train_command.main, cwd=REPO)
 
 
 def assert_user_error(result, *needles):
@@ -195,20 +196,20 @@ def assert_user_error(result, *needles):
     ({"tokenizer": {"bpe_ranks": 200}}, "bpe_ranks"),
     ({"train": {**TINY_RECIPE["train"], "context": 100000}}, "train.context"),
 ])
-def test_bad_recipe(tmp_path, small_corpus, change, needle):
+def test_bad_recipe(tmp_path, small_corpus, change, needle, run_train_cli):
     config = write_recipe(tmp_path, {**TINY_RECIPE, **change})
     result = run_train_cli("--config", config, "--corpus", small_corpus, "--out", tmp_path / "out")
     assert_user_error(result, str(config), needle)
     assert not (tmp_path / "out" / STATE_FILE).exists()
 
 
-def test_unreadable_corpus(tmp_path):
+def test_unreadable_corpus(tmp_path, run_train_cli):
     config = write_recipe(tmp_path, TINY_RECIPE)
     result = run_train_cli("--config", config, "--corpus", tmp_path / "missing.txt", "--out", tmp_path / "out")
     assert_user_error(result, "missing.txt")
 
 
-def test_resume_from_another_recipe_is_refused(tiny_run, small_corpus, tmp_path):
+def test_resume_from_another_recipe_is_refused(tiny_run, small_corpus, tmp_path, run_train_cli):
     out = tmp_path / "out"
     shutil.copytree(tiny_run, out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -223,9 +224,8 @@ def test_resume_from_another_recipe_is_refused(tiny_run, small_corpus, tmp_path)
 
 
 @pytest.mark.skipif(not (SHIPPED / "consolidated.00.pth").is_file(), reason="the shipped model is not trained yet")
-def test_run_py_without_arguments_uses_the_shipped_model():
-    result = subprocess.run([sys.executable, "run.py", "--max-new-tokens", "30"], capture_output=True, text=True,
-                            cwd=REPO, timeout=120)
+def test_run_py_without_arguments_uses_the_shipped_model(cli):
+    result = cli("--max-new-tokens", "30", cwd=REPO)  # run.py in this process (the docs' blocks run the script)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ROMEO:\n") and len(result.stdout.strip()) > len("ROMEO:") + 20
     assert "shakespeare" in result.stderr

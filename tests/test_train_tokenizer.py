@@ -1,7 +1,5 @@
 """The BPE trainer against an independent slow BPE, and its file against tiktoken and Meta's own Tokenizer."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -116,12 +114,15 @@ def test_deterministic():
     assert learn_bpe(SMALL_TEXT, 300) == learn_bpe(SMALL_TEXT, 300)
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "llama3_raw.train_tokenizer", *map(str, args)],
-                          capture_output=True, text=True, cwd=REPO, timeout=60)
+@pytest.fixture
+def run_cli(cli):
+    """`python -m llama3_raw.train_tokenizer ARGS`, in this process (helpers.call)."""
+    from llama3_raw import train_tokenizer
+
+    return lambda *args: cli(*args, entry=train_tokenizer.main, cwd=REPO)
 
 
-def test_vocab_below_256_is_an_error(tmp_path):
+def test_vocab_below_256_is_an_error(tmp_path, run_cli):
     source = tmp_path / "t.txt"
     source.write_text(SMALL_TEXT, encoding="utf-8")
     out = tmp_path / "out.model"
@@ -133,7 +134,7 @@ def test_vocab_below_256_is_an_error(tmp_path):
 
 
 @pytest.mark.parametrize("make_input", ["missing", "binary"])
-def test_unreadable_input_is_an_error(tmp_path, make_input):
+def test_unreadable_input_is_an_error(tmp_path, make_input, run_cli):
     source = tmp_path / "t.txt"
     if make_input == "binary":
         source.write_bytes(b"\xff\xfe\x00bad")
