@@ -54,7 +54,9 @@ def execute(notebook: nbformat.NotebookNode, env: dict[str, str] | None = None, 
         manager = AsyncKernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=KernelSpecManager(kernel_dirs=[kernels]))
         client = NotebookClient(notebook, km=manager, timeout=timeout, kernel_name=KERNEL_NAME,
                                 resources={"metadata": {"path": str(NOTEBOOK.parent)}})
-        client.execute(env={**os.environ, **(env or {})})
+        # the clone's llama3_raw first, installed or not (CI runs the tests from a clone it never installs)
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        client.execute(env={**os.environ, "PYTHONPATH": path, **(env or {})})
     return notebook
 
 
