@@ -135,7 +135,7 @@ def check_writable_folder(folder: Path, flag: str, needed_bytes: int = 0) -> Non
 def check_output_file(path: Path, flag: str) -> None:
     """A file about to be written (replaced whole, atomically, if it exists): not a folder, and its folder writable."""
     if os.path.isdir(path):
-        raise UserError(f"{flag} {path} is a folder; name the file to write, e.g. {Path(path) / 'tokenizer.model'}.")
+        raise UserError(f"{flag} {path} is a folder; name the file to write (a new name, or one inside that folder).")
     check_writable_folder(Path(path).parent, f"{flag} {path}: its folder")
 
 
