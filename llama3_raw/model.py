@@ -60,6 +60,7 @@ def matmul(x: Tensor, w: Weight) -> Tensor:
 
 def matmuls(x: Tensor, *ws: Weight) -> tuple[Tensor, ...]:
     """(x @ w.T for w in ws): one input, several weights (the decode step's kernels multiply them in one call)."""
+    # matmul's line written out, not called, so that one step into here shows the product itself
     return tuple(x @ w.T if isinstance(w, Tensor) else quantized_matmul(x, w) for w in ws)
 
 

@@ -146,3 +146,6 @@ def test_the_readme_recipe_works_as_pasted():
     assert [s[2] for s in stops][-5:] == ["transformer_block"] * 3 + ["rms_norm"] * 2
     assert stops[-1][3] == "x32 = at_least_fp32(x)"
     assert "torch.Size([1, 3, 256])" in screen  # x in layer 3 during the prefill: 3 positions of dim 256
+    # the session README shows is this one: every place it shows pdb stopping, line numbers included
+    shown = set(re.findall(r"model\.py\((\d+)\)(\w+)\(\)", readme))
+    assert shown and shown <= {(line, function) for _, line, function, _ in stops}
