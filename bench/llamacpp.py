@@ -80,7 +80,9 @@ def setup() -> None:
     LLAMACPP.mkdir(parents=True, exist_ok=True)
     sdist = LLAMACPP / f"llama_cpp_python-{VERSION}.tar.gz"
     if not sdist.is_file() and not (SOURCE / "CMakeLists.txt").is_file():
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+        # the source archive of this one package: `--no-binary :all:` would also build pip's build tools (cmake)
+        # from source to prepare its metadata, many minutes; naming the package takes seconds
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", "llama-cpp-python", "--no-deps",
                         f"llama-cpp-python=={VERSION}", "-d", str(LLAMACPP)], check=True)
     if not (SOURCE / "CMakeLists.txt").is_file():
         with tarfile.open(sdist) as archive:
