@@ -1,8 +1,8 @@
 """model.forward for the decode loop: model.py's own functions, linked to faster code for the same arithmetic.
 
 model.py calls its products (`matmul`, `matmuls`, `batched_matmul`) and `rms_norm`, `apply_rope`, `attend` by
-name. Here every function of model.py is made again from its very code object, but with a namespace in which
-those names mean:
+name. Here every function of model.py is made again from its very code object (linking.py), but with a
+namespace in which those names mean:
 
 - the products: kernels.py's (the compiled one-row kernels, several matrices in one call, the row-block
   split for float32, the float32 route for attention's small products);
@@ -15,10 +15,10 @@ active (`tracing`). tests/test_decode_steps.py holds every linked piece to model
 """
 
 import sys
-import types
 from collections.abc import Callable
 
 from . import compiled, kernels, model
+from .linking import linked
 
 
 def with_twin(compiled_version: Callable, reference: Callable) -> Callable:
@@ -28,19 +28,6 @@ def with_twin(compiled_version: Callable, reference: Callable) -> Callable:
         return reference(*args, **kwargs) if out is None else out
     run.__name__, run.__qualname__, run.__doc__ = reference.__name__, reference.__qualname__, reference.__doc__
     return run
-
-
-def linked(module: types.ModuleType, replace: Callable[[dict], dict]) -> dict:
-    """The module's own functions again, same code, looking up their global names in a new namespace:
-    the module's, updated with `replace(namespace)` (which may use the new functions: they call by name)."""
-    namespace = dict(vars(module))
-    for name, value in vars(module).items():
-        if isinstance(value, types.FunctionType) and value.__module__ == module.__name__:
-            function = types.FunctionType(value.__code__, namespace, value.__name__, value.__defaults__, value.__closure__)
-            function.__kwdefaults__, function.__doc__ = value.__kwdefaults__, value.__doc__
-            namespace[name] = function
-    namespace.update(replace(namespace))
-    return namespace
 
 
 def faster(namespace: dict) -> dict:

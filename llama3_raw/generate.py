@@ -1,7 +1,7 @@
 """Text generation: prefill the prompt once, then one token at a time through the KV cache.
 
 `decode` is the one loop; `generate` streams one prompt's tokens through it; `generate_batch` runs several
-prompts of different lengths as one batch (left-padded, see model.forward's `padding`) and gives each the
+prompts of different lengths as one batch (left-padded, see model.forward's `positions`) and gives each the
 tokens it would get alone; a chat (chat.py) runs it on top of the cache its earlier turns filled.
 """
 
@@ -65,7 +65,7 @@ PAD_ID = 0  # any id works: pad slots are masked out of every real token's atten
 
 def decode(
     weights: Weights, params: ModelParams, tokens: torch.Tensor, cache: KVCache, n_new: int,
-    stop_ids: tuple[int, ...], sampling: Sampling, generator: torch.Generator | None, padding: torch.Tensor | None = None,
+    stop_ids: tuple[int, ...], sampling: Sampling, generator: torch.Generator | None, positions: torch.Tensor | None = None,
     ranks: Ranks = SINGLE_PROCESS,
 ) -> Iterator[tuple[list[int], list[int]]]:
     """The decode loop every kind of generation runs: feed, pick a next token per row, feed those, ...
@@ -76,12 +76,13 @@ def decode(
     is left or after `n_new` steps. Every yielded token is fed to the model before the next step's pick,
     except the last step's, which nothing reads. Under tensor parallelism every rank runs this loop on its
     slice of the model and takes rank 0's tokens, so the caches stay in step and all ranks stop together.
+    `positions` (B, S): each row's own positions, for rows left-padded to a common length (model.forward).
     """
     rows = list(range(tokens.shape[0]))  # the batch row each remaining row started as
     with torch.inference_mode():
         for _ in range(n_new):
             step = forward if fast_forward.tracing() else fast_forward.forward  # stepped through: model.py's own code
-            logits, cache = step(weights, params, tokens, cache, padding=padding, last_only=True, ranks=ranks)  # (B, 1, V)
+            logits, cache = step(weights, params, tokens, cache, positions=positions, last_only=True, ranks=ranks)  # (B, 1, V)
             next_ids = ranks.same_on_every_rank(sample_next_token(logits[:, -1], sampling, generator))  # (B,)
             going = [i for i, token in enumerate(next_ids.tolist()) if token not in stop_ids]
             if not going:
@@ -89,10 +90,11 @@ def decode(
             if len(going) < len(rows):  # finished rows leave the batch, and their part of the cache with them
                 keep = torch.tensor(going, device=next_ids.device)
                 cache, next_ids = select_cache_rows(cache, keep), next_ids[keep]
-                padding = None if padding is None else padding[keep]
+                positions = None if positions is None else positions[keep]
                 rows = [rows[i] for i in going]
             yield rows, next_ids.tolist()
             tokens = next_ids.view(-1, 1)  # (B, 1): from now on one token per row per step
+            positions = None if positions is None else positions[:, -1:] + 1  # (B, 1): each row's next position
 
 
 def generate(
@@ -139,7 +141,8 @@ def generate_batch(
                          ranks=ranks)
     padding = torch.tensor([longest - len(ids) for ids in prompts], device=device)  # (B,)
     tokens = torch.tensor([[PAD_ID] * (longest - len(ids)) + ids for ids in prompts], device=device)  # (B, longest)
-    steps = decode(weights, params, tokens, cache, n_new, stop_ids, sampling, new_generator(sampling), padding, ranks)
+    positions = torch.arange(longest, device=device) - padding[:, None]  # (B, longest): each prompt's from 0, pads < 0
+    steps = decode(weights, params, tokens, cache, n_new, stop_ids, sampling, new_generator(sampling), positions, ranks)
     for rows, ids in steps:
         for row, token in zip(rows, ids):
             outputs[row].append(token)

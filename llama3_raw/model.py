@@ -14,7 +14,6 @@ attention (fast_forward.py) -- the same code objects, the same arithmetic, other
 
 import functools
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -26,7 +25,6 @@ from .params import ModelParams
 
 Tensor = torch.Tensor
 Weights = dict[str, Weight]  # Meta's key names -> tensors (or int8 matrices, see quantize.py)
-Dropout = Callable[[Tensor], Tensor] | None  # training's regularizer (training/dropout.py); None: the model as Meta runs it
 
 
 @dataclass(frozen=True)
@@ -103,15 +101,11 @@ def rope_frequencies(params: ModelParams) -> Tensor:
     return scale_rope_frequencies(freqs, params) if params.use_scaled_rope else freqs
 
 
-def rope_rotations(params: ModelParams, start_pos: int, seq_len: int, device="cpu", padding: Tensor | None = None) -> Tensor:
-    """Unit complex numbers e^(i * position * freq) for positions start_pos..start_pos+seq_len-1 (S, Dh/2),
-    computed on the CPU in float32 exactly as Meta's `precompute_freqs_cis`, then moved. With `padding` (B,)
-    -- rows left-padded to a common length -- row b's positions start `padding[b]` slots later (B, S, Dh/2)."""
+def rope_rotations(params: ModelParams, positions: Tensor, device="cpu") -> Tensor:
+    """Unit complex numbers e^(i * position * freq) for each token's position (S,) -> (S, Dh/2), or (B, S) ->
+    (B, S, Dh/2), computed on the CPU in float32 exactly as Meta's `precompute_freqs_cis`, then moved."""
     freqs = rope_frequencies(params)  # (Dh/2,)
-    positions = torch.arange(start_pos, start_pos + seq_len, dtype=torch.float32)  # (S,)
-    if padding is not None:  # slot j of row b is that row's position j - padding[b] (pad slots: clamped to 0)
-        positions = (positions[None, :] - padding.cpu()[:, None].float()).clamp(min=0)  # (B, S)
-    angles = positions[..., None] * freqs  # (S, Dh/2) or (B, S, Dh/2): torch.outer when unpadded
+    angles = positions.cpu().float()[..., None] * freqs  # (S, Dh/2): torch.outer, row by row when (B, S)
     return torch.polar(torch.ones_like(angles), angles).to(device)  # complex64
 
 
@@ -120,56 +114,56 @@ def apply_rope(x: Tensor, rotations: Tensor) -> Tensor:
     pairs = torch.view_as_complex(at_least_fp32(x).reshape(*x.shape[:-1], -1, 2))  # (B, S, heads, Dh/2) complex
     if rotations.dim() == 2:
         rotations = rotations[None]  # (1, S, Dh/2): the same positions for every row
-    rotated = pairs * rotations[:, :, None, :]  # broadcast over heads (and over batch when unpadded)
+    rotated = pairs * rotations[:, :, None, :]  # broadcast over heads (and over batch when every row shares them)
     return torch.view_as_real(rotated).flatten(3).type_as(x)  # (B, S, heads, Dh)
 
 
-def causal_mask(seq_len: int, start_pos: int, dtype: torch.dtype, device) -> Tensor | None:
-    """Additive mask (S, T): new token i sits at position start_pos + i and sees keys up to there."""
-    if seq_len == 1:
-        return None  # a single new token may see everything before it
-    mask = torch.full((seq_len, start_pos + seq_len), float("-inf"), device=device)
-    return torch.triu(mask, diagonal=start_pos + 1).to(dtype)
-
-
-def padded_causal_mask(padding: Tensor, seq_len: int, start_pos: int, dtype: torch.dtype, device) -> Tensor:
-    """Additive mask (B, 1, S, T) for rows left-padded by `padding` (B,) slots: causal, and no real token sees a
-    pad slot. Pad slots see earlier pad slots, so their scores stay finite (all -inf would give NaN keys)."""
-    queries = torch.arange(start_pos, start_pos + seq_len, device=device)  # (S,) slots of the new tokens
-    keys = torch.arange(start_pos + seq_len, device=device)  # (T,)
-    padding = padding.to(device)
-    is_future = keys[None, :] > queries[:, None]  # (S, T)
-    is_pad_key = keys[None, :] < padding[:, None]  # (B, T)
-    is_real_query = queries[None, :] >= padding[:, None]  # (B, S)
-    hidden = is_future[None] | (is_pad_key[:, None, :] & is_real_query[:, :, None])  # (B, S, T)
-    mask = torch.zeros(hidden.shape, device=device).masked_fill(hidden, float("-inf"))
-    return mask[:, None].to(dtype)  # (B, 1, S, T): the same for every head
+def causal_mask(positions: Tensor, start: int, dtype: torch.dtype, device="cpu") -> Tensor | None:
+    """Additive mask, 0 where a new token may see a key and -inf where not: (S, T) for `positions` (S,), or
+    (B, 1, S, T) -- the same for every head -- for (B, S). The keys are the T = start + S slots of the cache
+    and the new tokens, and a row's slots hold its consecutive positions. A token sees the keys at its own
+    position and before. Pad slots (negative positions: rows left-padded to a common length) are hidden from
+    real tokens; they see earlier pads, so that their scores stay finite (all -inf would give NaN)."""
+    if positions.dim() == 1 and len(positions) == 1:
+        return None  # a single new token, in rows all at the same positions: it may see everything before it
+    positions = positions.cpu()  # a little integer work, done on the CPU like the rotations'; the mask then moves
+    first = positions[..., :1]  # (1,) or (B, 1): the position of each row's first new token, in slot `start`
+    key_positions = torch.arange(start + positions.shape[-1]) + (first - start)  # (T,) or (B, T)
+    queries, keys = positions[..., :, None], key_positions[..., None, :]  # (.., S, 1), (.., 1, T)
+    visible = (keys <= queries) & ((keys >= 0) | (queries < 0))  # (S, T) or (B, S, T)
+    mask = torch.zeros(visible.shape).masked_fill(~visible, float("-inf"))
+    return (mask if positions.dim() == 1 else mask[:, None]).to(device=device, dtype=dtype)
 
 
 def attention(
-    x: Tensor, wq: Weight, wk: Weight, wv: Weight, wo: Weight, params: ModelParams,
-    rotations: Tensor, mask: Tensor | None, layer_cache: tuple[Tensor, Tensor] | None, start_pos: int,
-    record: dict | None = None, name: str = "attention", ranks: Ranks = SINGLE_PROCESS,
+    x: Tensor, weights: Weights, layer: int, rotations: Tensor, mask: Tensor | None, cache: KVCache | None,
+    record: dict | None = None, ranks: Ranks = SINGLE_PROCESS,
 ) -> Tensor:
     """Grouped-query self-attention of x (B, S, D) -> (B, S, D): project to query, key and value heads, rotate
     q and k by their positions, append k and v to the layer's cache, let every query head attend, project back."""
+    name = f"layers.{layer}.attention"
+    wq = weights[f"{name}.wq.weight"]  # (H * Dh, D)
+    wk = weights[f"{name}.wk.weight"]  # (K * Dh, D)
+    wv = weights[f"{name}.wv.weight"]  # (K * Dh, D)
+    wo = weights[f"{name}.wo.weight"]  # (D, H * Dh)
     batch, seq_len, _ = x.shape
-    n_heads, n_kv_heads = ranks.local_heads(params)  # all of them in one process; this rank's share otherwise
+    head_dim = 2 * rotations.shape[-1]  # RoPE turns pairs of a head's dimensions
+    n_heads, n_kv_heads = wq.shape[0] // head_dim, wk.shape[0] // head_dim  # all, or this rank's share
     q, k, v = matmuls(x, wq, wk, wv)  # x @ wq.T, x @ wk.T, x @ wv.T
-    q = q.view(batch, seq_len, n_heads, params.head_dim)  # (B, S, H, Dh)
-    k = k.view(batch, seq_len, n_kv_heads, params.head_dim)  # (B, S, K, Dh)
-    v = v.view(batch, seq_len, n_kv_heads, params.head_dim)  # (B, S, K, Dh)
+    q = q.view(batch, seq_len, n_heads, head_dim)  # (B, S, H, Dh)
+    k = k.view(batch, seq_len, n_kv_heads, head_dim)  # (B, S, K, Dh)
+    v = v.view(batch, seq_len, n_kv_heads, head_dim)  # (B, S, K, Dh)
     q, k = apply_rope(q, rotations), apply_rope(k, rotations)
     keep(record, f"{name}.q", q)
     keep(record, f"{name}.k", k)
     keep(record, f"{name}.v", v)
 
-    if layer_cache is not None:
-        cache_k, cache_v = layer_cache
-        cache_k[:batch, start_pos:start_pos + seq_len] = k
-        cache_v[:batch, start_pos:start_pos + seq_len] = v
-        k = cache_k[:batch, :start_pos + seq_len]  # (B, T, K, Dh): a view of the cache, not a copy
-        v = cache_v[:batch, :start_pos + seq_len]
+    if cache is not None:  # the new keys and values go after the `cache.length` slots already filled
+        cache_k, cache_v, start = cache.keys[layer], cache.values[layer], cache.length
+        cache_k[:batch, start:start + seq_len] = k
+        cache_v[:batch, start:start + seq_len] = v
+        k = cache_k[:batch, :start + seq_len]  # (B, T, K, Dh): a view of the cache, not a copy
+        v = cache_v[:batch, :start + seq_len]
 
     mixed = attend(q, k, v, mask, record, name)  # (B, S, H * Dh)
     out = matmul(mixed, wo)  # (B, S, H * Dh) -> (B, S, D)
@@ -200,79 +194,70 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, record: dict | 
     return mixed.reshape(batch, seq_len, n_heads * head_dim)
 
 
-def feed_forward(x: Tensor, w1: Weight, w2: Weight, w3: Weight, ranks: Ranks = SINGLE_PROCESS) -> Tensor:
+def feed_forward(x: Tensor, weights: Weights, layer: int, ranks: Ranks = SINGLE_PROCESS) -> Tensor:
     """SwiGLU: silu(x W1) gates x W3, then W2 projects back to dim."""
-    gate, up = matmuls(x, w1, w3)  # (B, S, hidden) each
-    out = matmul(F.silu(gate) * up, w2)  # (B, S, hidden) -> (B, S, D)
+    p = f"layers.{layer}.feed_forward."
+    gate, up = matmuls(x, weights[p + "w1.weight"], weights[p + "w3.weight"])  # (B, S, hidden) each
+    out = matmul(F.silu(gate) * up, weights[p + "w2.weight"])  # (B, S, hidden) -> (B, S, D)
     return ranks.all_reduce(out)  # tensor parallel: each rank's slice of the hidden units gives a partial sum
 
 
 def transformer_block(
-    x: Tensor, weights: Weights, layer: int, params: ModelParams, rotations: Tensor,
-    mask: Tensor | None, cache: KVCache | None, start_pos: int, record: dict | None = None,
-    ranks: Ranks = SINGLE_PROCESS, dropout: Dropout = None,
+    x: Tensor, weights: Weights, layer: int, params: ModelParams, rotations: Tensor, mask: Tensor | None,
+    cache: KVCache | None, record: dict | None = None, ranks: Ranks = SINGLE_PROCESS,
 ) -> Tensor:
     """One layer, (B, S, D) -> (B, S, D): x + attention(rms_norm(x)), then h + feed_forward(rms_norm(h))."""
     p = f"layers.{layer}."
-    layer_cache = None if cache is None else (cache.keys[layer], cache.values[layer])
     attention_in = rms_norm(x, weights[p + "attention_norm.weight"], params.norm_eps)
     keep(record, p + "attention_norm", attention_in)
-    attention_out = attention(
-        attention_in, weights[p + "attention.wq.weight"], weights[p + "attention.wk.weight"],
-        weights[p + "attention.wv.weight"], weights[p + "attention.wo.weight"], params,
-        rotations, mask, layer_cache, start_pos, record, name=p + "attention", ranks=ranks,
-    )
+    attention_out = attention(attention_in, weights, layer, rotations, mask, cache, record, ranks)
     keep(record, p + "attention", attention_out)
-    h = x + regularized(attention_out, dropout)  # residual stream after attention
+    h = x + regularized(attention_out)  # residual stream after attention
     keep(record, p + "attention_residual", h)
     ffn_in = rms_norm(h, weights[p + "ffn_norm.weight"], params.norm_eps)
     keep(record, p + "ffn_norm", ffn_in)
-    ffn_out = feed_forward(ffn_in, weights[p + "feed_forward.w1.weight"], weights[p + "feed_forward.w2.weight"],
-                           weights[p + "feed_forward.w3.weight"], ranks)
+    ffn_out = feed_forward(ffn_in, weights, layer, ranks)
     keep(record, p + "feed_forward", ffn_out)
-    out = h + regularized(ffn_out, dropout)  # residual stream after the block
+    out = h + regularized(ffn_out)  # residual stream after the block
     keep(record, p + "output", out)
     return out
 
 
 def forward(
-    weights: Weights, params: ModelParams, tokens: Tensor, cache: KVCache | None = None, record: dict | None = None,
-    padding: Tensor | None = None, last_only: bool = False, ranks: Ranks = SINGLE_PROCESS, dropout: Dropout = None,
+    weights: Weights, params: ModelParams, tokens: Tensor, cache: KVCache | None = None, positions: Tensor | None = None,
+    record: dict | None = None, last_only: bool = False, ranks: Ranks = SINGLE_PROCESS,
 ) -> tuple[Tensor, KVCache | None]:
     """Logits (B, S, V) in float32 (float64 for float64 weights) for token ids (B, S) that follow the cache's positions.
 
     Without a cache the tokens are positions 0..S-1 (a whole prompt, or a training window). With one, they
     continue at `cache.length`, their keys and values are written into it, and the returned cache counts them.
+    `positions` (B, S): each token's own position instead, for rows left-padded to a common length (a row's
+    first real token is position 0, its pad slots negative and hidden); pass them in this and every later call.
     `record={}` gets every intermediate by name, in forward order: `tok_embeddings`, then per layer i
     `layers.{i}.attention_norm`, `.attention.q/.k/.v` (after RoPE), `.attention.weights` (B, H, S, T),
     `.attention`, `.attention_residual`, `.ffn_norm`, `.feed_forward`, `.output`; then `norm` and `logits`.
-
-    `padding` (B,): leading pad slots of each left-padded row; such a row gets its own positions (its first
-    real token is position 0) and a mask hiding the pads, in this and every later call. `last_only=True`: the
-    last position's logits only (B, 1, V), all generation needs. `ranks`: the slice of every weight this
-    process holds under tensor parallelism (parallel.py); the default holds them whole. `dropout`: training's
-    alone, on the embeddings and on what each attention and feed-forward adds.
+    `last_only=True`: the last position's logits only (B, 1, V), all generation needs. `ranks`: the slice of
+    every weight this process holds under tensor parallelism (parallel.py); the default holds them whole.
     """
-    batch, seq_len = tokens.shape
-    start_pos = 0 if cache is None else cache.length
-    if cache is not None and start_pos + seq_len > cache.capacity:
-        raise ValueError(f"{start_pos} cached + {seq_len} new positions exceed the cache's capacity {cache.capacity}")
-    h = regularized(embed(weights["tok_embeddings.weight"], tokens, ranks), dropout)  # (B, S, D)
+    seq_len = tokens.shape[1]  # tokens (B, S)
+    start = 0 if cache is None else cache.length  # cache slots already filled
+    if cache is not None and start + seq_len > cache.capacity:
+        raise ValueError(f"{start} cached + {seq_len} new positions exceed the cache's capacity {cache.capacity}")
+    if positions is None:
+        positions = torch.arange(start, start + seq_len)  # (S,): the same in every row
+    h = regularized(embed(weights["tok_embeddings.weight"], tokens, ranks))  # (B, S, D)
     keep(record, "tok_embeddings", h)
-    rotations = rope_rotations(params, start_pos, seq_len, h.device, padding)  # (S, Dh/2), padded: (B, S, Dh/2)
-    if padding is None:
-        mask = causal_mask(seq_len, start_pos, h.dtype, h.device)  # (S, T) or None
-    else:
-        mask = padded_causal_mask(padding, seq_len, start_pos, h.dtype, h.device)  # (B, 1, S, T)
+    rotations = rope_rotations(params, positions, h.device)  # (S, Dh/2), or (B, S, Dh/2)
+    mask = causal_mask(positions, start, h.dtype, h.device)  # (S, T), (B, 1, S, T), or None
     for layer in range(params.n_layers):
-        h = transformer_block(h, weights, layer, params, rotations, mask, cache, start_pos, record, ranks, dropout)
+        h = transformer_block(h, weights, layer, params, rotations, mask, cache, record, ranks)
     if last_only:
         h = h[:, -1:]  # (B, 1, D)
     h = rms_norm(h, weights["norm.weight"], params.norm_eps)
     keep(record, "norm", h)
     logits = at_least_fp32(ranks.all_gather(matmul(h, weights["output.weight"])))  # (B, S, V), or (B, 1, V)
     keep(record, "logits", logits)
-    new_cache = None if cache is None else replace(cache, length=start_pos + seq_len)
+    new_cache = None if cache is None else replace(cache, length=start + seq_len)
     return logits, new_cache
 
 
@@ -288,8 +273,10 @@ def embed(table: Tensor, tokens: Tensor, ranks: Ranks = SINGLE_PROCESS) -> Tenso
     return ranks.all_reduce(rows)
 
 
-def regularized(x: Tensor, dropout: Dropout) -> Tensor:
-    return x if dropout is None else dropout(x)
+def regularized(x: Tensor) -> Tensor:
+    """Where training regularizes: the embeddings, and what each attention and feed-forward adds. Here, as in
+    Meta's model, x itself; training links its dropout to this name (training/dropout.py)."""
+    return x
 
 
 def keep(record: dict | None, name: str, tensor: Tensor) -> None:

@@ -33,7 +33,8 @@ def test_padded_rows_have_the_logits_of_each_prompt_alone(model):
     longest = max(map(len, prompts))
     tokens = torch.tensor([[0] * (longest - len(ids)) + ids for ids in prompts])
     padding = torch.tensor([longest - len(ids) for ids in prompts])
-    batched, _ = forward(weights, params, tokens, padding=padding)  # (B, longest, V)
+    positions = torch.arange(longest) - padding[:, None]  # (B, longest): each prompt's own, its pads negative
+    batched, _ = forward(weights, params, tokens, positions=positions)  # (B, longest, V)
     for row, ids in enumerate(prompts):
         alone, _ = forward(weights, params, torch.tensor([ids]))
         torch.testing.assert_close(batched[row, longest - len(ids):], alone[0], atol=BATCH_ATOL, rtol=0)

@@ -15,6 +15,11 @@ def tiny_params(**over):
     return params_from_dict(base | over)
 
 
+def layer_weights(wq, wk, wv, wo) -> dict[str, torch.Tensor]:
+    """Layer 0's attention matrices under Meta's key names, as attention() reads them."""
+    return {f"layers.0.attention.{name}.weight": w for name, w in zip(("wq", "wk", "wv", "wo"), (wq, wk, wv, wo))}
+
+
 def test_rms_norm_formula():
     x = torch.randn(3, 5, 16, dtype=torch.float64)
     w = torch.rand(16, dtype=torch.float64) + 0.5
@@ -29,7 +34,7 @@ def test_rope_keeps_norms_and_depends_only_on_relative_position(scaled):
     k = torch.randn(1, 1, 1, params.head_dim)
 
     def rotated(x, pos):
-        return apply_rope(x, rope_rotations(params, pos, 1))
+        return apply_rope(x, rope_rotations(params, torch.tensor([pos])))
 
     assert torch.allclose(rotated(q, 37).norm(), q.norm(), atol=1e-5)
     dot = lambda m, n: float((rotated(q, m) * rotated(k, n)).sum())  # noqa: E731
@@ -43,7 +48,7 @@ def test_rope_rotates_interleaved_pairs():
     params = tiny_params()
     x = torch.randn(1, 1, 1, params.head_dim)
     pos = 7
-    out = apply_rope(x, rope_rotations(params, pos, 1))[0, 0, 0]
+    out = apply_rope(x, rope_rotations(params, torch.tensor([pos])))[0, 0, 0]
     for j in range(params.head_dim // 2):
         angle = pos * params.rope_theta ** (-2 * j / params.head_dim)
         a, b = x[0, 0, 0, 2 * j], x[0, 0, 0, 2 * j + 1]
@@ -52,13 +57,13 @@ def test_rope_rotates_interleaved_pairs():
 
 
 def test_causal_mask():
-    mask = causal_mask(4, 0, torch.float32, "cpu")
+    mask = causal_mask(torch.arange(4), 0, torch.float32)
     assert torch.equal(torch.isinf(mask), torch.triu(torch.ones(4, 4, dtype=torch.bool), diagonal=1))
-    with_cache = causal_mask(3, 5, torch.float32, "cpu")  # 3 new tokens at positions 5, 6, 7
+    with_cache = causal_mask(torch.arange(5, 8), 5, torch.float32)  # 3 new tokens at positions 5, 6, 7
     assert with_cache.shape == (3, 8)
     assert torch.isinf(with_cache[0, 6:]).all() and (with_cache[0, :6] == 0).all()
     assert (with_cache[2] == 0).all()
-    assert causal_mask(1, 9, torch.float32, "cpu") is None
+    assert causal_mask(torch.tensor([9]), 9, torch.float32) is None
 
 
 def test_gqa_equals_multi_head_attention_with_repeated_kv_heads():
@@ -71,10 +76,10 @@ def test_gqa_equals_multi_head_attention_with_repeated_kv_heads():
     # In MHA form, query head h gets kv head h // 2: repeat each kv head's rows twice.
     wk_full = wk.view(2, hd, dim).repeat_interleave(2, dim=0).reshape(4 * hd, dim)
     wv_full = wv.view(2, hd, dim).repeat_interleave(2, dim=0).reshape(4 * hd, dim)
-    rot = rope_rotations(gqa, 0, 6)
-    mask = causal_mask(6, 0, torch.float32, "cpu")
-    out_gqa = attention(x, wq, wk, wv, wo, gqa, rot, mask, None, 0)
-    out_mha = attention(x, wq, wk_full, wv_full, wo, mha, rot, mask, None, 0)
+    rot = rope_rotations(gqa, torch.arange(6))
+    mask = causal_mask(torch.arange(6), 0, torch.float32)
+    out_gqa = attention(x, layer_weights(wq, wk, wv, wo), 0, rot, mask, None)
+    out_mha = attention(x, layer_weights(wq, wk_full, wv_full, wo), 0, rot, mask, None)
     torch.testing.assert_close(out_gqa, out_mha)
 
 
@@ -82,14 +87,14 @@ def test_attention_is_causal():
     params = tiny_params()
     x = torch.randn(1, 6, params.dim)
     w = [torch.randn(s) / 6 for s in [(32, 32), (16, 32), (16, 32), (32, 32)]]
-    rot, mask = rope_rotations(params, 0, 6), causal_mask(6, 0, torch.float32, "cpu")
+    rot, mask = rope_rotations(params, torch.arange(6)), causal_mask(torch.arange(6), 0, torch.float32)
     record = {}
-    out = attention(x, *w, params, rot, mask, None, 0, record)
+    out = attention(x, layer_weights(*w), 0, rot, mask, None, record)
     x_changed = x.clone()
     x_changed[0, 4:] += 1.0  # later tokens must not change earlier outputs
-    out_changed = attention(x_changed, *w, params, rot, mask, None, 0)
+    out_changed = attention(x_changed, layer_weights(*w), 0, rot, mask, None)
     torch.testing.assert_close(out[0, :4], out_changed[0, :4])
-    weights = record["attention.weights"]
+    weights = record["layers.0.attention.weights"]
     torch.testing.assert_close(weights.sum(-1), torch.ones(1, 4, 6))
     assert (weights.triu(diagonal=1) == 0).all()
 

@@ -133,13 +133,13 @@ def test_a_padded_batch_decodes_alike_with_and_without(kernels_on, monkeypatch):
     raw = dict(dim=128, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=512, multiple_of=32, norm_eps=1e-5,
                rope_theta=500000.0)
     params, weights = params_from_dict(raw), random_state_dict(raw, seed=11)
-    padding = torch.tensor([0, 3, 5])
+    positions = torch.arange(9) - torch.tensor([[0], [3], [5]])  # (3, 9): rows padded by 0, 3 and 5 slots
     tokens = torch.randint(1, 512, (3, 9), generator=torch.Generator().manual_seed(12))
 
     def next_logits():
         cache = model.new_kv_cache(params, 3, 10, bf16)
-        _, cache = fast_forward.forward(weights, params, tokens, cache, padding=padding)
-        return fast_forward.forward(weights, params, tokens[:, -1:], cache, padding=padding)[0][:, -1].float()
+        _, cache = fast_forward.forward(weights, params, tokens, cache, positions=positions)
+        return fast_forward.forward(weights, params, tokens[:, -1:], cache, positions=positions[:, -1:] + 1)[0][:, -1].float()
 
     with_kernels = next_logits()
     monkeypatch.setenv(compiled.SWITCH_ENV, "0")

@@ -176,9 +176,9 @@ def test_forward_keeps_every_tensor_on_the_weights_device():
         assert logits.device.type == step.device.type == cache.keys[0].device.type == "meta"
         assert (logits.shape, step.shape, cache.length) == ((1, 7, 128256), (1, 1, 128256), 8)
     batch_cache = new_kv_cache(params, 2, 12, torch.bfloat16, device="meta")
-    padding = torch.tensor([0, 3])  # (meta tensors hold no values to read the padding from)
+    positions = torch.arange(7) - torch.tensor([[0], [3]])  # rows padded by 0 and 3 (meta tensors hold no values)
     logits, _ = forward(weights, params, torch.zeros(2, 7, dtype=torch.long, device="meta"), batch_cache,
-                        padding=padding)
+                        positions=positions)
     assert logits.device.type == "meta" and logits.shape == (2, 7, 128256)
 
 

@@ -19,7 +19,7 @@ LAYERS = [
     ("errors", "files", "params", "version", "compiled"),
     ("int4_layouts", "quantize", "kernels", "tokenizer", "threads", "parallel"),
     ("model",),
-    ("fast_forward", "generate", "checkpoints"),
+    ("linking", "fast_forward", "generate", "checkpoints"),
     ("chat", "prompts_file", "training"),
     ("tools",),
     ("cli", "train", "train_tokenizer", "__main__", "__init__"),

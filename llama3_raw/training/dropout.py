@@ -2,15 +2,24 @@
 
 Each row of a step's global batch has its own random generator, seeded from (recipe seed, step, row): a rank
 that holds rows 8..15 draws exactly the masks one process draws for those rows, and a resumed run draws the
-masks the uninterrupted one did, without any generator state to save. model.forward calls the dropout at every
-place it regularizes, in the same order on every rank, so the k-th call of each row's generator is the same
-place in the model everywhere.
+masks the uninterrupted one did, without any generator state to save.
+
+model.py, like Meta's, has no dropout: it marks the places training regularizes by calling `regularized`, which
+returns its input. `forward_with` links the dropout to that name in model.py's own functions (linking.py), so
+training runs the very code inference runs. It calls the dropout at every such place, in the same order on
+every rank, so the k-th call of each row's generator is the same place in the model everywhere.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from .. import model
+from ..linking import linked
+
+Dropout = Callable[[torch.Tensor], torch.Tensor] | None  # None: the model as Meta runs it
 
 
 def row_seed(seed: int, step: int, row: int) -> int:
@@ -36,3 +45,8 @@ def row_dropout(p: float, seed: int, step: int, rows: range, device="cpu") -> Ro
         return None
     generators = [torch.Generator(device=device).manual_seed(row_seed(seed, step, row)) for row in rows]
     return RowDropout(p, generators)
+
+
+def forward_with(dropout: Dropout) -> Callable:
+    """model.forward with `dropout` applied where model.py calls `regularized`; model.forward itself for None."""
+    return model.forward if dropout is None else linked(model, lambda _: {"regularized": dropout})["forward"]

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..model import Dropout, forward
 from ..params import ModelParams
+from .dropout import Dropout, forward_with
 from .recipe import TrainSettings
 
 RESIDUAL_PROJECTIONS = ("attention.wo.weight", "feed_forward.w2.weight")  # they write into the residual stream
@@ -69,7 +69,7 @@ def sample_batch(ids: torch.Tensor, context: int, batch_size: int, bos_id: int,
 def batch_loss(weights: dict[str, torch.Tensor], params: ModelParams, inputs: torch.Tensor,
                targets: torch.Tensor, reduction: str = "mean", dropout: Dropout = None) -> torch.Tensor:
     """Cross entropy in nats per token of the model's next-token predictions (with `dropout` in training only)."""
-    logits, _ = forward(weights, params, inputs, dropout=dropout)  # (B, C, V)
+    logits, _ = forward_with(dropout)(weights, params, inputs)  # (B, C, V)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction=reduction)
 
 
