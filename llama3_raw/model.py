@@ -262,15 +262,9 @@ def forward(
 
 
 def embed(table: Tensor, tokens: Tensor, ranks: Ranks = SINGLE_PROCESS) -> Tensor:
-    """Each token id's row of the embedding table: (B, S) -> (B, S, D). Under tensor parallelism a rank holds a
-    slice of the vocabulary's rows (Meta's VocabParallelEmbedding): ids outside it look up zero rows, and the
-    sum over the ranks, where exactly one rank holds each id, is the whole lookup."""
-    if ranks.world_size == 1:
-        return table[tokens]
-    local_ids = tokens - ranks.vocab_start(table.shape[0])
-    outside = (local_ids < 0) | (local_ids >= table.shape[0])  # (B, S): ids another rank holds
-    rows = table[local_ids.masked_fill(outside, 0)].masked_fill(outside[..., None], 0)
-    return ranks.all_reduce(rows)
+    """Each token id's row of the embedding table: (B, S) -> (B, S, D). Under tensor parallelism each rank
+    holds a slice of the vocabulary's rows, and the ranks add up their lookups (parallel.py)."""
+    return table[tokens] if ranks.world_size == 1 else ranks.embedding_rows(table, tokens)
 
 
 def regularized(x: Tensor) -> Tensor:

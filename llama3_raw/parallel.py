@@ -72,9 +72,14 @@ class Ranks:
         kv_heads = params.n_kv_heads // self.world_size if params.n_kv_heads >= self.world_size else 1
         return params.n_heads // self.world_size, kv_heads
 
-    def vocab_start(self, rows_held: int) -> int:
-        """The first token id of this rank's slice of the vocabulary (the embedding's rows it holds)."""
-        return self.rank * rows_held
+    def embedding_rows(self, table_slice: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Each token id's embedding row (B, S) -> (B, S, D) when this rank holds rows rank * n .. rank * n + n - 1
+        of the table (Meta's VocabParallelEmbedding): ids outside the slice look up zero rows, and the sum over
+        the ranks, where exactly one rank holds each id, is the whole lookup."""
+        local_ids = tokens - self.rank * table_slice.shape[0]
+        outside = (local_ids < 0) | (local_ids >= table_slice.shape[0])  # (B, S): ids another rank holds
+        rows = table_slice[local_ids.masked_fill(outside, 0)].masked_fill(outside[..., None], 0)
+        return self.all_reduce(rows)
 
 
 SINGLE_PROCESS = Ranks()
