@@ -33,7 +33,7 @@ from llama3_raw.parallel import Ranks, wait_for_peers
 from llama3_raw.tokenizer import tokenizer_from_bytes
 from llama3_raw.training import load_recipe, train
 from llama3_raw.training.data_parallel import check_batch_shares, rows_of_rank
-from llama3_raw.training.dropout import row_dropout
+from llama3_raw.training.dropout import forward_with, row_dropout
 from llama3_raw.training.objective import validation_nll, validation_windows
 from llama3_raw.training.state import STATE_FILE
 
@@ -178,6 +178,35 @@ def test_dropout_masks_belong_to_global_rows():
     assert first.unique().tolist() == torch.tensor([0.0, 1 / 0.75]).tolist()  # kept activations are scaled up
     assert abs((first == 0).float().mean().item() - 0.25) < 0.05
     assert row_dropout(0.0, seed=7, step=3, rows=range(4)) is None
+
+
+def test_the_dropout_runs_where_nanogpt_puts_it_and_nowhere_else():
+    """forward_with(dropout) is model.forward with the dropout at the embeddings and at each attention and
+    feed-forward output before it joins the residual stream: 1 + 2 * n_layers calls, in that order."""
+    from helpers import random_state_dict
+
+    from llama3_raw import model
+    from llama3_raw.params import params_from_dict
+    raw = TINY_RECIPE["model"] | {"vocab_size": 64}
+    params, weights = params_from_dict(raw), random_state_dict(raw, seed=3)
+    tokens = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(4))
+    seen = []
+
+    def counting(x):  # the identity, noting each place's tensor
+        seen.append(x.clone())
+        return x
+
+    record = {}
+    logits, _ = forward_with(counting)(weights, params, tokens)
+    plain, _ = model.forward(weights, params, tokens, record=record)
+    assert torch.equal(logits, plain)
+    assert forward_with(None) is model.forward
+    places = ["tok_embeddings"] + [f"layers.{i}.{part}" for i in range(params.n_layers)
+                                   for part in ("attention", "feed_forward")]
+    assert len(seen) == len(places)
+    assert all(torch.equal(x, record[name]) for x, name in zip(seen, places))
+    halved, _ = forward_with(lambda x: x / 2)(weights, params, tokens)
+    assert not torch.allclose(halved, plain)  # a real dropout changes what the model computes
 
 
 def test_dropout_trains_and_is_off_in_evaluation_and_sampling(one_process, small_corpus, tmp_path):
