@@ -133,12 +133,17 @@ def choose_dtype(requested: str, device: str, weights: dict, quantize: str = "no
         return DTYPES[requested], f"{requested}, as asked (--dtype {requested})"
     if device == "cuda":
         return torch.bfloat16, "bfloat16 (auto): on CUDA, computed straight from the checkpoint's tensors"
-    features = torch.cpu.get_capabilities() if cpu_features is None else cpu_features
+    features = this_cpu() if cpu_features is None else cpu_features
     return auto_cpu_dtype(stored_dtype(weights), count_parameters(weights), native_bf16(features),
                           available_memory_bytes())
 
 
 NATIVE_BF16_FEATURES = ("avx512_bf16", "amx_bf16")  # torch.cpu.get_capabilities()'s names (/proc/cpuinfo: avx512_bf16, amx_bf16)
+
+
+def this_cpu() -> Mapping:
+    """This CPU's features as PyTorch detects them (none known with a torch that lacks torch.cpu.get_capabilities)."""
+    return getattr(torch.cpu, "get_capabilities", dict)()
 
 
 def native_bf16(cpu_features: Mapping) -> bool:
@@ -185,7 +190,7 @@ def auto_cpu_dtype(stored: torch.dtype | None, n_parameters: int, native: bool,
 
 def auto_dtype_help(cpu_features: Mapping | None = None) -> str:
     """--dtype auto's rule in a sentence, with what this CPU has (for --help; run and chat say what was chosen)."""
-    features = torch.cpu.get_capabilities() if cpu_features is None else cpu_features
+    features = this_cpu() if cpu_features is None else cpu_features
     here = "has" if native_bf16(features) else "lacks"
     return (f"auto: on the CPU, a bfloat16 checkpoint of {SMALL_MODEL_PARAMETERS // 1_000_000}M parameters or more "
             f"computes in bfloat16 where the CPU has native bf16 (AVX-512 BF16 or AMX; this CPU {here} it), "
