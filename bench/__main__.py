@@ -17,6 +17,7 @@ checkpoint, each right after ours of the same width, and a table of ratios ours 
 """
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -47,6 +48,32 @@ IMPL_NAMES = {"ours": "llama3_raw", "ours-int8": "llama3_raw int8", "ours-int4":
 QUANTIZED = {"ours-int8": ("int8", None), "ours-int4": ("int4", None), "ours-int4-g64": ("int4", 64)}
 NAMES = {**IMPL_NAMES, **llamacpp.IMPL_NAMES}  # "--impls llamacpp" adds three rows (bench/llamacpp.py)
 FILL_ROWS = 4096  # random rows generated at a time while writing a checkpoint
+
+
+TEST_INSTALL = "pip install -r requirements-test.txt && pip install --no-deps llama-models"
+
+
+def missing_requirements(impls: list[str], checkpoint_written: bool) -> list[str]:
+    """The test-only packages that this run needs and cannot import: llama_models for the official tokenizer
+    file of a checkpoint still to write and, with fairscale, for Meta's reference ("meta"); transformers for "hf"."""
+    needed = (["llama_models"] if "meta" in impls or not checkpoint_written else []) + \
+        (["fairscale"] if "meta" in impls else []) + (["transformers"] if "hf" in impls else [])
+    missing = []
+    for name in needed:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
+def require_packages(impls: list[str], ckpt: Path) -> None:
+    """Stop in one sentence, before any slow work, when a package this run needs is not installed."""
+    missing = missing_requirements(impls, (ckpt / "consolidated.00.pth").is_file())
+    if missing:
+        print(f"error: this benchmark needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
+              f"installed; run {TEST_INSTALL} first.", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def write_random_checkpoint(folder: Path, shape: str) -> Path:
@@ -269,6 +296,7 @@ def main() -> None:
     if args.reps < 1 or args.threads < 1 or args.long_prompt < 2 or args.decode_steps < 1:
         print("error: --reps, --threads and --decode-steps must be at least 1 and --long-prompt at least 2.", file=sys.stderr)
         raise SystemExit(2)
+    require_packages(args.impls, args.out / f"ckpt-{args.shape}")
     if "llamacpp" in args.impls:
         llamacpp.require_build()
 

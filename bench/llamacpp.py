@@ -75,15 +75,20 @@ def require_build() -> None:
         raise SystemExit(2)
 
 
+def download_command(folder: Path) -> list[str]:
+    """pip's download of llama-cpp-python's source archive into `folder`: of this one package only, since
+    `--no-binary :all:` would also build pip's build tools (cmake) from source to prepare its metadata, many
+    minutes; naming the package takes seconds."""
+    return [sys.executable, "-m", "pip", "download", "--no-binary", "llama-cpp-python", "--no-deps",
+            f"llama-cpp-python=={VERSION}", "-d", str(folder)]
+
+
 def setup() -> None:
     """Download, unpack, configure, build: each step skipped when its output is already there."""
     LLAMACPP.mkdir(parents=True, exist_ok=True)
     sdist = LLAMACPP / f"llama_cpp_python-{VERSION}.tar.gz"
     if not sdist.is_file() and not (SOURCE / "CMakeLists.txt").is_file():
-        # the source archive of this one package: `--no-binary :all:` would also build pip's build tools (cmake)
-        # from source to prepare its metadata, many minutes; naming the package takes seconds
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", "llama-cpp-python", "--no-deps",
-                        f"llama-cpp-python=={VERSION}", "-d", str(LLAMACPP)], check=True)
+        subprocess.run(download_command(LLAMACPP), check=True)
     if not (SOURCE / "CMakeLists.txt").is_file():
         with tarfile.open(sdist) as archive:
             archive.extractall(LLAMACPP, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))

@@ -71,6 +71,39 @@ def test_bench_without_a_build_stops_in_one_sentence(tmp_path, monkeypatch, caps
     assert not (tmp_path / "out").exists()  # stopped before writing a checkpoint
 
 
+def block_llama_models(monkeypatch) -> None:
+    for name in [name for name in sys.modules if name.startswith("llama_models.")] + ["llama_models"]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if never installed: every import of it fails
+
+
+def test_bench_without_llama_models_stops_in_one_sentence(tmp_path, monkeypatch, capsys):
+    block_llama_models(monkeypatch)
+    monkeypatch.setattr(sys, "argv", ["python -m bench", "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as stop:
+        bench_main.main()
+    assert stop.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert "\n" not in message and "Traceback" not in message and message.startswith("error: ")
+    assert "llama_models" in message and message.endswith(
+        "run pip install -r requirements-test.txt && pip install --no-deps llama-models first.")
+    assert not (tmp_path / "out").exists()  # stopped before writing a checkpoint
+
+
+def test_bench_asks_for_llama_models_only_where_it_needs_it(monkeypatch):
+    block_llama_models(monkeypatch)
+    assert bench_main.missing_requirements(["ours", "ours-int8"], checkpoint_written=True) == []
+    assert bench_main.missing_requirements(["ours"], checkpoint_written=False) == ["llama_models"]  # its tokenizer
+    assert bench_main.missing_requirements(["ours", "meta"], checkpoint_written=True) == ["llama_models"]
+
+
+def test_setup_downloads_only_llama_cpp_pythons_source(tmp_path):
+    command = llamacpp.download_command(tmp_path)
+    assert command[:4] == [sys.executable, "-m", "pip", "download"]
+    assert command[command.index("--no-binary") + 1] == "llama-cpp-python" and command.count("--no-binary") == 1
+    assert ":all:" not in command and "--no-deps" in command
+    assert f"llama-cpp-python=={llamacpp.VERSION}" in command and command[command.index("-d") + 1] == str(tmp_path)
+
+
 def fake_run(impl: str, dtype: str, decode: float, prefill: float, rss_gb: float, file_gb: float, per_token: float,
              load_s: float | None = 1.0) -> dict:
     return {"impl": impl, "dtype": dtype, "load_s": load_s, "peak_rss_bytes": rss_gb * 1e9, "file_bytes": file_gb * 1e9,

@@ -2,6 +2,7 @@
 generation.json, and the compute dtype. The command line's flags are checked by the same value checks.
 """
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from ..errors import UserError
 from ..files import read_json
 from ..quantize import QuantizedWeight
+from ..threads import SMALL_MODEL_PARAMETERS
 from .loading import GENERATION_DEFAULTS_FILE, count_parameters
 
 FORTY_TWO_PROMPT = "the answer to the ultimate question of life, the universe, and everything is "
@@ -113,19 +115,87 @@ def generation_defaults(ckpt_dir: Path) -> dict:
 
 
 def compute_dtype(requested: str, device: str, weights: dict, quantize: str = "none") -> torch.dtype:
-    """The dtype activations are computed in. `requested`: "auto", "float32" or "bfloat16".
+    """The dtype activations are computed in (`requested`: "auto", "float32" or "bfloat16"); see choose_dtype."""
+    return choose_dtype(requested, device, weights, quantize)[0]
 
-    auto: float32 on the CPU when a float32 copy fits comfortably in memory (Meta's reference computes in
-    float32 there); otherwise, and on CUDA, bfloat16, computed straight from the checkpoint's tensors.
-    Int8 and int4 weights (quantized now, or saved so) always multiply bfloat16 activations.
+
+def choose_dtype(requested: str, device: str, weights: dict, quantize: str = "none",
+                 cpu_features: Mapping | None = None) -> tuple[torch.dtype, str]:
+    """The compute dtype and why, in words for the user (run and chat print it on stderr).
+
+    Int8 and int4 weights (quantized now, or saved so) always multiply bfloat16 activations; a dtype asked for
+    is taken; "auto" on CUDA is bfloat16, on the CPU `auto_cpu_dtype`'s rule. `cpu_features`: as
+    torch.cpu.get_capabilities() (the default), e.g. {"avx512_bf16": True} in a test.
     """
     if quantize != "none" or any(isinstance(w, QuantizedWeight) for w in weights.values()):
-        return torch.bfloat16
+        return torch.bfloat16, "bfloat16: int8 and int4 weights multiply bfloat16 activations"
     if requested != "auto":
-        return DTYPES[requested]
+        return DTYPES[requested], f"{requested}, as asked (--dtype {requested})"
     if device == "cuda":
-        return torch.bfloat16
-    return torch.float32 if 4 * count_parameters(weights) < 0.5 * available_memory_bytes() else torch.bfloat16
+        return torch.bfloat16, "bfloat16 (auto): on CUDA, computed straight from the checkpoint's tensors"
+    features = this_cpu() if cpu_features is None else cpu_features
+    return auto_cpu_dtype(stored_dtype(weights), count_parameters(weights), native_bf16(features),
+                          available_memory_bytes())
+
+
+NATIVE_BF16_FEATURES = ("avx512_bf16", "amx_bf16")  # torch.cpu.get_capabilities()'s names (/proc/cpuinfo: avx512_bf16, amx_bf16)
+
+
+def this_cpu() -> Mapping:
+    """This CPU's features as PyTorch detects them (none known with a torch that lacks torch.cpu.get_capabilities)."""
+    return getattr(torch.cpu, "get_capabilities", dict)()
+
+
+def native_bf16(cpu_features: Mapping) -> bool:
+    """Whether a CPU with these features (torch.cpu.get_capabilities()) computes bfloat16 products natively:
+    AVX-512 BF16 (which the compiled decode kernels also need, compiled.py) or AMX-BF16. Without them
+    every bf16 weight is widened to float32 in software first."""
+    return any(cpu_features.get(name) is True for name in NATIVE_BF16_FEATURES)
+
+
+def stored_dtype(weights: dict) -> torch.dtype | None:
+    """The dtype that holds most of the checkpoint's parameters (None for no tensors)."""
+    counts: dict[torch.dtype, int] = {}
+    for tensor in {id(t): t for t in weights.values() if isinstance(t, torch.Tensor)}.values():
+        counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.numel()
+    return max(counts, key=counts.get) if counts else None
+
+
+def auto_cpu_dtype(stored: torch.dtype | None, n_parameters: int, native: bool,
+                   free_bytes: int) -> tuple[torch.dtype, str]:
+    """--dtype auto on the CPU, for a checkpoint stored in `stored` with `n_parameters`, on a CPU that computes
+    bf16 natively (`native`) and has `free_bytes` of memory available:
+
+    - a float32 checkpoint: float32, its own dtype (memory-mapped, no copy);
+    - a bf16 checkpoint, at least SMALL_MODEL_PARAMETERS, native bf16: bfloat16, straight from the mapped
+      file -- half the bytes per token of float32 and no copy (docs/command-line.md measures it);
+    - a smaller model: float32, the same tokens on every machine (a 5M model runs hundreds of tokens/s either way);
+    - otherwise float32 where a float32 copy fits in half the free memory (as Meta's reference computes on
+      the CPU), else bfloat16.
+    """
+    if stored == torch.float32:
+        return torch.float32, "float32 (auto): the checkpoint's own dtype"
+    is_bf16 = stored == torch.bfloat16
+    if is_bf16 and native and n_parameters >= SMALL_MODEL_PARAMETERS:
+        return torch.bfloat16, ("bfloat16 (auto): the checkpoint's own dtype, which this CPU computes natively "
+                                "(AVX-512 BF16 or AMX); --dtype float32 for Meta's reference arithmetic")
+    if 4 * n_parameters >= 0.5 * free_bytes:
+        return torch.bfloat16, "bfloat16 (auto): a float32 copy would not fit in half the free memory"
+    if is_bf16 and native:
+        return torch.float32, (f"float32 (auto): a model under {SMALL_MODEL_PARAMETERS // 1_000_000}M parameters, "
+                               f"the same tokens on every machine; --dtype bfloat16 is faster on this CPU")
+    why = "this CPU has no native bfloat16 arithmetic" if is_bf16 else "the checkpoint is not bfloat16"
+    return torch.float32, f"float32 (auto): {why}, and a float32 copy fits in memory"
+
+
+def auto_dtype_help(cpu_features: Mapping | None = None) -> str:
+    """--dtype auto's rule in a sentence, with what this CPU has (for --help; run and chat say what was chosen)."""
+    features = this_cpu() if cpu_features is None else cpu_features
+    here = "has" if native_bf16(features) else "lacks"
+    return (f"auto: on the CPU, a bfloat16 checkpoint of {SMALL_MODEL_PARAMETERS // 1_000_000}M parameters or more "
+            f"computes in bfloat16 where the CPU has native bf16 (AVX-512 BF16 or AMX; this CPU {here} it), "
+            f"otherwise float32 when a float32 copy fits in half the free memory; a float32 checkpoint stays "
+            f"float32; on CUDA bfloat16. The choice and why are printed on stderr")
 
 
 def refuse_float32_with_quantized(requested: str, what: str) -> None:

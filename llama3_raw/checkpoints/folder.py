@@ -19,7 +19,7 @@ from ..params import ModelParams
 from ..quantize import INT4_GROUP_SIZE, INT4_GROUP_SIZES, check_int4_shape, is_quantized_key, quantize_weights
 from ..tokenizer import Tokenizer, load_tokenizer
 from ..threads import use_threads
-from .defaults import (GENERATION_DEFAULTS_FILE, compute_dtype, generation_defaults, generation_file_settings,
+from .defaults import (GENERATION_DEFAULTS_FILE, choose_dtype, generation_defaults, generation_file_settings,
                        refuse_float32_with_quantized)
 from .loading import (cast_weights, check_folder_files, checkpoint_params, conversion_note, count_parameters,
                       default_tokenizer_path, is_hf_format, load_checkpoint, quantization)
@@ -71,6 +71,7 @@ class Model:
     device: str
     n_parameters: int  # this process's (under tensor parallelism, the rank's slice)
     ranks: Ranks = SINGLE_PROCESS
+    dtype_reason: str = ""  # why `dtype`, in words (checkpoints.defaults.choose_dtype); run and chat print it
 
     @property
     def quantization(self) -> str | None:
@@ -150,7 +151,7 @@ def load_model(folder: CheckpointFolder, params: ModelParams | None = None, dtyp
         if quantize not in ("none", saved_as):
             raise UserError(f"{folder.directory} holds {saved_as} weights already; drop --quantize {quantize}, or "
                             f"quantize the checkpoint they were made from.")
-    compute = compute_dtype(dtype, device, checkpoint.weights, quantize)
+    compute, reason = choose_dtype(dtype, device, checkpoint.weights, quantize)
     note = conversion_note(checkpoint.weights, compute, folder.directory)
     if note:
         notice(note)
@@ -169,7 +170,7 @@ def load_model(folder: CheckpointFolder, params: ModelParams | None = None, dtyp
         torch.cuda.synchronize()
     context = (params or folder.params).max_seq_len
     return Model(folder.directory, replace(file_params, max_seq_len=context),
-                 folder.tokenizer, folder.defaults, weights, compute, device, n_parameters, ranks)
+                 folder.tokenizer, folder.defaults, weights, compute, device, n_parameters, ranks, reason)
 
 
 def check_quantize_request(quantize: str, dtype: str, save_quantized: Path | None, group_size: int | None = None) -> None:

@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 
 from ..checkpoints import DTYPES, WEIGHTS_ENV, DefaultsSource, defaults_source
-from ..checkpoints.defaults import (BUILTIN_DEFAULTS, CHAT_MAX_NEW_TOKENS, non_negative_int, positive_int, probability,
-                                    seed, temperature, thread_count)
+from ..checkpoints.defaults import (BUILTIN_DEFAULTS, CHAT_MAX_NEW_TOKENS, auto_dtype_help, non_negative_int,
+                                    positive_int, probability, seed, temperature, thread_count)
 from ..quantize import INT4_GROUP_SIZE, INT4_GROUP_SIZES
 from ..threads import SMALL_MODEL_PARAMETERS
 from ..tokenizer import REMOTE_TIMEOUT_S
@@ -90,7 +90,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, source: DefaultsSource,
                         help="with --quantize int8 or int4: also write the quantized weights to the new folder DIR as a "
                         "checkpoint that later runs load directly (--ckpt-dir DIR), without quantizing again")
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
-                        help="compute dtype (default auto: float32 on the CPU when it fits in memory, else bfloat16)")
+                        help=f"compute dtype (default {auto_dtype_help()})".replace("%", "%%"))
     parser.add_argument("--context-len", type=positive_int, help="the context in tokens (default: the context the "
                         "model was trained for, from generation.json, else the model's own maximum, 8192 for Llama 3, "
                         "131072 for 3.1+); the KV cache only takes what a run needs")

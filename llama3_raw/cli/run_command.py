@@ -78,6 +78,7 @@ def load_weights(args: argparse.Namespace, folder, params, start: float) -> tupl
     log(f"loaded {where}{model.directory}{shipped} ({model.n_parameters / 1e6:.1f}M parameters, {params.n_layers} layers) "
         f"as {str(model.dtype).removeprefix('torch.')}{f' with {model.quantization} weights' if model.quantization else ''} "
         f"on {args.device} in {load_s:.1f}s")
+    log(f"dtype {model.dtype_reason}")
     return model, load_s
 
 

@@ -94,7 +94,8 @@ def report_text(comparison: Comparison) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                        help="default float32, Meta's reference arithmetic, whatever run's --dtype auto picks")
     parser.add_argument("--tolerance", type=non_negative_float, help="relative tolerance per block (default 1e-5 fp32, 2e-2 bf16)")
     parser.add_argument("--perturb", metavar="KEY", help="add 5%% noise to this weight on our side, e.g. "
                         "layers.1.attention.wk.weight, to see how a bug shows up")
