@@ -157,7 +157,7 @@ def impl_runs(impl: str, dtype: str, args, ckpt: Path, quantized_ckpts: dict[str
 
 
 def rep_order(impls: list[str], dtype: str, first_dtype: str) -> list[str]:
-    """One repetition's runs at a dtype, in order. "llamacpp" stands for its three GGUF runs, at the first dtype
+    """One repetition's runs at a dtype, in order. "llamacpp" stands for its GGUF runs, at the first dtype
     only (its weights have their own types), each right after ours of the same width (llamacpp.PAIRS), and a
     second of ours of that width (int4 in groups of 64) right after it: the machine's bandwidth drifts by 2x
     within minutes, and runs back to back meet nearly the same."""
@@ -172,6 +172,7 @@ def rep_order(impls: list[str], dtype: str, first_dtype: str) -> list[str]:
         if theirs:
             order.append(theirs)
             order += [ours for ours, _, t in llamacpp.PAIRS if t == theirs and ours in impls and ours not in order]
+            order += [t for ours, _, t in llamacpp.PAIRS if ours == impl and t not in order]  # Q4_K_M after Q4_0
     return order + [impl for impl in llamacpp.WIDTHS if impl not in order]
 
 

@@ -1,15 +1,17 @@
-"""llama.cpp in the benchmark: `python -m bench --impls ours llamacpp` adds rows "llama.cpp BF16", "Q8_0" and "Q4_0".
+"""llama.cpp in the benchmark: `python -m bench --impls ours llamacpp` adds rows "llama.cpp BF16", "Q8_0", "Q4_0" and
+"Q4_K_M" (the recipe most users download).
 
-    python -m bench.llamacpp setup   # once: download llama-cpp-python 0.3.36's sdist and build llama-bench and
-                                     # llama-quantize from its vendored llama.cpp (cmake and a C++ compiler needed:
-                                     # `pip install cmake`, the distro's g++; 5 min on 2 cores)
+    python -m bench.llamacpp setup   # once: download llama-cpp-python 0.3.36's sdist and build llama-bench,
+                                     # llama-quantize and llama-completion from its vendored llama.cpp (cmake and a
+                                     # C++ compiler needed: `pip install cmake`, the distro's g++; 3-5 min on 2 cores)
     python -m bench.llamacpp check   # the GGUF files (python -m bench writes them too) against the checkpoint
 
 The sdist and build go to bench/out/llamacpp/, the GGUFs to bench/out/ckpt-SHAPE-gguf/, each written once: the
 bench's random checkpoint as a Hugging Face folder (config.json, model.safetensors in Hugging Face's q/k row
 order, a tokenizer.json of Meta's tokenizer that llama.cpp's converter recognises as "llama-bpe"; deleted after),
-converted by llama.cpp's convert_hf_to_gguf.py to BF16, then by llama-quantize to Q8_0 and Q4_0 (its default
-recipe, which keeps a tied embedding/output matrix, as in the 1B shape, in Q6_K for Q4_0).
+converted by llama.cpp's convert_hf_to_gguf.py to BF16, then by llama-quantize to Q8_0, Q4_0 and Q4_K_M (its default
+recipes: Q4_0 keeps a tied embedding/output matrix, as in the 1B shape, in Q6_K; Q4_K_M is Q4_K with attn_v and
+ffn_down in Q6_K in half the layers).
 
 Each (width, repetition) is one `llama-bench -m FILE -p 512 -n 64 -t THREADS -r 1 -o json` process in the bench's
 repetition loop: prefill tok/s of 512 tokens, decode tok/s of 64 tokens from an empty cache (after llama-bench's
@@ -39,15 +41,23 @@ SOURCE = LLAMACPP / f"llama_cpp_python-{VERSION}" / "vendor" / "llama.cpp"
 BIN = LLAMACPP / "build" / "bin"
 PYDEPS = LLAMACPP / "pydeps"  # the converter's one requirement this project does not have, when not installed
 SENTENCEPIECE = "sentencepiece>=0.1.98,<0.3.0"  # as vendor/llama.cpp/requirements/ pins it
-CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
                "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_OPENSSL=OFF"]
-WIDTHS = {"llamacpp-bf16": "BF16", "llamacpp-q8_0": "Q8_0", "llamacpp-q4_0": "Q4_0"}  # impl -> GGUF type
+# The CPU's own instruction sets, as GGML_NATIVE=ON would choose them (-march=native), less AMX: on an Intel Xeon VM
+# that lists amx_int8 (2026-12-06) ggml's AMX matrix kernel died of SIGILL at its first tile load in llama-bench,
+# while decoding never uses AMX (one row at a time). /proc/cpuinfo flag -> ggml's cmake option.
+ISA_OPTIONS = {"sse4_2": "SSE42", "avx": "AVX", "avx2": "AVX2", "fma": "FMA", "f16c": "F16C", "bmi2": "BMI2", "avx_vnni": "AVX_VNNI",
+               "avx512f": "AVX512", "avx512vbmi": "AVX512_VBMI", "avx512_vnni": "AVX512_VNNI",
+               "avx512_bf16": "AVX512_BF16"}
+TARGETS = ["llama-bench", "llama-quantize", "llama-completion"]  # llama-completion: time to first token, cold
+WIDTHS = {"llamacpp-bf16": "BF16", "llamacpp-q8_0": "Q8_0", "llamacpp-q4_0": "Q4_0",
+          "llamacpp-q4_k_m": "Q4_K_M"}  # impl -> llama-quantize's type
 IMPL_NAMES = {impl: f"llama.cpp {kind}" for impl, kind in WIDTHS.items()}
 SHORT_NAMES = {impl: "llama.cpp" for impl in WIDTHS}
-COLORS = {"llamacpp-bf16": "tab:red", "llamacpp-q8_0": "tab:pink", "llamacpp-q4_0": "tab:brown"}
+COLORS = {"llamacpp-bf16": "tab:red", "llamacpp-q8_0": "tab:pink", "llamacpp-q4_0": "tab:brown", "llamacpp-q4_k_m": "tab:olive"}
 # (ours, width, theirs); int4 in groups of 64 reads 4.5 bits a weight, as Q4_0 does (ours' default groups of 32: 5)
 PAIRS = [("ours", "bf16", "llamacpp-bf16"), ("ours-int8", "int8", "llamacpp-q8_0"), ("ours-int4", "int4", "llamacpp-q4_0"),
-         ("ours-int4-g64", "int4 g64", "llamacpp-q4_0")]
+         ("ours-int4-g64", "int4 g64", "llamacpp-q4_0"), ("ours-int4", "int4", "llamacpp-q4_k_m")]
 PROMPT, GENERATE = 512, 64  # llama-bench -p, -n
 # Runs a command, reports its peak RSS from wait4: a child of the bench would inherit the bench's across exec.
 LAUNCHER = ("import os, sys; pid = os.posix_spawn(sys.argv[1], sys.argv[1:], os.environ); _, status, usage = "
@@ -57,7 +67,7 @@ LAUNCHER = ("import os, sys; pid = os.posix_spawn(sys.argv[1], sys.argv[1:], os.
 
 def missing_build() -> str | None:
     """One sentence saying how to build llama.cpp when its binaries or source are missing, else None."""
-    needed = [BIN / "llama-bench", BIN / "llama-quantize", SOURCE / "convert_hf_to_gguf.py"]
+    needed = [*(BIN / target for target in TARGETS), SOURCE / "convert_hf_to_gguf.py"]
     if all(path.is_file() for path in needed) and converter_ready():
         return None
     missing = ", ".join(path.name for path in needed if not path.is_file()) or "the converter's sentencepiece"
@@ -95,11 +105,29 @@ def setup() -> None:
     if not converter_ready():  # convert_hf_to_gguf.py imports sentencepiece even for a BPE tokenizer
         subprocess.run([sys.executable, "-m", "pip", "install", "--target", str(PYDEPS), SENTENCEPIECE], check=True)
     build = LLAMACPP / "build"
-    if not (build / "CMakeCache.txt").is_file():
-        subprocess.run(["cmake", "-S", str(SOURCE), "-B", str(build), *CMAKE_FLAGS], check=True)
-    if missing_build() is not None:
-        subprocess.run(["cmake", "--build", str(build), "-j2", "--target", "llama-bench", "llama-quantize"], check=True)
-    print(f"llama.cpp {VERSION}: {BIN / 'llama-bench'} and {BIN / 'llama-quantize'} ready", file=sys.stderr)
+    cache, options = build / "CMakeCache.txt", isa_options(cpuinfo_flags())
+    configured = cache.read_text() if cache.is_file() else ""
+    if any(option[2:].replace("=", ":BOOL=") not in configured for option in options):  # none yet, or other options
+        subprocess.run(["cmake", "-S", str(SOURCE), "-B", str(build), *CMAKE_FLAGS, *options], check=True)
+    subprocess.run(["cmake", "--build", str(build), "-j2", "--target", *TARGETS], check=True)  # seconds when built
+    print(f"llama.cpp {VERSION}: {', '.join(TARGETS)} ready in {BIN}", file=sys.stderr)
+
+
+def cpuinfo_flags() -> set[str]:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return set()
+    return set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+
+
+def isa_options(cpu_flags: set[str]) -> list[str]:
+    """cmake options: this CPU's instruction sets (ISA_OPTIONS) on, AMX off; -march=native where flags are unknown."""
+    if not cpu_flags:
+        return ["-DGGML_NATIVE=ON", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
+    return ["-DGGML_NATIVE=OFF", *(f"-DGGML_{option}={'ON' if flag in cpu_flags else 'OFF'}"
+                                   for flag, option in ISA_OPTIONS.items()),
+            "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
 
 
 def gguf_module():
@@ -149,7 +177,7 @@ def write_hf_folder(ckpt: Path, folder: Path) -> None:
 
 
 def write_ggufs(ckpt: Path, threads: int) -> dict[str, Path]:
-    """BF16 by convert_hf_to_gguf.py, Q8_0 and Q4_0 by llama-quantize from it; each skipped when present."""
+    """BF16 by convert_hf_to_gguf.py, the other widths by llama-quantize from it; each skipped when present."""
     paths = {impl: ckpt.with_name(ckpt.name + "-gguf") / f"{kind.lower()}.gguf" for impl, kind in WIDTHS.items()}
     bf16 = paths["llamacpp-bf16"]
     if not bf16.is_file():

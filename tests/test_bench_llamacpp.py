@@ -186,7 +186,7 @@ def test_each_width_runs_right_after_ours_and_is_compared_rep_by_rep():
     """The bandwidth drifts: a pair run back to back is compared within its repetition. Medians of the two
     columns would say 20 / 30 = 0.67x here; the repetitions' ratios 2, 0.5 and 1 have the median 1."""
     assert bench_main.rep_order(["ours", "ours-int4", "meta", "llamacpp"], "bfloat16", "bfloat16") == [
-        "ours", "llamacpp-bf16", "ours-int4", "llamacpp-q4_0", "meta", "llamacpp-q8_0"]
+        "ours", "llamacpp-bf16", "ours-int4", "llamacpp-q4_0", "llamacpp-q4_k_m", "meta", "llamacpp-q8_0"]
     assert bench_main.rep_order(["ours", "llamacpp"], "float32", "bfloat16") == ["ours"]  # its own types: once a rep
     assert bench_main.rep_order(["ours", "hf"], "bfloat16", "bfloat16") == ["ours", "hf"]
     ours = [fake_run("ours", "bfloat16", decode, 60.0, 2.6, 2.5, 2.5) for decode in (10.0, 20.0, 30.0)]
@@ -210,9 +210,9 @@ def test_the_same_rate_of_reading_at_another_bandwidth_compares_as_even():
 def test_int4_in_groups_of_64_runs_right_after_q4_0_and_is_compared_with_it():
     """Groups of 64 read 4.5 bits a weight, as Q4_0 does: the like-for-like pair, run in the same stretch."""
     assert bench_main.rep_order(["ours-int4", "ours-int4-g64", "llamacpp"], "bfloat16", "bfloat16") == [
-        "ours-int4", "llamacpp-q4_0", "ours-int4-g64", "llamacpp-bf16", "llamacpp-q8_0"]
+        "ours-int4", "llamacpp-q4_0", "ours-int4-g64", "llamacpp-q4_k_m", "llamacpp-bf16", "llamacpp-q8_0"]
     assert bench_main.rep_order(["ours-int4-g64", "llamacpp"], "bfloat16", "bfloat16") == [
-        "ours-int4-g64", "llamacpp-q4_0", "llamacpp-bf16", "llamacpp-q8_0"]
+        "ours-int4-g64", "llamacpp-q4_0", "llamacpp-bf16", "llamacpp-q8_0", "llamacpp-q4_k_m"]
     runs = [[fake_run("ours-int4", "bfloat16", 12.0, 30.0, 1.0, 1.0, 0.8)], [fake_run("ours-int4-g64", "bfloat16", 11.0, 30.0, 1.0, 1.0, 0.7)],
             [fake_run("llamacpp-q4_0", "Q4_0", 10.0, 100.0, 0.8, 0.8, 0.8, load_s=None)]]
     lines = llamacpp.ratio_table([bench_main.summarise(group, 20e9) for group in runs]).splitlines()
