@@ -54,7 +54,7 @@ WIDTHS = {"llamacpp-bf16": "BF16", "llamacpp-q8_0": "Q8_0", "llamacpp-q4_0": "Q4
           "llamacpp-q4_k_m": "Q4_K_M"}  # impl -> llama-quantize's type
 IMPL_NAMES = {impl: f"llama.cpp {kind}" for impl, kind in WIDTHS.items()}
 SHORT_NAMES = {impl: "llama.cpp" for impl in WIDTHS}
-COLORS = {"llamacpp-bf16": "tab:red", "llamacpp-q8_0": "tab:pink", "llamacpp-q4_0": "tab:brown", "llamacpp-q4_k_m": "tab:olive"}
+COLORS = {"llamacpp-bf16": "tab:red", "llamacpp-q8_0": "tab:pink", "llamacpp-q4_0": "tab:brown", "llamacpp-q4_k_m": "tab:gray"}
 # (ours, width, theirs); int4 in groups of 64 reads 4.5 bits a weight, as Q4_0 does (ours' default groups of 32: 5)
 PAIRS = [("ours", "bf16", "llamacpp-bf16"), ("ours-int8", "int8", "llamacpp-q8_0"), ("ours-int4", "int4", "llamacpp-q4_0"),
          ("ours-int4-g64", "int4 g64", "llamacpp-q4_0"), ("ours-int4", "int4", "llamacpp-q4_k_m")]

@@ -4,10 +4,13 @@
     python -m bench.quantized_accuracy --ckpt-dir weights/shakespeare --text data/tinyshakespeare.txt --scheme int4 --group-size 64
     python -m bench.quantized_accuracy --ckpt-dir bench/out/ckpt-1b
     python -m bench.quantized_accuracy --ckpt-dir weights/shakespeare --text data/tinyshakespeare.txt --scheme q4_0
+    python -m bench.quantized_accuracy --ckpt-dir weights/shakespeare --text data/tinyshakespeare.txt --scheme q4_k_m
 
 --scheme q4_0 is not one of ours: the same matrices rounded as llama.cpp's Q4_0 rounds them (blocks of 32, one
 scale each, no offset: 4.5 bits a weight, as our int4 in groups of 64), multiplied back in bf16 -- its accuracy as
-a reference point. (llama-quantize's Q4_0 files keep the output matrix in Q6_K; here it is Q4_0 too.)
+a reference point. (llama-quantize's Q4_0 files keep the output matrix in Q6_K; here it is Q4_0 too.) --scheme
+q4_k_m is llama-quantize's own Q4_K_M, its output matrix and the mix of types included (bench/ggml_rounding.py;
+needs `python -m bench.llamacpp setup`), multiplied back in bf16 the same way.
 
 Greedy-decodes --steps tokens with the bf16 weights, then feeds that same sequence to both models
 (teacher forcing, so one early difference does not derail the rest) and reports the top-1 agreement
@@ -53,7 +56,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=128)
     parser.add_argument("--prompt", default="ROMEO:\n")
     parser.add_argument("--window", type=int, default=256, help="scoring window in tokens")
-    parser.add_argument("--scheme", choices=["int8", "int4", "q4_0"], default="int8")
+    parser.add_argument("--scheme", choices=["int8", "int4", "q4_0", "q4_k_m"], default="int8")
     parser.add_argument("--group-size", type=int, default=32, help="int4: inputs per scale and zero")
     args = parser.parse_args()
 
@@ -61,8 +64,12 @@ def main() -> None:
     params = checkpoint.params
     bf16 = cast_weights(checkpoint.weights, torch.bfloat16, "cpu")
     start = time.perf_counter()
+    ggml_types = None
     if args.scheme == "q4_0":
         quantized = {key: q4_0_rounded(w) if is_quantized_key(key) else w for key, w in bf16.items()}
+    elif args.scheme == "q4_k_m":
+        from bench.ggml_rounding import rounded_by_llama_quantize
+        quantized, ggml_types = rounded_by_llama_quantize(bf16, params, "Q4_K_M")
     else:
         quantized = quantize_weights(bf16, torch.bfloat16, args.scheme, args.group_size)
     quantize_s = time.perf_counter() - start
@@ -81,7 +88,7 @@ def main() -> None:
         "checkpoint": str(args.ckpt_dir), "scheme": args.scheme, "group_size": args.group_size if args.scheme == "int4" else None,
         "positions": len(greedy), "top1_agreement": agreement,
         "max_logit_diff": diff.max().item(), "max_abs_logit_bf16": bf16_logits[0, predicted].abs().max().item(),
-        "mean_logit_diff": diff.mean().item(), "quantize_s": quantize_s,
+        "mean_logit_diff": diff.mean().item(), "quantize_s": quantize_s, "ggml_types": ggml_types,
     }
     if args.text:
         text = open(args.text, encoding="utf-8").read()

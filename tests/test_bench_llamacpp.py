@@ -218,3 +218,62 @@ def test_int4_in_groups_of_64_runs_right_after_q4_0_and_is_compared_with_it():
     lines = llamacpp.ratio_table([bench_main.summarise(group, 20e9) for group in runs]).splitlines()
     assert [line.split(" | ")[:3] for line in lines if line.startswith("| int4")] == [
         ["| int4", "ours-int4 vs llama.cpp Q4_0", "1.20×"], ["| int4 g64", "ours-int4-g64 vs llama.cpp Q4_0", "1.10×"]]
+
+
+def test_setup_builds_for_the_cpus_own_instruction_sets_without_amx():
+    """An Intel VM listing amx_int8 killed ggml's AMX kernel with SIGILL; -march=native would compile it in."""
+    options = llamacpp.isa_options({"avx2", "fma", "avx512f", "avx512_vnni", "amx_int8", "amx_tile"})
+    assert "-DGGML_NATIVE=OFF" in options and "-DGGML_AVX512=ON" in options and "-DGGML_AVX512_VNNI=ON" in options
+    assert "-DGGML_AVX512_BF16=OFF" in options and "-DGGML_AMX_INT8=OFF" in options and "-DGGML_AMX_TILE=OFF" in options
+    assert "-DGGML_AMX_INT8=OFF" in llamacpp.isa_options(set())  # flags unknown: native, still without AMX
+
+
+def test_every_weight_has_its_llama_cpp_name():
+    from bench.ggml_rounding import gguf_name
+    from llama3_raw.params import params_from_dict
+
+    params = params_from_dict(bench_main.SHAPES["1b"])
+    names = {gguf_name(key) for key in params.weight_shapes()}
+    assert len(names) == len(params.weight_shapes())  # no two weights share a name
+    assert {"token_embd.weight", "output.weight", "output_norm.weight", "blk.15.ffn_down.weight",
+            "blk.0.attn_v.weight", "blk.3.attn_norm.weight"} <= names
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not BUILT, reason="llama.cpp is not built (python -m bench.llamacpp setup)")
+def test_llama_quantize_rounds_each_matrix_as_its_recipe_says(tmp_path):
+    """Q8_0 changes a weight by about half a step of its block's scale (max / 127) at most; Q4_K_M mixes Q4_K with Q6_K
+    (attn_v and ffn_down in some layers, the output matrix) and leaves the norms in float32."""
+    from bench.ggml_rounding import rounded_by_llama_quantize
+    from llama3_raw import load_checkpoint
+
+    shape = dict(TINY_MHA_SCALED, dim=256, multiple_of=256, vocab_size=512)  # K-quants take rows of 256 inputs
+    checkpoint = load_checkpoint(write_random_checkpoint(tmp_path / "ckpt", shape, seed=3, tokenizer=None),
+                                 show_progress=False)
+    weights = {key: w.float() for key, w in checkpoint.weights.items()}
+    q8, types_q8 = rounded_by_llama_quantize(weights, checkpoint.params, "Q8_0")
+    w = weights["layers.0.attention.wq.weight"]
+    step = w.reshape(-1, 32).abs().amax(dim=1, keepdim=True) / 127
+    # half a step, and the scale's own rounding to float16 (2^-11 of it) over up to 127 steps
+    assert ((q8["layers.0.attention.wq.weight"] - w).reshape(-1, 32).abs() <= (0.5 + 127 * 2**-11) * step).all()
+    assert torch.equal(q8["norm.weight"], weights["norm.weight"]) and "Q8_0" in types_q8
+    q4km, types_q4km = rounded_by_llama_quantize(weights, checkpoint.params, "Q4_K_M")
+    assert {"Q4_K", "Q6_K"} <= set(types_q4km)
+    error = float((q4km["layers.0.feed_forward.w1.weight"] - weights["layers.0.feed_forward.w1.weight"]).norm()
+                  / weights["layers.0.feed_forward.w1.weight"].norm())
+    assert 0.01 < error < 0.15  # 4-bit: ~8 % of the matrix's size (Q8_0 ~0.5 %)
+
+
+def test_first_token_runs_one_token_in_a_new_process_each_and_compares_pairs_rep_by_rep():
+    from bench import first_token
+
+    ours = first_token.command("ours", Path("ckpt"), 2)
+    theirs = first_token.command("llamacpp-q4_0", Path("q4_0.gguf"), 2)
+    assert ours[ours.index("--max-new-tokens") + 1] == "1" and ours[-1] == first_token.PROMPT
+    assert theirs[theirs.index("-n") + 1] == "1" and theirs[theirs.index("-p") + 1] == first_token.PROMPT
+    run = lambda impl, s: {"impl": impl, "seconds": s, "peak_rss_bytes": 1e9, "file_bytes": 2e9}  # noqa: E731
+    runs = {"ours-int4": [run("ours-int4", s) for s in (2.0, 9.0, 3.0)],
+            "llamacpp-q4_0": [run("llamacpp-q4_0", s) for s in (1.0, 3.0, 3.0)]}
+    text = first_token.table(runs, Namespace(shape="1b", threads=2, reps=3))
+    assert "| llama3_raw int4 | 2.00 | 3.00 (2.00–9.00) | 1.00 |" in text
+    assert "| llama3_raw int4 vs llama.cpp Q4_0 | 2.00× |" in text  # ratios 2, 3, 1: median 2 (medians: 1.0×)
