@@ -117,3 +117,29 @@ def test_bad_checkpoints_raise_one_clear_user_error(tmp_path):
         message = str(info.value)
         assert fragment in message, f"{name}: {message}"
         assert "\n" not in message, name
+
+
+def test_the_page_cache_is_asked_what_it_holds_and_a_cached_file_is_not_read_again(tmp_path, monkeypatch):
+    import os
+
+    from llama3_raw.checkpoints import meta
+
+    path = tmp_path / "weights.bin"
+    path.write_bytes(os.urandom(4 << 20))
+    assert meta.cached_fraction(path) == 1.0  # just written: every page is in the page cache
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages: the kernel drops them
+    assert meta.cached_fraction(path) < 0.5
+    reads = []  # the sequential reads (unbuffered opens); mincore's mapping opens the file too
+
+    def spy(*args, **kwargs):
+        if kwargs.get("buffering") == 0:
+            reads.append(args)
+        return open(*args, **kwargs)
+
+    monkeypatch.setattr(meta, "open", spy, raising=False)
+    meta.warm_page_cache(path, show_progress=False)  # mostly not cached: read
+    assert len(reads) == 1 and meta.cached_fraction(path) == 1.0
+    meta.warm_page_cache(path, show_progress=False)  # all cached: not read again
+    assert len(reads) == 1

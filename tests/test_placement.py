@@ -195,3 +195,25 @@ def test_without_room_for_the_copy_the_weights_stay_mapped(tmp_path, monkeypatch
     monkeypatch.setattr(placement, "available_memory_bytes", lambda: placement.SPARE_BYTES + (4 << 20))
     placed = in_huge_pages(dict(anonymous))
     assert all(placed[k].data_ptr() != anonymous[k].data_ptr() for k in anonymous)
+
+
+def test_the_copy_is_made_only_for_a_run_long_enough_to_pay_it_back():
+    assert placement.copy_pays_back(None)  # a chat: as many tokens as the session brings
+    assert placement.copy_pays_back(placement.PAYS_BACK_TOKENS)
+    assert not placement.copy_pays_back(placement.PAYS_BACK_TOKENS - 1)
+    assert not placement.copy_pays_back(1)  # a one-token run (time to first token): the file's own pages
+
+
+@needs_huge_pages
+def test_a_short_run_computes_from_the_files_pages_and_a_long_one_from_the_copy(tmp_path):
+    ckpt_dir = write_random_checkpoint(tmp_path / "ckpt", TINY_GQA, seed=3)
+    folder = open_folder(ckpt_dir)
+    short = load_model(folder, dtype="bfloat16", show_progress=False, new_tokens=32)
+    long = load_model(folder, dtype="bfloat16", show_progress=False, new_tokens=placement.PAYS_BACK_TOKENS)
+    file_ranges = file_backed_ranges()
+    in_file = lambda weights: {k for k, w in weights.items() if any(lo <= w.data_ptr() < hi for lo, hi in file_ranges)}  # noqa: E731
+    assert in_file(short.weights) == set(short.weights)
+    assert in_file(long.weights) == {"tok_embeddings.weight"}
+    tokens = torch.tensor([[128000, 5, 6, 7, 8]])
+    with torch.inference_mode():
+        assert torch.equal(forward(short.weights, short.params, tokens)[0], forward(long.weights, long.params, tokens)[0])

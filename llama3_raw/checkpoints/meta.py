@@ -5,6 +5,8 @@ the file's pages, so the weights live in memory once (as page cache) and a bf16 
 bf16 is never copied. Every failure of a damaged or foreign file becomes one sentence (UserError).
 """
 
+import ctypes
+import mmap
 import pickle
 import zipfile
 from pathlib import Path
@@ -28,9 +30,12 @@ def warm_page_cache(path: Path, show_progress: bool) -> None:
     """Read the file once, sequentially, so the memory-mapped tensors find its pages in the page cache.
 
     This is where the disk time goes, so this is where the progress bar is; the bytes read here land
-    in the kernel's page cache, not in a second copy inside this process.
+    in the kernel's page cache, not in a second copy inside this process. A file whose pages are all there
+    already (read by an earlier run) is not read again: that pass took 2.2 s of an 8B run's start for nothing.
     """
     size = path.stat().st_size
+    if cached_fraction(path) >= 0.99:
+        return
     buffer = bytearray(min(READ_CHUNK_BYTES, max(size, 1)))
     view = memoryview(buffer)
     with open(path, "rb", buffering=0) as f, tqdm(
@@ -39,6 +44,26 @@ def warm_page_cache(path: Path, show_progress: bool) -> None:
     ) as bar:
         while n := f.readinto(view):
             bar.update(n)
+
+
+def cached_fraction(path: Path) -> float:
+    """The fraction of the file's pages in the page cache (mincore(2) over a mapping of it that reads nothing);
+    0.0 where that cannot be told."""
+    size = path.stat().st_size
+    if size == 0:
+        return 1.0
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as mapping:
+            anchor = ctypes.c_char.from_buffer(mapping)  # the mapping's address (released before it closes)
+            pages = (ctypes.c_ubyte * (-(-size // mmap.PAGESIZE)))()
+            failed = libc.mincore(ctypes.c_void_p(ctypes.addressof(anchor)), ctypes.c_size_t(size), pages)
+            del anchor
+    except (OSError, ValueError, AttributeError):
+        return 0.0
+    if failed:
+        return 0.0
+    return (torch.frombuffer(pages, dtype=torch.uint8) & 1).sum().item() / len(pages)
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

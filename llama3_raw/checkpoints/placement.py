@@ -35,7 +35,18 @@ SLOT_ALIGN = 4096  # every tensor starts on its own page: the kernels' rows are 
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 PROGRESS_MIN_BYTES = 256 << 20
 SPARE_BYTES = 2 << 30  # left over after the copy, for the cache, activations and everything else
+# The copy pays back only over a long run. 1B bf16 on an AMD EPYC VM (2026-11): 1.1 to 3.2 s for the copy, 9 ms
+# a token less (59 -> 50 ms): back after 120 to 360 tokens. On an Intel Xeon VM (2026-12-06): 0.74 s, and decode
+# alike from either kind of page (103-108 ms a step, alternating), so never; there the 8B copy (~6 s) put the time
+# to first token of a one-token run at 4x llama.cpp's, which maps its file and copies nothing.
+PAYS_BACK_TOKENS = 256
 ROW_READ_KEYS = ("tok_embeddings.weight",)  # a decode step reads one row: no page walks to save
+
+
+def copy_pays_back(new_tokens: int | None) -> bool:
+    """Whether a run that generates `new_tokens` (None: as many as a session brings, a chat) is long enough for
+    the copy into 2 MiB pages to pay back its time (PAYS_BACK_TOKENS); a shorter one computes from the file's pages."""
+    return new_tokens is None or new_tokens >= PAYS_BACK_TOKENS
 
 
 def huge_pages_available() -> bool:

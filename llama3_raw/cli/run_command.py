@@ -65,10 +65,12 @@ def open_checkpoint(args: argparse.Namespace):
     return folder, folder.params_for_generation(args.context_len)
 
 
-def load_weights(args: argparse.Namespace, folder, params, start: float) -> tuple[Model, float]:
-    """The model in the compute dtype on the compute device, and the seconds since `start`."""
+def load_weights(args: argparse.Namespace, folder, params, start: float,
+                 new_tokens: int | None = None) -> tuple[Model, float]:
+    """The model in the compute dtype on the compute device, and the seconds since `start`; `new_tokens`: the
+    most the run generates (None: a chat, as many as the session brings)."""
     model = load_model(folder, params, args.dtype, args.device, args.quantize, args.save_quantized,
-                       show_progress=not args.json, ranks=args.ranks, group_size=args.group_size)
+                       show_progress=not args.json, ranks=args.ranks, group_size=args.group_size, new_tokens=new_tokens)
     if args.save_quantized is not None:
         log(f"saved the {args.quantize} weights to {args.save_quantized}; run them with --ckpt-dir {args.save_quantized}")
     load_s = time.perf_counter() - start
@@ -121,7 +123,7 @@ def run_completion(args: argparse.Namespace) -> dict:
     folder, params = open_checkpoint(args)
     prompt, prompt_ids = encode_prompt(args, folder, params)
     max_new_tokens = setting(args, folder.defaults, "max_new_tokens")
-    model, load_s = load_weights(args, folder, params, start)
+    model, load_s = load_weights(args, folder, params, start, max_new_tokens)
     if len(prompt_ids) + max_new_tokens > params.context_len:
         log(f"note: generation stops at the context's end, after {params.context_len - len(prompt_ids)} new tokens")
 
@@ -177,7 +179,7 @@ def run_batch(args: argparse.Namespace) -> list[dict]:
         if len(ids) >= params.context_len:
             raise UserError(f"prompt {number} of --prompts-file {args.prompts_file} is {len(ids)} tokens but the "
                             f"model's context holds {params.context_len}; shorten it to leave room for new tokens.")
-    model, load_s = load_weights(args, folder, params, start)
+    model, load_s = load_weights(args, folder, params, start, setting(args, folder.defaults, "max_new_tokens"))
     sampling = sampling_from(args, folder.defaults)
     t_start = time.perf_counter()
     outputs = generate_batch(model.weights, params, prompt_ids, setting(args, folder.defaults, "max_new_tokens"),
