@@ -34,9 +34,16 @@ layouts first); the GIL is released while the product runs.
 /* int4: how far ahead of the rows being read to ask for the bytes (into L2). Without it the int4 product read
    19 GB/s, with it 27 (PyTorch's int4 kernel 21), measured on 1.3 GB of 8192x2048 matrices, 2 threads. 8 KB ahead
    read 6-7 % more than 4 KB over the 1B shape's matrices (alternating, 14 and 12 rounds, bandwidth 31-51 GB/s;
-   16 KB: 5 %). Not in the bf16 and int8 products: int8 was slower with it; bf16 read 3 % more 4 KB ahead and
-   4 % less 8 or 16 KB ahead (8 rounds), and whole bf16 steps with it 4 KB ahead measured alike before. */
+   16 KB: 5 %). (Those were on an AMD EPYC VM; for bf16 and int8 see stream_prefetch_bytes below: there, int8 was
+   slower with it, bf16 read 3 % more 4 KB ahead and 4 % less 8 or 16 KB ahead, 8 rounds, and whole bf16 steps
+   with it 4 KB ahead measured alike.) */
 #define INT4_PREFETCH_BYTES 8192
+/* bf16 and int8: how far ahead to ask for the bytes (into L1), set when the module loads. On an Intel Xeon VM
+   (2026-12-06; 8B-shaped matrices, ~1 GB of copies, 2 threads, 5 alternating rounds) 4 KB ahead took the bf16
+   product from 24.9 to 29.7 GB/s and the int8 one from 19.0 to 31.0 (2 KB: 28.7, 29.4; 1 KB int8: 25.5); on the
+   AMD EPYC VM of the kernels' first measurements bf16 read 3 % more 4 KB ahead and int8 read less, so there the
+   distance stays 0 (the line being read: a no-op). */
+static int64_t stream_prefetch_bytes = 0;
 
 static float bf16_to_float(uint16_t h) {
   uint32_t bits = (uint32_t)h << 16;
@@ -61,6 +68,7 @@ AVX512 static void bf16_rows(const uint16_t *w, const uint16_t *x, uint16_t *y, 
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 64 <= K; k += 64) {
+      _mm_prefetch((const char *)(row + k) + stream_prefetch_bytes, _MM_HINT_T0);
       acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(row + k), (__m512bh)_mm512_loadu_si512(x + k));
       acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)_mm512_loadu_si512(row + k + 32),
                               (__m512bh)_mm512_loadu_si512(x + k + 32));
@@ -111,6 +119,7 @@ AVX512 static void int8_rows(const int8_t *w, const uint16_t *row_scales, const 
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
     for (int64_t b = 0; b + 2 <= K / BLOCK; b += 2) { /* two blocks of 32 at a time */
       const int64_t k = b * BLOCK;
+      _mm_prefetch((const char *)(row + k) + stream_prefetch_bytes, _MM_HINT_T0);
       __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(row + k)));
       __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(row + k + 32)));
       __m512i d0 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(xq + k));
@@ -581,4 +590,8 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_decode_kernels",
                                     "One-row products for decoding on AVX-512 CPUs (see the source).", -1, methods,
                                     NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__decode_kernels(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__decode_kernels(void) {
+  __builtin_cpu_init();
+  stream_prefetch_bytes = __builtin_cpu_is("intel") ? 4096 : 0;
+  return PyModule_Create(&module);
+}
