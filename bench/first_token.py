@@ -26,23 +26,22 @@ from pathlib import Path
 
 from bench import llamacpp
 from bench.__main__ import NAMES, REPO, QUANTIZED, require_packages, write_quantized_checkpoint, write_random_checkpoint
-from llama3_raw.checkpoints.meta import cached_fraction
+from llama3_raw.checkpoints.defaults import FORTY_TWO_PROMPT
+from llama3_raw.checkpoints.meta import cached_fraction, warm_page_cache
 
-PROMPT = "the answer to the ultimate question of life, the universe, and everything is "
+PROMPT = FORTY_TWO_PROMPT
 ORDER = ["ours", "llamacpp-bf16", "ours-int8", "llamacpp-q8_0", "ours-int4", "llamacpp-q4_0", "llamacpp-q4_k_m",
          "ours-int4-g64"]  # each width's pair back to back
-READ_CHUNK = 64 << 20
 
 
 def warm(paths: list[Path], attempts: int = 3) -> float:
     """Read the files until the page cache holds them (at most `attempts` times: an 8B bf16 file read once after
     the other implementation's was only partly cached, its pages evicted before the other's, which had been read
-    twice); the fraction of their bytes cached in the end."""
+    twice); the fraction of their bytes cached in the end. Each pass is the loader's own (it skips a file that is
+    all cached already)."""
     for _ in range(attempts):
         for path in paths:
-            with open(path, "rb", buffering=0) as f:
-                while f.read(READ_CHUNK):
-                    pass
+            warm_page_cache(path, show_progress=False)
         sizes = [path.stat().st_size for path in paths]
         cached = sum(cached_fraction(path) * size for path, size in zip(paths, sizes)) / max(sum(sizes), 1)
         if cached >= 0.99:

@@ -304,14 +304,13 @@ def tensor_errors(ckpt: Path, path: Path, layer: int = 0) -> dict[str, float]:
 
     from llama3_raw.checkpoints import load_checkpoint
 
+    from bench.ggml_rounding import LAYER_NAMES, gguf_name
+
     gguf = gguf_module()
     weights = load_checkpoint(ckpt, show_progress=False).weights
     tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
-    names = dict(attn_q="attention.wq", attn_k="attention.wk", attn_v="attention.wv", attn_output="attention.wo",
-                 ffn_gate="feed_forward.w1", ffn_up="feed_forward.w3", ffn_down="feed_forward.w2",
-                 attn_norm="attention_norm", ffn_norm="ffn_norm")
-    pairs = {f"blk.{layer}.{name}.weight": f"layers.{layer}.{meta}.weight" for name, meta in names.items()}
-    pairs.update({"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight"})
+    keys = [f"layers.{layer}.{meta}.weight" for meta in LAYER_NAMES] + ["tok_embeddings.weight", "norm.weight"]
+    pairs = {gguf_name(key): key for key in keys}
     errors = {}
     for name, key in pairs.items():
         source = weights[key].float()

@@ -114,11 +114,6 @@ def generation_defaults(ckpt_dir: Path) -> dict:
     return BUILTIN_DEFAULTS | generation_file_settings(ckpt_dir)
 
 
-def compute_dtype(requested: str, device: str, weights: dict, quantize: str = "none") -> torch.dtype:
-    """The dtype activations are computed in (`requested`: "auto", "float32" or "bfloat16"); see choose_dtype."""
-    return choose_dtype(requested, device, weights, quantize)[0]
-
-
 def choose_dtype(requested: str, device: str, weights: dict, quantize: str = "none",
                  cpu_features: Mapping | None = None) -> tuple[torch.dtype, str]:
     """The compute dtype and why, in words for the user (run and chat print it on stderr).

@@ -179,10 +179,11 @@ def run_batch(args: argparse.Namespace) -> list[dict]:
         if len(ids) >= params.context_len:
             raise UserError(f"prompt {number} of --prompts-file {args.prompts_file} is {len(ids)} tokens but the "
                             f"model's context holds {params.context_len}; shorten it to leave room for new tokens.")
-    model, load_s = load_weights(args, folder, params, start, setting(args, folder.defaults, "max_new_tokens"))
+    max_new_tokens = setting(args, folder.defaults, "max_new_tokens")
+    model, load_s = load_weights(args, folder, params, start, max_new_tokens)
     sampling = sampling_from(args, folder.defaults)
     t_start = time.perf_counter()
-    outputs = generate_batch(model.weights, params, prompt_ids, setting(args, folder.defaults, "max_new_tokens"),
+    outputs = generate_batch(model.weights, params, prompt_ids, max_new_tokens,
                              tokenizer.stop_ids, sampling, model.dtype, args.device, args.ranks)
     generate_s = time.perf_counter() - t_start
     n_new = sum(len(ids) for ids in outputs)
