@@ -6,7 +6,7 @@ tokens it would get alone; a chat (chat.py) runs it on top of the cache its earl
 """
 
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -66,7 +66,7 @@ PAD_ID = 0  # any id works: pad slots are masked out of every real token's atten
 def decode(
     weights: Weights, params: ModelParams, tokens: torch.Tensor, cache: KVCache, n_new: int,
     stop_ids: tuple[int, ...], sampling: Sampling, generator: torch.Generator | None, positions: torch.Tensor | None = None,
-    ranks: Ranks = SINGLE_PROCESS,
+    ranks: Ranks = SINGLE_PROCESS, model_forward: Callable | None = None,
 ) -> Iterator[tuple[list[int], list[int]]]:
     """The decode loop every kind of generation runs: feed, pick a next token per row, feed those, ...
 
@@ -77,11 +77,13 @@ def decode(
     except the last step's, which nothing reads. Under tensor parallelism every rank runs this loop on its
     slice of the model and takes rank 0's tokens, so the caches stay in step and all ranks stop together.
     `positions` (B, S): each row's own positions, for rows left-padded to a common length (model.forward).
+    `model_forward`: another forward of model.forward's signature (a lab variant's, training/variants.py).
     """
     rows = list(range(tokens.shape[0]))  # the batch row each remaining row started as
     with torch.inference_mode():
         for _ in range(n_new):
             step = forward if fast_forward.tracing() else fast_forward.forward  # stepped through: model.py's own code
+            step = step if model_forward is None else model_forward
             logits, cache = step(weights, params, tokens, cache, positions=positions, last_only=True, ranks=ranks)  # (B, 1, V)
             next_ids = ranks.same_on_every_rank(sample_next_token(logits[:, -1], sampling, generator))  # (B,)
             going = [i for i, token in enumerate(next_ids.tolist()) if token not in stop_ids]
@@ -100,7 +102,7 @@ def decode(
 def generate(
     weights: Weights, params: ModelParams, prompt_ids: list[int], max_new_tokens: int, stop_ids: tuple[int, ...],
     sampling: Sampling = Sampling(), cache_dtype: torch.dtype | None = None, device="cpu",
-    ranks: Ranks = SINGLE_PROCESS,
+    ranks: Ranks = SINGLE_PROCESS, model_forward: Callable | None = None,
 ) -> Iterator[int]:
     """Yield new token ids as they are chosen; stops at max_new_tokens, a stop token (not yielded), or the context's end."""
     # The k-th new token sits at position len(prompt) + k, which must stay inside the context.
@@ -110,7 +112,8 @@ def generate(
     dtype = cache_dtype or weights["tok_embeddings.weight"].dtype
     cache = new_kv_cache(params, batch_size=1, capacity=len(prompt_ids) + n_new, dtype=dtype, device=device, ranks=ranks)
     tokens = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, prompt_len): the prefill
-    steps = decode(weights, params, tokens, cache, n_new, stop_ids, sampling, new_generator(sampling), ranks=ranks)
+    steps = decode(weights, params, tokens, cache, n_new, stop_ids, sampling, new_generator(sampling), ranks=ranks,
+                   model_forward=model_forward)
     for _rows, (token,) in steps:
         yield token
 

@@ -68,6 +68,9 @@ def read_bpe_ranks(path: str) -> dict[bytes, int]:
 class Tokenizer:
     encoding: tiktoken.Encoding
     num_base_tokens: int
+    # None when every single byte is a rank (byte-level BPE: any text encodes); else the characters it can
+    # encode (a character-level tokenizer, training/chars.py), which encode() holds the text to
+    alphabet: frozenset[str] | None = None
 
     @property
     def n_words(self) -> int:
@@ -91,13 +94,40 @@ class Tokenizer:
 
     def encode(self, text: str, bos: bool = True, eos: bool = False, allowed_special: set[str] | str = frozenset()) -> list[int]:
         """Text -> ids. Special-token strings in the text are encoded as plain text unless allowed."""
+        if self.alphabet is not None:
+            self.check_alphabet(text, allowed_special)
         ids = [self.bos_id] if bos else []
         for start in range(0, len(text), TIKTOKEN_MAX_ENCODE_CHARS):
             for piece in split_long_runs(text[start:start + TIKTOKEN_MAX_ENCODE_CHARS], MAX_NO_WHITESPACE_CHARS):
-                ids.extend(self.encoding.encode(piece, allowed_special=allowed_special, disallowed_special=()))
+                ids.extend(self.encode_piece(piece, allowed_special))
         if eos:
             ids.append(self.eos_id)
         return ids
+
+    def encode_piece(self, piece: str, allowed_special: set[str] | str) -> list[int]:
+        try:
+            return self.encoding.encode(piece, allowed_special=allowed_special, disallowed_special=())
+        except BaseException as err:  # tiktoken panics (a BaseException) on bytes that no rank covers
+            if type(err).__name__ != "PanicException":
+                raise
+            raise UserError("the text holds characters that this tokenizer's ranks cannot build (it lacks single-byte "
+                            "ranks); write the text in its characters, or use a byte-level BPE tokenizer.") from None
+
+    def check_alphabet(self, text: str, allowed_special: set[str] | str) -> None:
+        """Refuse a character this tokenizer has no token for (tiktoken would panic, or worse, go on)."""
+        unknown = set(text) - self.alphabet
+        if not unknown:
+            return
+        allowed = self.special_tokens if allowed_special == "all" else allowed_special
+        for name in allowed:  # allowed special tokens are no characters of the text
+            text = text.replace(name, "")
+        position = next((i for i, char in enumerate(text) if char not in self.alphabet), None)
+        if position is not None:
+            char = text[position]
+            raise UserError(f"the text holds {char!r} (U+{ord(char):04X}, character {position + 1}), which this "
+                            f"character-level tokenizer's {len(self.alphabet)} characters do not include; write the "
+                            f"text in its characters (those of the corpus it was made from), or use a byte-level "
+                            f"BPE tokenizer, which encodes any text.")
 
     def decode(self, ids: list[int]) -> str:
         return self.encoding.decode(list(ids))
@@ -147,7 +177,23 @@ def read_tokenizer(path: str, name: str, label: str) -> Tokenizer:
         raise UserError(f"cannot read {label} ({err}); check the path or pass --tokenizer FILE.") from None
     special = {token: len(ranks) + i for i, token in enumerate(SPECIAL_TOKENS)}
     encoding = tiktoken.Encoding(name=name, pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=special)
-    return Tokenizer(encoding, len(ranks))
+    return Tokenizer(encoding, len(ranks), encodable_characters(ranks))
+
+
+def encodable_characters(ranks: dict[bytes, int]) -> frozenset[str] | None:
+    """None when all 256 single bytes are ranks (any text encodes); else the characters tiktoken can build from
+    the ranks: those whose UTF-8 bytes are a rank, and so are their first two, three bytes (training/chars.py)."""
+    if all(bytes([b]) in ranks for b in range(256)):
+        return None
+    chars = set()
+    for token in ranks:
+        try:
+            text = token.decode("utf-8")
+        except UnicodeDecodeError:
+            continue  # a byte prefix of a longer character, or a byte of some other tokenizer's own
+        if len(text) == 1 and all(token[:n] in ranks for n in range(2, len(token))):
+            chars.add(text)
+    return frozenset(chars)
 
 
 def tokenizer_from_bytes(data: bytes, name: str = "tokenizer.model", label: str = "the tokenizer") -> Tokenizer:

@@ -21,7 +21,7 @@ LAYERS = [
     ("model",),
     ("linking", "fast_forward", "generate", "checkpoints"),
     ("chat", "prompts_file", "training"),
-    ("tools",),
+    ("tools", "lab"),
     ("cli", "train", "train_tokenizer", "__main__", "__init__"),
 ]
 

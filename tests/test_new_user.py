@@ -88,7 +88,7 @@ def test_chat_subcommand_answers_like_run_py_chat(gqa_checkpoint, run):
     ("llama3_raw", ["inspect", "--frobnicate"], "--frobnicate is not a flag here"),
     ("llama3_raw.train", ["--stop-after", "0"], "--stop-after 0 is not a positive integer"),
     ("llama3_raw.train", ["--threads", "many"], "--threads many is not a thread count (1 to 1024)"),
-    ("llama3_raw.train_tokenizer", ["--input", "x"], "--vocab-size, --output are required"),
+    ("llama3_raw.train_tokenizer", ["--input", "x"], "--output is required"),
 ])
 def test_every_tool_says_a_flag_error_in_one_line_without_usage(module, args, fragment, run):
     result = run(*args, module=module)

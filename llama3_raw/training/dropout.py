@@ -47,6 +47,14 @@ def row_dropout(p: float, seed: int, step: int, rows: range, device="cpu") -> Ro
     return RowDropout(p, generators)
 
 
-def forward_with(dropout: Dropout) -> Callable:
-    """model.forward with `dropout` applied where model.py calls `regularized`; model.forward itself for None."""
-    return model.forward if dropout is None else linked(model, lambda _: {"regularized": dropout})["forward"]
+def forward_with(dropout: Dropout, swap: Callable[[dict], dict] | None = None) -> Callable:
+    """model.forward with `dropout` applied where model.py calls `regularized`, and a lab variant's pieces in
+    place of Llama 3's (`swap`, training/variants.py); model.forward itself for neither."""
+    if dropout is None and swap is None:
+        return model.forward
+
+    def replace(namespace: dict) -> dict:
+        swapped = {} if swap is None else swap(namespace)
+        return swapped if dropout is None else {**swapped, "regularized": dropout}
+
+    return linked(model, replace)["forward"]

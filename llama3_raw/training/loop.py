@@ -22,6 +22,7 @@ from ..threads import use_training_threads
 from ..params import ModelParams
 from ..tokenizer import Tokenizer, tokenizer_from_bytes
 from .bpe import bpe_file_text, learn_bpe
+from .chars import char_vocab
 from .data import Split, load_splits
 from .data_parallel import check_batch_shares, from_rank_zero, rows_of_rank, sum_gradients, sum_over_ranks
 from .dropout import row_dropout
@@ -32,6 +33,7 @@ from .objective import batch_loss, init_weights, learning_rate, param_groups, sa
 from .recipe import Recipe
 from .stops import StopRequest, TrainingStop, stop_report
 from .state import LOG_FILE, STATE_FILE, append_log, load_train_state, read_log, save_train_state, write_log
+from .variants import LLAMA3, VARIANTS, Variant
 
 CURVE_FILE = "loss_curve.png"
 LOG_INTERVAL = 10  # steps per train-loss line in the JSONL log
@@ -57,6 +59,11 @@ class TrainingRun:
     device: str = "cpu"
 
     @property
+    def variant(self) -> Variant:
+        """Llama 3, or the lab variant the recipe names (training/variants.py)."""
+        return LLAMA3 if self.recipe.variant is None else VARIANTS[self.recipe.variant]
+
+    @property
     def writes(self) -> bool:
         return self.ranks.rank == 0
 
@@ -78,7 +85,10 @@ def prepare_data(recipe: Recipe, state: dict | None, show_progress: bool) -> tup
         raise UserError(f"the corpus {recipe.corpus} is empty; pass a text file with content.")
     if state is None:
         train_text = text[:int(len(text) * (1 - recipe.val_fraction))]
-        tokenizer_bytes = learn_tokenizer(train_text, recipe.bpe_ranks, show_progress)
+        if recipe.tokenizer_kind == "char":  # the alphabet of the whole corpus, as the seeds take it: the
+            tokenizer_bytes = bpe_file_text(char_vocab(text)).encode("ascii")  # validation text must encode
+        else:
+            tokenizer_bytes = learn_tokenizer(train_text, recipe.bpe_ranks, show_progress)
     else:
         tokenizer_bytes = bytes(state["tokenizer"].numpy())
     train_split, val_split = load_splits(text, recipe.val_fraction, tokenizer_from_bytes(tokenizer_bytes), tokenizer_bytes)
@@ -121,7 +131,9 @@ def start_run(recipe: Recipe, out_dir: Path, resume: bool, show_progress: bool, 
     state, (tokenizer_bytes, train_split, val_split) = from_rank_zero((state, prepared), ranks)
     tokenizer = tokenizer_from_bytes(tokenizer_bytes)
     generator = torch.Generator().manual_seed(settings.seed)  # on the CPU wherever the model is: the same batches
-    weights = {k: w.detach().to(device).requires_grad_(True) for k, w in init_weights(params, settings, generator).items()}
+    shapes = (LLAMA3 if recipe.variant is None else VARIANTS[recipe.variant]).weight_shapes(params)
+    weights = {k: w.detach().to(device).requires_grad_(True)
+               for k, w in init_weights(params, settings, generator, shapes).items()}
     optimizer = torch.optim.AdamW(param_groups(weights, settings.weight_decay), lr=settings.lr,
                                   betas=(settings.beta1, settings.beta2), eps=1e-8)
     run = TrainingRun(recipe, out_dir, tokenizer, tokenizer_bytes, train_split, val_split, weights, optimizer,
@@ -155,7 +167,7 @@ def train_step(run: TrainingRun, train_ids: torch.Tensor) -> tuple[float, float]
     dropout = row_dropout(settings.dropout, settings.seed, run.step, rows, run.device)
     with autocast(run.device):
         loss = batch_loss(run.weights, run.recipe.params, inputs[rows.start:rows.stop].to(run.device),
-                          targets[rows.start:rows.stop].to(run.device), dropout=dropout)
+                          targets[rows.start:rows.stop].to(run.device), dropout=dropout, swap=run.variant.swap)
         loss = loss * (len(rows) / settings.batch_size)  # one process: * 1.0, exactly today's loss
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -187,13 +199,13 @@ def record(run: TrainingRun, line: dict) -> None:
 def evaluate(run: TrainingRun, final: bool) -> dict:
     """Validation loss: the first eval_windows windows of the split, or (final) all of it."""
     return validation_record(run.weights, run.recipe.params, run.val_split, run.tokenizer, run.recipe.train,
-                             run.step, final, run.ranks, run.device)
+                             run.step, final, run.ranks, run.device, run.variant.swap)
 
 
 def sample(run: TrainingRun) -> dict:
     """A short sample from the recipe's prompt (rank 0 only: the others go on to the next step's batch)."""
     text = sample_text(run.weights, run.recipe.params, run.tokenizer, run.recipe.generation, run.recipe.train,
-                       run.device)
+                       run.device, run.variant.swap)
     return {"kind": "sample", "step": run.step, "text": text}
 
 
@@ -207,7 +219,7 @@ def save_state(run: TrainingRun) -> None:
 def export(run: TrainingRun) -> None:
     """The model as it is now, in Meta's format, with its loss curve: runnable at every evaluation."""
     recipe, params = run.recipe, run.recipe.params
-    if not run.writes:
+    if not run.writes or not run.variant.is_llama3:  # a variant's other arithmetic would not run as Llama 3
         return
     generation = {**recipe.generation, "context_len": recipe.train.context}  # run.py and score stay within it
     export_checkpoint(run.out_dir, run.weights, params, run.tokenizer_bytes, generation)

@@ -16,16 +16,19 @@ import torch.nn.functional as F
 
 from ..params import ModelParams
 from .dropout import Dropout, forward_with
+from .variants import Swap
 from .recipe import TrainSettings
 
 RESIDUAL_PROJECTIONS = ("attention.wo.weight", "feed_forward.w2.weight")  # they write into the residual stream
 
 
-def init_weights(params: ModelParams, settings: TrainSettings, generator: torch.Generator) -> dict[str, torch.Tensor]:
+def init_weights(params: ModelParams, settings: TrainSettings, generator: torch.Generator,
+                 shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, torch.Tensor]:
     """fp32 leaf tensors: normal(0, init_std) matrices, residual projections scaled by 1/sqrt(2 * n_layers)
-    (2 writes per block, so the residual stream's variance does not grow with depth), norms at one."""
+    (2 writes per block, so the residual stream's variance does not grow with depth), norms at one.
+    `shapes`: a lab variant's weights (training/variants.py) instead of the params' own."""
     weights = {}
-    for key, shape in params.weight_shapes().items():
+    for key, shape in (params.weight_shapes() if shapes is None else shapes).items():
         if len(shape) == 1:
             tensor = torch.ones(shape)
         else:
@@ -67,9 +70,11 @@ def sample_batch(ids: torch.Tensor, context: int, batch_size: int, bos_id: int,
 
 
 def batch_loss(weights: dict[str, torch.Tensor], params: ModelParams, inputs: torch.Tensor,
-               targets: torch.Tensor, reduction: str = "mean", dropout: Dropout = None) -> torch.Tensor:
-    """Cross entropy in nats per token of the model's next-token predictions (with `dropout` in training only)."""
-    logits, _ = forward_with(dropout)(weights, params, inputs)  # (B, C, V)
+               targets: torch.Tensor, reduction: str = "mean", dropout: Dropout = None,
+               swap: Swap | None = None) -> torch.Tensor:
+    """Cross entropy in nats per token of the model's next-token predictions (with `dropout` in training only;
+    `swap`: a lab variant's pieces, training/variants.py)."""
+    logits, _ = forward_with(dropout, swap)(weights, params, inputs)  # (B, C, V)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction=reduction)
 
 
@@ -81,15 +86,15 @@ def validation_windows(ids: np.ndarray, context: int, max_windows: int | None = 
 
 @torch.no_grad()
 def validation_nll(weights: dict[str, torch.Tensor], params: ModelParams, windows: list[np.ndarray],
-                   bos_id: int, batch_size: int, device="cpu") -> float:
+                   bos_id: int, batch_size: int, device="cpu", swap: Swap | None = None) -> float:
     """Total negative log-likelihood (nats) of every token in `windows`, each window starting from BOS."""
     total = 0.0
     full = [w for w in windows if len(w) == len(windows[0])]
     ragged = [w for w in windows if len(w) != len(windows[0])]
     for i in range(0, len(full), batch_size):
         targets = torch.from_numpy(np.stack(full[i:i + batch_size]).astype(np.int64)).to(device)  # (b, C)
-        total += batch_loss(weights, params, with_bos(targets, bos_id), targets, reduction="sum").item()
+        total += batch_loss(weights, params, with_bos(targets, bos_id), targets, reduction="sum", swap=swap).item()
     for window in ragged:
         targets = torch.from_numpy(window.astype(np.int64))[None].to(device)  # (1, c)
-        total += batch_loss(weights, params, with_bos(targets, bos_id), targets, reduction="sum").item()
+        total += batch_loss(weights, params, with_bos(targets, bos_id), targets, reduction="sum", swap=swap).item()
     return total

@@ -2,13 +2,14 @@
 
 {
   "model": {"dim": 256, "n_layers": 6, "n_heads": 8, "n_kv_heads": 4, "multiple_of": 64, ...},
-  "tokenizer": {"bpe_ranks": 1024},
+  "tokenizer": {"bpe_ranks": 1024},         or {"kind": "char"}: one token per character of the corpus
   "data": {"corpus": "data/tinyshakespeare.txt", "val_fraction": 0.1},
   "train": {"context": 256, "batch_size": 16, "steps": 2000, "lr": 2e-3, ...},
   "generation": {"prompt": "ROMEO:\\n", ...}
 }
 
-`vocab_size` is not given: it is the tokenizer's size, BPE ranks + 256 special tokens.
+`vocab_size` is not given: it is the tokenizer's size, BPE ranks + 256 special tokens (for "char", the
+corpus's characters + 256: read from the corpus when the recipe is loaded).
 """
 
 from dataclasses import asdict, dataclass, fields
@@ -16,10 +17,13 @@ from pathlib import Path
 
 from ..checkpoints.defaults import INT64_MAX, available_memory_bytes, generation_problem
 from ..errors import UserError
-from ..files import read_json
+from ..files import read_json, read_text
 from ..params import ModelParams, params_from_dict
 from ..tokenizer import NUM_SPECIAL_TOKENS
 from .bpe import NUM_BYTE_TOKENS
+from .chars import char_vocab
+
+TOKENIZER_KINDS = ("bpe", "char")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_RECIPE = Path(__file__).resolve().parent / "recipes" / "shakespeare.json"
@@ -48,11 +52,13 @@ class TrainSettings:
 class Recipe:
     source: Path
     model: dict  # params.json fields without vocab_size
-    bpe_ranks: int
+    bpe_ranks: int  # the tokenizer's ranks: BPE's, or (tokenizer_kind "char") the corpus's characters
     corpus: Path
     val_fraction: float
     train: TrainSettings
     generation: dict
+    tokenizer_kind: str = "bpe"  # "bpe" (training/bpe.py) or "char" (training/chars.py)
+    variant: str | None = None  # a lab variant's name (lab/variants.py); None: Llama 3 itself
 
     @property
     def params(self) -> ModelParams:
@@ -60,8 +66,10 @@ class Recipe:
 
     def to_dict(self) -> dict:
         """What a checkpoint remembers, to refuse resuming under a different recipe."""
-        return {"model": self.model, "tokenizer": {"bpe_ranks": self.bpe_ranks}, "data": {
+        tokenizer = {"bpe_ranks": self.bpe_ranks} if self.tokenizer_kind == "bpe" else {"kind": self.tokenizer_kind}
+        saved = {"model": self.model, "tokenizer": tokenizer, "data": {
             "corpus": str(self.corpus), "val_fraction": self.val_fraction}, "train": asdict(self.train)}
+        return saved if self.variant is None else {**saved, "variant": self.variant}
 
 
 def training_memory_bytes(params: ModelParams, train: TrainSettings) -> int:
@@ -79,11 +87,46 @@ def check_fits_in_memory(params: ModelParams, train: TrainSettings, bad) -> None
                   f"memory, and {available / 1e9:,.1f} GB are available; make the model or the batch smaller")
 
 
+def corpus_and_tokenizer(raw: dict, corpus_override: Path | None, bad) -> tuple[Path, str, int]:
+    """The recipe's corpus path, tokenizer kind and number of ranks (for "char", counted in the corpus)."""
+    tokenizer = raw.get("tokenizer", {})
+    if not isinstance(tokenizer, dict) or set(tokenizer) - {"kind", "bpe_ranks"}:
+        raise bad("\"tokenizer\" must be an object with \"bpe_ranks\" (byte-level BPE) or \"kind\": \"char\"")
+    kind = tokenizer.get("kind", "bpe")
+    if kind not in TOKENIZER_KINDS:
+        raise bad(f"tokenizer.kind {kind!r} is not one of {', '.join(TOKENIZER_KINDS)}")
+    data = raw.get("data", {})
+    if not isinstance(data, dict):
+        raise bad("\"data\" must be an object with \"corpus\" and \"val_fraction\"")
+    if not isinstance(data.get("corpus", ""), str):
+        raise bad(f"data.corpus {data['corpus']!r} must be a path (a string)")
+    corpus = Path(data.get("corpus", "data/tinyshakespeare.txt"))
+    if corpus_override is not None:
+        corpus = corpus_override
+    elif not corpus.is_absolute():
+        corpus = REPO_ROOT / corpus  # recipe paths are relative to the repository, wherever it runs from
+    if kind == "char":
+        if "bpe_ranks" in tokenizer:
+            raise bad("tokenizer.bpe_ranks is for byte-level BPE; a \"char\" tokenizer takes its size from the "
+                      "corpus, so drop bpe_ranks")
+        bpe_ranks = len(char_vocab(read_text(corpus, "corpus (--corpus or data.corpus)")))
+    else:
+        bpe_ranks = tokenizer.get("bpe_ranks", 1024)
+    if kind == "bpe" and (isinstance(bpe_ranks, bool) or not isinstance(bpe_ranks, int) or bpe_ranks < NUM_BYTE_TOKENS):
+        raise bad(f"tokenizer.bpe_ranks {bpe_ranks!r} must be an integer >= {NUM_BYTE_TOKENS} (the single bytes)")
+    return corpus, kind, bpe_ranks
+
+
 def load_recipe(path: Path, corpus_override: Path | None = None) -> Recipe:
+    raw = read_json(path, f"pass a recipe JSON such as {DEFAULT_RECIPE.relative_to(REPO_ROOT)}", what="--config")
+    return recipe_from_raw(raw, path, corpus_override)
+
+
+def recipe_from_raw(raw, path: Path, corpus_override: Path | None = None) -> Recipe:
+    """The recipe a parsed recipe JSON describes, every field checked; `path` names it in the messages."""
     def bad(what: str) -> UserError:
         return UserError(f"--config {path}: {what}; fix the file (see {DEFAULT_RECIPE.relative_to(REPO_ROOT)}).")
 
-    raw = read_json(path, f"pass a recipe JSON such as {DEFAULT_RECIPE.relative_to(REPO_ROOT)}", what="--config")
     if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
         raise bad("it needs a \"model\" object with params.json fields")
     unknown = set(raw) - {"model", "tokenizer", "data", "train", "generation"}
@@ -92,20 +135,12 @@ def load_recipe(path: Path, corpus_override: Path | None = None) -> Recipe:
     model = dict(raw["model"])
     if "vocab_size" in model:
         raise bad("model.vocab_size comes from the tokenizer; set tokenizer.bpe_ranks instead")
-    bpe_ranks = raw.get("tokenizer", {}).get("bpe_ranks", 1024)
-    if isinstance(bpe_ranks, bool) or not isinstance(bpe_ranks, int) or bpe_ranks < NUM_BYTE_TOKENS:
-        raise bad(f"tokenizer.bpe_ranks {bpe_ranks!r} must be an integer >= {NUM_BYTE_TOKENS} (the single bytes)")
+    corpus, kind, bpe_ranks = corpus_and_tokenizer(raw, corpus_override, bad)
     try:
         params = params_from_dict({**model, "vocab_size": bpe_ranks + NUM_SPECIAL_TOKENS})
     except (ValueError, TypeError) as err:
         raise bad(f"the model is not a valid Llama 3 shape ({err})") from None
 
-    data = raw.get("data", {})
-    corpus = Path(data.get("corpus", "data/tinyshakespeare.txt"))
-    if corpus_override is not None:
-        corpus = corpus_override
-    elif not corpus.is_absolute():
-        corpus = REPO_ROOT / corpus  # recipe paths are relative to the repository, wherever it runs from
     val_fraction = data.get("val_fraction", 0.1)
     if not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
         raise bad(f"data.val_fraction {val_fraction!r} must be between 0 and 1")
@@ -138,4 +173,4 @@ def load_recipe(path: Path, corpus_override: Path | None = None) -> Recipe:
     if not isinstance(generation, dict) or generation_problem(generation):
         raise bad(f"generation ({generation_problem(generation) if isinstance(generation, dict) else 'not an object'}) "
                   f"is not what run.py takes: prompt, max_new_tokens, temperature, top_p, top_k")
-    return Recipe(Path(path), model, bpe_ranks, corpus, float(val_fraction), train, generation)
+    return Recipe(Path(path), model, bpe_ranks, corpus, float(val_fraction), train, generation, kind)
