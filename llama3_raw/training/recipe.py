@@ -141,7 +141,7 @@ def recipe_from_raw(raw, path: Path, corpus_override: Path | None = None) -> Rec
     except (ValueError, TypeError) as err:
         raise bad(f"the model is not a valid Llama 3 shape ({err})") from None
 
-    val_fraction = data.get("val_fraction", 0.1)
+    val_fraction = raw.get("data", {}).get("val_fraction", 0.1)  # "data": an object (corpus_and_tokenizer)
     if not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
         raise bad(f"data.val_fraction {val_fraction!r} must be between 0 and 1")
 
