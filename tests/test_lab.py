@@ -268,7 +268,6 @@ def test_quick_lab_from_the_command_line(tmp_path):
     assert set(by_name) == set(VARIANTS)
     assert all(r["val_nats_per_char"] < 4.17 for r in lab["variants"])  # log(65): better than uniform characters
     assert by_name["no_mask"]["val_nats_per_char"] < by_name["llama3"]["val_nats_per_char"]  # too good to be true
-    assert by_name["one_block"]["val_nats_per_char"] > by_name["llama3"]["val_nats_per_char"]
 
 
 @pytest.mark.slow
@@ -283,3 +282,10 @@ def test_claims_quick(tmp_path):
     assert 0.6 < third["saved"] < 0.67  # projections of 1 position instead of 3, attention a little more
     assert claims["rope_reordered"]["no_rope"]["layer0_attention_max_diff"] < 1e-5
     assert claims["rope_reordered"]["rope"]["layer0_attention_max_diff"] > 1e-3
+
+
+def test_a_missing_corpus_is_refused_before_out_is_written(tmp_path, capsys, tiny_corpus):
+    _, recipe = tiny_corpus
+    result = call(lab_main, ["--config", recipe, "--corpus", tmp_path / "none.txt", "--out", tmp_path / "lab"], capsys)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "none.txt" in result.stderr
+    assert not (tmp_path / "lab").exists()

@@ -1,4 +1,6 @@
-"""Why each piece of Llama 3 is there: `python -m llama3_raw.lab [--quick] [--out DIR] [--variants a,b] ...`.
+"""Why each piece of Llama 3 is there: Llama 3 and its variants trained alike, then compared.
+
+`python -m llama3_raw.lab [--quick] [--out DIR] [--variants a,b] [--steps N] [--seed S]`
 
 Trains Llama 3 and each variant with one piece taken out (LayerNorm for RMSNorm, no RoPE, a ReLU MLP for
 SwiGLU, MHA for GQA, one block, a character tokenizer, no causal mask) with the same data, seed, steps and

@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..errors import UserError
-from ..files import check_writable_folder, read_json, write_json, write_text
+from ..files import check_writable_folder, read_json, read_text, write_json, write_text
 from ..training import train
 from ..training.recipe import DEFAULT_RECIPE, Recipe, recipe_from_raw
 from ..training.state import LOG_FILE, STATE_FILE, read_log
@@ -60,9 +60,21 @@ def result_of(variant: Variant, recipe: Recipe, records: list[dict]) -> dict:
         "val_chars_per_token": final["chars"] / final["tokens"], "final_is_whole_split": bool(final.get("full")),
         "val_curve": [[r["step"], r["nats_per_char"]] for r in vals],
         "train_curve": [[r["step"], r["nats_per_char"]] for r in trains],
-        "tokens_per_s": trains[-1]["tokens_per_s"] if trains else None,  # the run's mean (timing: not reproducible)
+        "tokens_per_s": training_speed(trains, [r["step"] for r in vals], recipe),  # timing: not reproducible
         "sample": samples[-1]["text"] if samples else "",
     }
+
+
+def training_speed(trains: list[dict], eval_steps: list[int], recipe: Recipe) -> float | None:
+    """Tokens per second of the optimizer steps alone: over the log intervals that hold no evaluation (the
+    log's own tokens_per_s counts the evaluations' time too, and a char model's take longer)."""
+    tokens_per_step = recipe.train.batch_size * recipe.train.context
+    steps = seconds = 0.0
+    for before, after in zip(trains, trains[1:]):
+        if not any(before["step"] <= e < after["step"] for e in eval_steps):
+            steps += after["step"] - before["step"]
+            seconds += after["elapsed_s"] - before["elapsed_s"]
+    return round(steps * tokens_per_step / seconds) if seconds > 0 else None
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -119,6 +131,8 @@ def run_lab(out: Path, recipe_path: Path = LAB_RECIPE, names: list[str] | None =
     if seed is not None:
         train_raw["seed"] = seed
     recipes = [variant_recipe(base, recipe_path, variant, corpus) for variant in variants]  # all checked first
+    if not read_text(recipes[0].corpus, "corpus (--corpus or data.corpus)"):  # before --out is touched
+        raise UserError(f"the corpus {recipes[0].corpus} is empty; pass a text file with content.")
     claim_folder(out, {"recipe": base, "corpus": str(recipes[0].corpus)})
     results = []
     for i, (variant, recipe) in enumerate(zip(variants, recipes), start=1):

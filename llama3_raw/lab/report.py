@@ -22,7 +22,7 @@ def plot_curves(lab: dict, path: Path) -> None:
         width = 2.6 if result["name"] == "llama3" else 1.5
         ax.plot(steps, losses, style, marker="o", markersize=3, linewidth=width, color=colors(i % 10),
                 label=f"{result['label']}: {result['val_nats_per_char']:.3f}")
-    ax.set_xlabel(f"step (every variant: the same {lab['settings']['train']['batch_size']} windows of "
+    ax.set_xlabel(f"step (each variant: {lab['settings']['train']['batch_size']} windows of "
                   f"{lab['settings']['train']['context']} tokens per step, seed {lab['seed']})")
     ax.set_ylabel("validation loss (nats per character)")
     ax.set_title("Llama 3 with one piece taken out, trained alike on Tiny Shakespeare")

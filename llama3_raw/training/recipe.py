@@ -146,6 +146,8 @@ def recipe_from_raw(raw, path: Path, corpus_override: Path | None = None) -> Rec
         raise bad(f"data.val_fraction {val_fraction!r} must be between 0 and 1")
 
     train_raw = raw.get("train", {})
+    if not isinstance(train_raw, dict):
+        raise bad("\"train\" must be an object of train settings")
     known = {f.name: f for f in fields(TrainSettings)}
     if set(train_raw) - set(known):
         raise bad(f"unknown train setting(s) {', '.join(sorted(set(train_raw) - set(known)))}")

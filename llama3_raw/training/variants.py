@@ -87,7 +87,7 @@ class Variant:
 LLAMA3 = Variant("llama3", "Llama 3 (RMSNorm, RoPE, SwiGLU, GQA, all blocks, BPE)", "the reference: every piece in")
 VARIANTS = {variant.name: variant for variant in [
     LLAMA3,
-    Variant("layernorm", "LayerNorm for RMSNorm", "the mean subtraction RMSNorm drops: as good, and slower",
+    Variant("layernorm", "LayerNorm for RMSNorm", "does the re-centring that RMSNorm drops help?",
             swap=lambda _: {"rms_norm": layer_norm}),
     Variant("no_rope", "no RoPE (no positions)", "order only through the causal mask: attention is a bag of words",
             swap=lambda _: {"apply_rope": no_rotation}),
@@ -98,8 +98,8 @@ VARIANTS = {variant.name: variant for variant in [
     Variant("one_block", "one block for the full depth", "what depth buys", model={"n_layers": 1}),
     Variant("char", "character tokenizer for BPE", "what merges buy: more text per token of context",
             tokenizer_kind="char"),
-    Variant("no_mask", "no causal mask", "a validation loss too good to be true, and a model that cannot write: "
-            "it learned to read the next token", swap=lambda _: {"causal_mask": no_mask}),
+    Variant("no_mask", "no causal mask", "a validation loss too good to be true: each position sees the token it "
+            "is to predict, and cannot write without it", swap=lambda _: {"causal_mask": no_mask}),
 ]}
 
 
