@@ -278,6 +278,11 @@ def test_claims_quick(tmp_path):
     claims = json.loads((tmp_path / "claims.json").read_text())
     assert claims["kv_bytes"]["gqa_bytes_per_token"] == 2 * 32 * 8 * 128 * 2  # 8B: layers, kv heads, head_dim, bf16
     assert claims["kv_bytes"]["mha_bytes_per_token"] == 4 * claims["kv_bytes"]["gqa_bytes_per_token"]
+    # the shipped model's products for one token, by hand: per layer wq, wo (256 x 256), wk, wv (128 x 256), three
+    # SwiGLU matrices (704 x 256) and q.k, p.v over 8 heads of 32 at one position; then output (1280 x 256)
+    by_hand = 6 * (2 * 256 * 256 + 2 * 128 * 256 + 3 * 704 * 256 + 2 * 8 * 32) + 1280 * 256
+    first = next(r for r in claims["kv_cache"] if r["n"] == 1)
+    assert first["mults_without_cache"] == first["mults_with_cache"] == by_hand
     third = next(r for r in claims["kv_cache"] if r["n"] == 3)
     assert 0.6 < third["saved"] < 0.67  # projections of 1 position instead of 3, attention a little more
     assert claims["rope_reordered"]["no_rope"]["layer0_attention_max_diff"] < 1e-5

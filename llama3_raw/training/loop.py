@@ -33,7 +33,7 @@ from .objective import batch_loss, init_weights, learning_rate, param_groups, sa
 from .recipe import Recipe
 from .stops import StopRequest, TrainingStop, stop_report
 from .state import LOG_FILE, STATE_FILE, append_log, load_train_state, read_log, save_train_state, write_log
-from .variants import LLAMA3, VARIANTS, Variant
+from .variants import Variant, variant_named
 
 CURVE_FILE = "loss_curve.png"
 LOG_INTERVAL = 10  # steps per train-loss line in the JSONL log
@@ -61,7 +61,7 @@ class TrainingRun:
     @property
     def variant(self) -> Variant:
         """Llama 3, or the lab variant the recipe names (training/variants.py)."""
-        return LLAMA3 if self.recipe.variant is None else VARIANTS[self.recipe.variant]
+        return variant_named(self.recipe.variant)
 
     @property
     def writes(self) -> bool:
@@ -131,7 +131,7 @@ def start_run(recipe: Recipe, out_dir: Path, resume: bool, show_progress: bool, 
     state, (tokenizer_bytes, train_split, val_split) = from_rank_zero((state, prepared), ranks)
     tokenizer = tokenizer_from_bytes(tokenizer_bytes)
     generator = torch.Generator().manual_seed(settings.seed)  # on the CPU wherever the model is: the same batches
-    shapes = (LLAMA3 if recipe.variant is None else VARIANTS[recipe.variant]).weight_shapes(params)
+    shapes = variant_named(recipe.variant).weight_shapes(params)
     weights = {k: w.detach().to(device).requires_grad_(True)
                for k, w in init_weights(params, settings, generator, shapes).items()}
     optimizer = torch.optim.AdamW(param_groups(weights, settings.weight_decay), lr=settings.lr,

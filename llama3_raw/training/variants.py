@@ -89,7 +89,8 @@ VARIANTS = {variant.name: variant for variant in [
     LLAMA3,
     Variant("layernorm", "LayerNorm for RMSNorm", "does the re-centring that RMSNorm drops help?",
             swap=lambda _: {"rms_norm": layer_norm}),
-    Variant("no_rope", "no RoPE (no positions)", "order only through the causal mask: attention is a bag of words",
+    Variant("no_rope", "no RoPE (no positions)", "order only through the causal mask (the first block sees a "
+            "bag of tokens)",
             swap=lambda _: {"apply_rope": no_rotation}),
     Variant("relu_mlp", "ReLU MLP for SwiGLU (same parameters)", "what the gate buys at the same size",
             swap=lambda _: {"feed_forward": relu_feed_forward}, shapes=relu_shapes),
@@ -101,6 +102,11 @@ VARIANTS = {variant.name: variant for variant in [
     Variant("no_mask", "no causal mask", "a validation loss too good to be true: each position sees the token it "
             "is to predict, and cannot write without it", swap=lambda _: {"causal_mask": no_mask}),
 ]}
+
+
+def variant_named(name: str | None) -> Variant:
+    """A recipe's variant: Llama 3 itself for None."""
+    return LLAMA3 if name is None else VARIANTS[name]
 
 
 def variant_model(variant: Variant, model: dict) -> dict:
