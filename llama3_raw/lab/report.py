@@ -13,21 +13,30 @@ SAMPLE_CHARS = 90  # of each variant's sample in the table: a line or two
 
 
 def plot_curves(lab: dict, path: Path) -> None:
-    """Validation nats/char against the step for every variant; the final (whole split) value at its end."""
-    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
+    """Validation nats/char against the step for every variant, Llama 3 in black on top: on the left all of them,
+    on the right zoomed in on those that cannot see the token they predict (no_mask would flatten them)."""
+    fig, (whole, zoom) = plt.subplots(1, 2, figsize=(13, 5.5), dpi=100, gridspec_kw={"width_ratios": [1, 1.6]})
     colors = plt.get_cmap("tab10")
-    for i, result in enumerate(lab["variants"]):
-        steps, losses = zip(*result["val_curve"])
-        style = "-" if result["name"] == "llama3" else "--" if result["name"] == "no_mask" else "-"
-        width = 2.6 if result["name"] == "llama3" else 1.5
-        ax.plot(steps, losses, style, marker="o", markersize=3, linewidth=width, color=colors(i % 10),
-                label=f"{result['label']}: {result['val_nats_per_char']:.3f}")
-    ax.set_xlabel(f"step (each variant: {lab['settings']['train']['batch_size']} windows of "
-                  f"{lab['settings']['train']['context']} tokens per step, seed {lab['seed']})")
-    ax.set_ylabel("validation loss (nats per character)")
-    ax.set_title("Llama 3 with one piece taken out, trained alike on Tiny Shakespeare")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, title="variant: final validation nats/char", title_fontsize=8)
+    honest = [r for r in lab["variants"] if r["name"] != "no_mask"]
+    for ax in (whole, zoom):
+        for i, result in enumerate(lab["variants"]):
+            steps, losses = zip(*result["val_curve"])
+            reference = result["name"] == "llama3"
+            ax.plot(steps, losses, "--" if result["name"] == "no_mask" else "-", marker="o", markersize=3,
+                    linewidth=2.8 if reference else 1.5, color="black" if reference else colors(i % 10),
+                    zorder=3 if reference else 2, label=f"{result['label']}: {result['val_nats_per_char']:.3f}")
+        ax.set_xlabel(f"step ({lab['settings']['train']['batch_size']} windows of "
+                      f"{lab['settings']['train']['context']} tokens per step, seed {lab['seed']})")
+        ax.grid(alpha=0.3)
+    whole.set_ylabel("validation loss (nats per character)")
+    whole.set_title("every variant")
+    if honest and len(honest[0]["val_curve"]) > 1:
+        low = min(min(loss for _, loss in r["val_curve"]) for r in honest)
+        high = max(r["val_curve"][1][1] for r in honest)  # from the second evaluation on
+        zoom.set_ylim(low - 0.03, high + 0.03)
+    zoom.set_title("zoomed in: the variants that cannot see the next token")
+    zoom.legend(fontsize=8, title="variant: final validation nats/char", title_fontsize=8)
+    fig.suptitle("Llama 3 with one piece taken out, trained alike on Tiny Shakespeare")
     fig.tight_layout()
     write_png(path, fig)
     plt.close(fig)
