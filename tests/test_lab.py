@@ -6,8 +6,11 @@ Independent sources: the seeds' own `stoi` (`sorted(set(text))`) for the charact
 """
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -294,3 +297,22 @@ def test_a_missing_corpus_is_refused_before_out_is_written(tmp_path, capsys, tin
     result = call(lab_main, ["--config", recipe, "--corpus", tmp_path / "none.txt", "--out", tmp_path / "lab"], capsys)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "none.txt" in result.stderr
     assert not (tmp_path / "lab").exists()
+
+
+def test_ctrl_c_stops_the_lab_in_one_line_with_130_and_the_same_command_goes_on(tmp_path, tiny_corpus):
+    corpus, _ = tiny_corpus
+    recipe = tmp_path / "long.json"
+    recipe.write_text(json.dumps({**TINY, "train": {**TINY["train"], "steps": 100000, "eval_interval": 50000}}))
+    command = [sys.executable, "-m", "llama3_raw.lab", "--config", str(recipe), "--corpus", str(corpus), "--out",
+               str(tmp_path / "lab"), "--variants", "llama3", "--no-progress"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "lab" / "runs" / "llama3" / "train_log.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and log.read_text().count("\n") >= 2) and time.time() < deadline:
+        time.sleep(0.2)  # a few log lines: the steps are running
+    os.kill(process.pid, signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("lab interrupted in llama3 at step ")
+    assert (tmp_path / "lab" / "runs" / "llama3" / "train_state.pt").is_file()  # resumable
+    assert not (tmp_path / "lab" / "lab.json").exists()  # no results from half a ladder
