@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from .checkpoints.defaults import positive_int
-from .errors import ArgumentParser, run_tool
+from .errors import ArgumentParser
+from .events import run_tool
 from .training.bpe import train_tokenizer_file
 
 

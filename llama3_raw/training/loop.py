@@ -6,6 +6,7 @@ training split, encode the text (cached), train with AdamW, and write the result
 format (export.py), which `python run.py --ckpt-dir DIR` (or Meta's own code) loads unchanged.
 """
 
+import contextlib
 import sys
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from ..files import check_writable_folder, read_text
+from ..locks import writing_alone
 from ..parallel import SINGLE_PROCESS, Ranks
 from ..threads import use_training_threads
 from ..params import ModelParams
@@ -243,9 +245,16 @@ def evaluate_and_save(run: TrainingRun, final: bool) -> dict:
 def train(recipe: Recipe, out_dir: Path, resume: bool = False, stop_after: int | None = None,
           show_progress: bool = True, threads: int | None = None, ranks: Ranks = SINGLE_PROCESS,
           device: str = "cpu") -> TrainingStop:
-    """Run (or continue) the recipe up to its last step (or `stop_after`, or Ctrl-C, after which the state is
-    saved); returns how it ended. Under torchrun every rank calls this with its `ranks`; rank 0 alone writes.
-    Threads: `threads`, else threads.py's default for training."""
+    """Run (or continue) the recipe up to its last step (or `stop_after`, or Ctrl-C, SIGTERM or SIGHUP, after
+    which the step under way is finished and the state saved); returns how it ended. Under torchrun every rank calls this with its `ranks`; rank 0 alone writes.
+    Threads: `threads`, else threads.py's default for training. While it runs, no other process can write
+    `out_dir` (files.writing_alone): a second run given it is refused at once."""
+    with writing_alone(out_dir, "--out") if ranks.rank == 0 else contextlib.nullcontext():
+        return train_alone(recipe, out_dir, resume, stop_after, show_progress, threads, ranks, device)
+
+
+def train_alone(recipe: Recipe, out_dir: Path, resume: bool, stop_after: int | None, show_progress: bool,
+                threads: int | None, ranks: Ranks, device: str) -> TrainingStop:
     use_training_threads(threads)
     settings = recipe.train
     run = start_run(recipe, out_dir, resume, show_progress, ranks, device)
@@ -261,12 +270,12 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, stop_after: int |
     with StopRequest() as stop:
         for _ in bar:
             last_val = take_step(run, train_ids, bar, last_val, end_step, (start_step, t0))
-            if stop.requested and run.step < end_step:
+            if stop.agreed(run.ranks, run.device) and run.step < end_step:
                 save_state(run)
                 reason = "interrupted"
                 break
     bar.close()
-    return stop_report(run, reason, last_val)
+    return stop_report(run, reason, last_val, stop.name if reason == "interrupted" else None)
 
 
 def take_step(run: TrainingRun, train_ids: torch.Tensor, bar, last_val: dict | None, end_step: int,
