@@ -53,7 +53,7 @@ def seconds_to_notice(ckpt: Path, timeout_s: float | None) -> dict:
         env[TIMEOUT_ENV] = f"{timeout_s:g}"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
                "--master-port", str(free_port()), str(REPO / "run.py"), "hello", "--ckpt-dir", str(ckpt),
-               "--max-new-tokens", "100000", "--context-len", "100000", "--dtype", "float32"]
+               "--max-new-tokens", "100000", "--context-len", "8192", "--dtype", "float32"]
     launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
     ranks: list[int] = []
     while len(ranks) < 2:

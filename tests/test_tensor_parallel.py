@@ -7,6 +7,7 @@ forward on the merged weights (itself checked against Meta's in test_reference.p
 prefill and of every cached decode step.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -325,6 +326,38 @@ def test_a_rank_killed_mid_run_ends_the_others(two_shards):
     assert launcher.returncode != 0 and time.monotonic() - started < 60
     for pid in ranks:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+
+
+@pytest.mark.slow  # torchrun: a launcher and its ranks, each starting Python and torch
+def test_a_stopped_rank_is_noticed_after_the_timeout_not_later(two_shards):
+    """SIGSTOP: the rank lives, its connections stay open, it says nothing. The other gives up after
+    $LLAMA3_RAW_RANK_TIMEOUT_S, in one sentence, and does not wait longer for the stopped one to say why."""
+    _, two = two_shards
+    timeout_s = 5
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(free_port()), str(REPO / "run.py"), "hello", "--ckpt-dir", str(two),
+               "--max-new-tokens", "100000", "--context-len", "8192", "--dtype", "float32"]
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                                env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+                                     "LLAMA3_RAW_RANK_TIMEOUT_S": str(timeout_s)})
+    ranks = []
+    try:
+        assert launcher.stdout.read(len("hello")) == "hello"  # rank 0 prints the prompt once both generate
+        ranks = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True,
+                                                    text=True).stdout.split()]
+        os.kill(max(ranks), signal.SIGSTOP)  # the later-started child: rank 1
+        stopped = time.monotonic()
+        _, stderr = launcher.communicate(timeout=120)
+        waited = time.monotonic() - stopped
+    finally:
+        for pid in ranks:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+                os.kill(pid, signal.SIGKILL)
+        launcher.kill()
+    assert launcher.returncode != 0
+    assert f"another rank stopped or did not answer within {timeout_s} s" in stderr
+    assert waited < timeout_s + 20  # before: the timeout and 30 s more, waiting for the stopped rank to speak
 
 
 @pytest.mark.slow  # a real rank that waits for its peer: environment variables, a process group, a time-out
