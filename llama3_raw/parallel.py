@@ -85,18 +85,13 @@ class Ranks:
 SINGLE_PROCESS = Ranks()
 
 
-class PeerLost(UserError):
-    """A collective failed: another rank died or went silent. Waiting for that rank to say something adds nothing
-    (as_one_of): a stopped rank (SIGSTOP) would only make this one wait wait_for_peers's 30 s more."""
-
-
 @contextlib.contextmanager
 def peers_answer(ranks: Ranks):
     """Turn a collective that failed because another rank died or went silent into one sentence."""
     try:
         yield
     except (RuntimeError, dist.DistError) as err:
-        raise PeerLost(f"rank {ranks.rank} of {ranks.world_size}: another rank stopped or did not answer within "
+        raise UserError(f"rank {ranks.rank} of {ranks.world_size}: another rank stopped or did not answer within "
                         f"{rank_timeout_s():g} s ({first_line(err, 200)}); see the first rank's error.") from None
 
 
@@ -170,8 +165,7 @@ def as_one_of(ranks: Ranks):
         if ranks.world_size == 1:
             raise
         print(f"error: {err}", file=sys.stderr, flush=True)  # every rank says it, then they stop together
-        if not isinstance(err, PeerLost):
-            wait_for_peers(ranks)
+        wait_for_peers(ranks)
         raise SystemExit(2) from None
     else:  # done: leave together (a gloo rank whose peer leaves while it still talks to it can abort)
         wait_for_peers(ranks, rank_timeout_s())

@@ -6,8 +6,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..parallel import Ranks
-from .data_parallel import sum_over_ranks
 from .state import STATE_FILE
 
 
@@ -59,7 +60,11 @@ class StopRequest:
         at different moments; they must stop after the same step, or one waits for the others forever)."""
         if ranks.world_size == 1:
             return self.requested
-        return sum_over_ranks(float(self.requested), ranks, device) > 0
+        asked = ranks.all_reduce(torch.tensor([float(self.requested), float(self.signum or 0)], dtype=torch.float64,
+                                              device=device)).tolist()  # [ranks asked, sum of their signals]
+        if asked[0] and self.signum is None:  # stopped for another rank: by its signal (the same on all, as a rule)
+            self.signum = round(asked[1] / asked[0]) if asked[1] % asked[0] == 0 else signal.SIGTERM
+        return asked[0] > 0
 
     def request(self, signum, _frame):
         self.signum = signum
