@@ -22,35 +22,46 @@ def writing_alone(path: str | Path, flag: str, folder: bool = True) -> Iterator[
     """Inside, this process alone writes `path`: a folder (made if missing; locked through its own descriptor,
     nothing is added to it) or, with folder=False, a file (locked through a hidden `.NAME.lock` beside it, removed
     again at the end). Another process holding it already: a UserError naming `flag`, `path` and that process.
-    Folders made here and still empty at the end (the command failed before it wrote) are removed again.
-    On a file system without locks (some network ones) the command runs unlocked, as before."""
+    Folders made here and still empty at the end (the command failed before it wrote) are removed again, by the
+    process that held them only: a refused one leaves them to the holder. Two commands started at the same
+    moment: one holds the output, the other is refused. On a file system without locks (some network ones) the
+    command runs unlocked, as before."""
     path = Path(path)
     target = path if folder else path.parent
-    check_writable_folder(target, flag if folder else f"{flag} {path}: its folder")
     created = missing_parents(target) + ([] if os.path.exists(target) else [target])
-    fd = None
-    try:
-        with contextlib.ExitStack() as known:
-            for made in created:  # a signal that ends the process at once removes them too, if still empty
-                known.enter_context(in_flight(made, "empty"))
-            make_folder(target)
-            if not folder:
-                known.enter_context(in_flight(lock_file_for(path), "file"))
-            fd = lock_folder(target) if folder else lock_beside(lock_file_for(path))
-            yield
+    make_output_folder(target, flag if folder else f"{flag} {path}: its folder")
+    try:  # the folder is only checked once held: the check's own test file must not race another command's
+        fd = lock_folder(target) if folder else lock_beside(lock_file_for(path))
     except HeldElsewhere as held:
         by = f"another process ({held.holder})" if held.holder else "another process"
         raise UserError(f"{flag} {path} is being written by {by}; wait until it ends (or stop it), or choose "
                         f"another {flag}.") from None
-    finally:
-        if fd is not None:
+    try:
+        with contextlib.ExitStack() as known:
+            for made in created:  # a signal that ends the process at once removes them too, if still empty
+                known.enter_context(in_flight(made, "empty"))
             if not folder:
-                with contextlib.suppress(OSError):
-                    os.unlink(lock_file_for(path))  # while still held: see lock_beside
-            os.close(fd)
+                known.enter_context(in_flight(lock_file_for(path), "file"))
+            check_writable_folder(target, flag if folder else f"{flag} {path}: its folder")
+            yield
+    finally:
+        if fd is not None and not folder:
+            with contextlib.suppress(OSError):
+                os.unlink(lock_file_for(path))  # while still held: see lock_beside
         for made in sorted(created, key=lambda p: len(p.parts), reverse=True):  # deepest first, only if still empty
             with contextlib.suppress(OSError):
                 made.rmdir()
+        if fd is not None:
+            os.close(fd)
+
+
+def make_output_folder(folder: Path, flag: str) -> None:
+    """mkdir -p `folder`; where that fails, check_writable_folder's sentence says why (make_folder's if it has none)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        check_writable_folder(folder, flag)
+        make_folder(folder)
 
 
 class HeldElsewhere(Exception):
@@ -65,8 +76,22 @@ def lock_file_for(path: Path) -> Path:
 
 def lock_folder(folder: Path) -> int | None:
     """A descriptor of `folder` that holds its exclusive lock (None where this file system takes no locks);
-    HeldElsewhere when another process holds it."""
-    return take_lock(os.open(folder, os.O_RDONLY | os.O_DIRECTORY))
+    HeldElsewhere when another process holds it. A folder removed and made again in between (by a command that
+    started with this one and ended): its new one."""
+    while True:
+        fd = take_lock(os.open(folder, os.O_RDONLY | os.O_DIRECTORY))
+        if fd is None or same_file(folder, fd):
+            return fd
+        os.close(fd)
+        folder.mkdir(parents=True, exist_ok=True)
+
+
+def same_file(path: Path, fd: int) -> bool:
+    try:
+        info, held = os.stat(path), os.fstat(fd)
+    except FileNotFoundError:
+        return False
+    return (info.st_dev, info.st_ino) == (held.st_dev, held.st_ino)
 
 
 def lock_beside(lock_path: Path) -> int | None:
@@ -74,11 +99,8 @@ def lock_beside(lock_path: Path) -> int | None:
     process that opened the old file and got its lock after that tries again on the new one."""
     while True:
         fd = take_lock(os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644))
-        if fd is None:
-            return None
-        with contextlib.suppress(FileNotFoundError):
-            if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
-                return fd
+        if fd is None or same_file(lock_path, fd):
+            return fd
         os.close(fd)  # the file this lock is on was removed by the holder that just let go: lock the new one
 
 

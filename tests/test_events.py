@@ -171,6 +171,30 @@ def test_a_second_trainer_on_the_same_out_is_refused_at_once_naming_the_first(tm
     assert first.returncode == 143
 
 
+@pytest.mark.slow  # two real training runs
+def test_two_trainers_started_at_the_same_moment_one_runs_the_other_is_refused(tmp_path):
+    recipe, corpus = tiny_recipe(tmp_path)
+    out = tmp_path / "deeper" / "out"  # missing, with a missing parent: both make it at the same moment
+    argv = command("--config", recipe, "--corpus", corpus, "--out", out, "--no-progress", module="llama3_raw.train")
+    both = [subprocess.Popen(argv, cwd=REPO, env=ENV, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        deadline = time.monotonic() + TIME_BOUND_S
+        while all(p.poll() is None for p in both) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        refused = next(p for p in both if p.poll() is not None)
+        running = next(p for p in both if p is not refused)
+        stderr = refused.communicate(timeout=TIME_BOUND_S)[1]
+        assert refused.returncode == 2, stderr
+        assert f"error: --out {out} is being written by another process (pid {running.pid}: " in stderr
+        wait_for(running, lambda: train_lines(out) >= 2, "the training that holds --out")
+    finally:
+        for process in both:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+            process.communicate(timeout=TIME_BOUND_S)
+    assert running.returncode == 143
+
+
 @pytest.mark.slow  # a real training run, until it is signalled
 def test_a_trainer_killed_with_sigkill_leaves_no_lock_that_blocks_resume(tmp_path):
     process, out, args = start_training(tmp_path)
