@@ -79,7 +79,7 @@ def lock_folder(folder: Path) -> int | None:
     HeldElsewhere when another process holds it. A folder removed and made again in between (by a command that
     started with this one and ended): its new one."""
     while True:
-        fd = take_lock(os.open(folder, os.O_RDONLY | os.O_DIRECTORY))
+        fd = take_lock(opened(folder, os.O_RDONLY | os.O_DIRECTORY))
         if fd is None or same_file(folder, fd):
             return fd
         os.close(fd)
@@ -98,14 +98,25 @@ def lock_beside(lock_path: Path) -> int | None:
     """As lock_folder, on the file `lock_path` (made if missing). Its holder removes it before letting go, so a
     process that opened the old file and got its lock after that tries again on the new one."""
     while True:
-        fd = take_lock(os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644))
+        fd = take_lock(opened(lock_path, os.O_RDWR | os.O_CREAT))
         if fd is None or same_file(lock_path, fd):
             return fd
         os.close(fd)  # the file this lock is on was removed by the holder that just let go: lock the new one
 
 
-def take_lock(fd: int) -> int | None:
+def opened(path: Path, flags: int) -> int | None:
+    """A descriptor to lock, or None where it cannot be opened (a folder that may be written but not read): then
+    the command runs unlocked, and its writes say what is wrong with the folder, if anything."""
+    try:
+        return os.open(path, flags, 0o644)
+    except OSError:
+        return None
+
+
+def take_lock(fd: int | None) -> int | None:
     """`fd`, now holding its file's exclusive flock; None (fd closed) where the file system takes no locks."""
+    if fd is None:
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -53,7 +53,7 @@ def cpu_ticks(stat_text: str, cpus: set[int]) -> tuple[int, int]:
     """(busy, all) clock ticks since boot of the cores in `cpus`, from the text of /proc/stat."""
     busy = total = 0
     for line in stat_text.splitlines():
-        name, *fields = line.split()
+        name, *fields = line.split() or [""]
         if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
             ticks = [int(x) for x in fields[:8]]  # guest time is counted in user already
             total += sum(ticks)
