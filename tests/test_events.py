@@ -213,7 +213,7 @@ def test_other_writers_are_refused_while_another_process_holds_their_output(tmp_
     """This test's process holds the output (as a first command would); the real second command is refused."""
     if writer == "inspect --out":
         target, folder, flag = tmp_path / "views", True, "--out"
-        argv = command("inspect", "ROMEO:", "--out", target, module="llama3_raw")
+        argv = command("inspect", "ROMEO:", "--out", target, "--layers", "0", module="llama3_raw")
     else:
         target, folder, flag = tmp_path / "tok" / "tokenizer.model", False, "--output"
         argv = command("--input", text_file, "--vocab-size", 300, "--output", target, module="llama3_raw.train_tokenizer")
