@@ -12,8 +12,8 @@ Prints the median seconds (prefill) and tokens/s (decode) per thread count.
 bf16, as `python -m bench` writes it) without --threads and with --threads N, back to back, alternating which goes
 first. Before each run, --heavy-s seconds of work on every core (what Meta's reference decode, or this project's
 previous run, leaves behind in the load average) ends; the run then starts on idle cores. Each line says the
-threads the default chose, the decode tok/s, and the load average at the start: what the old rule (cores minus
-the load average) would have subtracted. --busy keeps one core busy with another process during the runs
+threads the default chose, the decode tok/s, the cores other work kept busy over the 0.5 s before the run, and
+the load average at the start: what the old rule (cores minus the load average) would have subtracted. --busy keeps one core busy with another process during the runs
 (a shared machine), where the default should take fewer threads. Output: bench/out/threads-default-SHAPE.json.
 """
 
@@ -34,7 +34,7 @@ from llama3_raw.events import run_tool
 from llama3_raw.files import write_json
 from llama3_raw.generate import Sampling, generate
 from llama3_raw.params import params_from_dict
-from llama3_raw.threads import usable_cores
+from llama3_raw.threads import busy_cores, usable_cores
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -84,6 +84,7 @@ def heavy_work(seconds: float) -> None:
 def timed_run(ckpt: Path, threads: int | None, new_tokens: int) -> dict:
     """One `python run.py --json` on `ckpt`, greedy; its stats with the load average at its start."""
     load = os.getloadavg()[0]
+    busy = busy_cores(0.5)  # what other work does as the run starts: the machine is shared
     command = [sys.executable, str(REPO / "run.py"), "ROMEO:", "--ckpt-dir", str(ckpt), "--dtype", "bfloat16", "--json",
                "--temperature", "0", "--max-new-tokens", str(new_tokens),
                *(["--threads", str(threads)] if threads is not None else [])]
@@ -94,7 +95,8 @@ def timed_run(ckpt: Path, threads: int | None, new_tokens: int) -> dict:
     stats = json.loads(result.stdout.strip().splitlines()[-1])["stats"]
     cores = usable_cores()
     return {"threads_flag": threads, "threads": stats["threads"], "decode_tok_per_s": stats["decode_tok_per_s"],
-            "loadavg_1min": round(load, 2), "old_rule_threads": max(1, cores - round(load)), "cores": cores}
+            "loadavg_1min": round(load, 2), "old_rule_threads": max(1, cores - round(load)), "cores": cores,
+            "busy_cores_at_start": round(busy, 2)}
 
 
 def default_vs_fixed(args: argparse.Namespace) -> None:
@@ -115,8 +117,8 @@ def default_vs_fixed(args: argparse.Namespace) -> None:
                 runs.append(run)
                 label = "default" if threads is None else f"--threads {threads}"
                 print(f"rep {rep + 1}: {label}: {run['threads']} thread(s), {run['decode_tok_per_s']:.2f} tok/s "
-                      f"(load average {run['loadavg_1min']:.2f} at the start: the old rule would take "
-                      f"{run['old_rule_threads']})", flush=True)
+                      f"({run['busy_cores_at_start']:.2f} cores busy with other work at the start; load average "
+                      f"{run['loadavg_1min']:.2f}: the old rule would take {run['old_rule_threads']})", flush=True)
     finally:
         if busy:
             busy.terminate()
