@@ -31,6 +31,8 @@ import torch
 
 from bench import llamacpp
 from bench.worker import read_bandwidth
+from llama3_raw.events import run_tool
+from llama3_raw.files import write_png, write_text
 from llama3_raw.params import params_from_dict
 
 REPO = Path(__file__).resolve().parent.parent
@@ -276,7 +278,7 @@ def bar_chart(rows: list[dict], path: Path, title: str) -> None:
         ax.set_ylabel(name)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_png(path, fig, dpi=110)
     plt.close(fig)
 
 
@@ -328,8 +330,8 @@ def main() -> None:
     rows = [summarise(r, bandwidth) for r in runs.values()]
     markdown = markdown_table(rows, args, bandwidth, args.threads) + llamacpp.ratio_table(rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"bench-{args.shape}.md").write_text(markdown + "\n")
-    (args.out / f"bench-{args.shape}.json").write_text(json.dumps(
+    write_text(args.out / f"bench-{args.shape}.md", markdown + "\n")
+    write_text(args.out / f"bench-{args.shape}.json", json.dumps(
         {"shape": args.shape, "threads": args.threads, "bandwidth_bytes_per_s": bandwidths, "quantize_s": quantize_s,
          "rows": rows,
          "runs": [run for group in runs.values() for run in group]}, indent=1))
@@ -341,4 +343,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))  # Ctrl-C, SIGTERM, a closed stdout: one line (or none), as every command of the project

@@ -3,6 +3,7 @@
 Anything raised as `UserError` is shown by the command line as a single sentence and exit code 2,
 without a traceback: its message must name the file or flag at fault and say how to fix it. Flag errors
 that argparse itself finds (a wrong type, an unknown flag) keep the same promise through `ArgumentParser`.
+How a command runs, with its events (Ctrl-C, SIGTERM, a closed stdout), is events.run_tool.
 """
 
 import argparse
@@ -24,20 +25,6 @@ def first_line(err: BaseException, limit: int | None = None) -> str:
     what a one-sentence error quotes of a library's longer complaint."""
     lines = str(err).strip().splitlines()
     return (lines[0] if lines else type(err).__name__)[:limit]
-
-
-def run_tool(work, interrupted: str = "interrupted") -> int:
-    """Run a command-line tool's body: a UserError becomes one line on stderr and exit code 2;
-    Ctrl-C prints `interrupted` (what happens now) and exit code 130."""
-    try:
-        work()
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\n{interrupted}", file=sys.stderr)
-        return 130
-    return 0
 
 
 # argparse's own messages, each rewritten as one sentence that names the flag and the fix.

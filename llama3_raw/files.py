@@ -3,6 +3,9 @@
 Writes are atomic: the bytes go to a temporary file in the same folder, are flushed to disk, and the
 file is renamed over its final name. A crash or a full disk half-way never leaves a half-written file
 under that name: the old file (if any) is still there, whole, and the temporary file is removed.
+
+The temporary files and folders being written are known (IN_FLIGHT), so that a signal that ends the process
+at once (events.py: SIGTERM, SIGHUP) removes them first. A second writer of one output: locks.py.
 """
 
 import contextlib
@@ -19,6 +22,32 @@ from typing import BinaryIO
 from .errors import UserError
 
 MAX_JSON_BYTES = 64 << 20  # every JSON file read here is settings or a conversation; a bigger one is a mistake
+# What this process is writing now, to remove if a signal ends it at once (remove_in_flight): path -> "file"
+# (a temporary file), "tree" (a temporary folder and its files) or "empty" (a folder made for an output, if still empty).
+# Process state, like the open files themselves; the model math has none.
+IN_FLIGHT: dict[Path, str] = {}
+
+
+@contextlib.contextmanager
+def in_flight(path: Path, kind: str) -> Iterator[None]:
+    IN_FLIGHT[path] = kind
+    try:
+        yield
+    finally:
+        IN_FLIGHT.pop(path, None)
+
+
+def remove_in_flight() -> None:
+    """Remove every temporary file and folder being written (files before folders, deepest folders first)."""
+    order = {"file": 0, "tree": 1, "empty": 2}
+    for path, kind in sorted(IN_FLIGHT.items(), key=lambda item: (order[item[1]], -len(item[0].parts))):
+        with contextlib.suppress(OSError):
+            if kind == "file":
+                os.unlink(path)
+            elif kind == "tree":
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.rmdir(path)
 
 
 @contextlib.contextmanager
@@ -30,10 +59,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
-        yield temporary
-        with open(temporary, "rb+") as f:
-            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-        os.replace(temporary, path)
+        with in_flight(temporary, "file"):
+            yield temporary
+            with open(temporary, "rb+") as f:
+                os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+            os.replace(temporary, path)
     except BaseException as err:
         temporary.unlink(missing_ok=True)
         if isinstance(err, OSError):
@@ -61,12 +91,13 @@ def atomic_folder(path: str | Path, needed_bytes: int = 0) -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
-        yield temporary
-        for file in temporary.iterdir():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
-        temporary.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; a saved folder is like any other
-        os.replace(temporary, path)  # replaces an empty folder of that name, as rename(2) allows
+        with in_flight(temporary, "tree"):
+            yield temporary
+            for file in temporary.iterdir():
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
+            temporary.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; a saved folder is like any other
+            os.replace(temporary, path)  # replaces an empty folder of that name, as rename(2) allows
     except BaseException as err:
         if temporary is not None:
             shutil.rmtree(temporary, ignore_errors=True)

@@ -157,7 +157,7 @@ def only_rank_zero_prints(ranks: Ranks):
 def as_one_of(ranks: Ranks):
     """A command's body on every rank: rank 0 alone prints; a UserError on any rank is said by that rank, which
     waits (a bounded time) for the others and exits with code 2; the ranks leave the process group together.
-    In one process a UserError goes up unchanged, to run_tool."""
+    In one process a UserError goes up unchanged, to events.run_tool."""
     try:
         with only_rank_zero_prints(ranks):
             yield

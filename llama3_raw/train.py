@@ -11,13 +11,15 @@ Meta's files (training/export.py):
 """
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
 import torch
 
 from .checkpoints.defaults import positive_int, thread_count
-from .errors import ArgumentParser, UserError, run_tool
+from .errors import ArgumentParser, UserError
+from .events import run_tool, say
 from .parallel import as_one_of, join_ranks
 from .training import DEFAULT_RECIPE, TrainingStop, load_recipe, train
 from .training.recipe import REPO_ROOT
@@ -50,7 +52,11 @@ def resume_command(args: argparse.Namespace) -> str:
 
 
 def report(stop: TrainingStop, args: argparse.Namespace) -> str:
-    """What happened, where everything is, and what to do next: printed on every stop."""
+    """What happened, where everything is, and what to do next: printed on every stop. A stop by SIGTERM or
+    SIGHUP (a scheduler's pre-emption, a closed terminal) is said in one line, for a job's log."""
+    if stop.reason == "interrupted" and stop.signal != "SIGINT":
+        return (f"training stopped by {stop.signal} after step {stop.step} of {stop.total_steps}, state saved to "
+                f"{stop.state_path}; resume: {resume_command(args)}")
     how = {"finished": "finished", "stopped": "stopped as asked (--stop-after)",
            "interrupted": "interrupted (Ctrl-C)"}[stop.reason]
     lines = [f"training {how} at step {stop.step} of {stop.total_steps}."]
@@ -82,11 +88,13 @@ def main(argv: list[str] | None = None) -> int:
             recipe = load_recipe(args.config, args.corpus)
             stops.append(train(recipe, args.out, args.resume, args.stop_after, not args.no_progress, args.threads,
                                ranks, device))
-            print(report(stops[0], args), file=sys.stderr, flush=True)
+            say(report(stops[0], args))  # after SIGHUP there may be no terminal left to say it on
 
     code = run_tool(work, f"interrupted at once; if {args.out / STATE_FILE} exists it holds the last saved step "
                           f"(resume: {resume_command(args)})")
-    return 130 if code == 0 and stops[0].reason == "interrupted" else code  # 130: the shell's code for Ctrl-C
+    if code == 0 and stops[0].reason == "interrupted":  # 128 + the signal: 130 for Ctrl-C, 143 SIGTERM, 129 SIGHUP
+        return 128 + signal.Signals[stops[0].signal].value
+    return code
 
 
 if __name__ == "__main__":

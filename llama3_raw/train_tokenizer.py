@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from .checkpoints.defaults import positive_int
-from .errors import ArgumentParser, UserError, run_tool
+from .errors import ArgumentParser, UserError
+from .events import run_tool
 from .training.bpe import train_tokenizer_file
 from .training.chars import train_char_tokenizer_file
 

@@ -159,6 +159,38 @@ def test_a_killed_rank_ends_the_others(small_corpus, tmp_path):
             launcher.communicate()
 
 
+@pytest.mark.slow  # ranks: processes, each starting Python and torch
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step_and_saves(small_corpus, tmp_path):
+    """SIGTERM reaches ranks at different moments (here: only rank 1). They agree at each step's end, so
+    all stop after the same one: rank 0 saves it and says so in one line, and each rank exits 143."""
+    long_recipe = write_recipe(tmp_path, {**TINY_RECIPE, "train": {**TINY_RECIPE["train"], "steps": 100000,
+                                                                    "eval_interval": 100000}})
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(free_port()), "-m", "llama3_raw.train", "--no-progress", "--config",
+               str(long_recipe), "--corpus", str(small_corpus), "--out", str(out)]
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=ENV)
+    try:
+        log, deadline = out / "train_log.jsonl", time.monotonic() + 90
+        while not (log.exists() and log.read_text().count("\n") >= 3) and time.monotonic() < deadline:
+            time.sleep(0.5)  # both ranks are training once rank 0 logs
+        ranks = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True,
+                                                    text=True).stdout.split()]
+        rank_one = next(pid for pid in ranks if "RANK=1" in Path(f"/proc/{pid}/environ").read_text().split("\0"))
+        os.kill(rank_one, signal.SIGTERM)
+        _, stderr = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.communicate()
+    lines = [line for line in stderr.splitlines() if line.startswith("training stopped by SIGTERM after step ")]
+    assert len(lines) == 1, stderr  # rank 0 alone says it
+    step = int(lines[0].split("after step ")[1].split()[0])
+    assert torch.load(out / STATE_FILE, weights_only=True)["step"] == step
+    assert "exitcode  : 143" in stderr  # torchrun's summary of the ranks (with its own traceback, not a rank's)
+    assert not [line for line in stderr.splitlines() if line.strip().startswith("File") and "llama3_raw" in line]
+
+
 def test_global_batch_rows_are_shared_out_and_too_many_ranks_are_refused():
     assert [list(rows_of_rank(5, Ranks(r, 2))) for r in range(2)] == [[0, 1], [2, 3, 4]]
     assert [len(rows_of_rank(16, Ranks(r, 3))) for r in range(3)] == [5, 5, 6]

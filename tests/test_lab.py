@@ -299,7 +299,11 @@ def test_a_missing_corpus_is_refused_before_out_is_written(tmp_path, capsys, tin
     assert not (tmp_path / "lab").exists()
 
 
-def test_ctrl_c_stops_the_lab_in_one_line_with_130_and_the_same_command_goes_on(tmp_path, tiny_corpus):
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_stops_the_lab_in_one_line_saved_and_a_second_lab_is_refused_meanwhile(signum, code, tmp_path,
+                                                                                       tiny_corpus):
+    """Ctrl-C and SIGTERM (a scheduler's pre-emption) both finish the step, save and exit 128 + the signal;
+    while the first lab runs, a second one on the same --out is refused at once (the OS lock, issue 31)."""
     corpus, _ = tiny_corpus
     recipe = tmp_path / "long.json"
     recipe.write_text(json.dumps({**TINY, "train": {**TINY["train"], "steps": 100000, "eval_interval": 50000}}))
@@ -310,9 +314,12 @@ def test_ctrl_c_stops_the_lab_in_one_line_with_130_and_the_same_command_goes_on(
     deadline = time.time() + 120
     while not (log.exists() and log.read_text().count("\n") >= 2) and time.time() < deadline:
         time.sleep(0.2)  # a few log lines: the steps are running
-    os.kill(process.pid, signal.SIGINT)
+    second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert second.stderr.count("\n") == 1 and "--out" in second.stderr and str(process.pid) in second.stderr
+    os.kill(process.pid, signum)
     out, err = process.communicate(timeout=120)
-    assert process.returncode == 130, err[-2000:]
+    assert process.returncode == code, err[-2000:]
     assert err.strip().splitlines()[-1].startswith("lab interrupted in llama3 at step ")
     assert (tmp_path / "lab" / "runs" / "llama3" / "train_state.pt").is_file()  # resumable
     assert not (tmp_path / "lab" / "lab.json").exists()  # no results from half a ladder

@@ -16,7 +16,7 @@ LONG_FUNCTION_MARK = "reads better as one function"  # a comment in a longer fun
 
 # Lower layers never import higher ones. A module's layer is its first matching prefix.
 LAYERS = [
-    ("errors", "files", "params", "version", "compiled"),
+    ("errors", "files", "locks", "events", "params", "version", "compiled"),
     ("int4_layouts", "quantize", "kernels", "tokenizer", "threads", "parallel"),
     ("model",),
     ("linking", "fast_forward", "generate", "checkpoints"),

@@ -7,12 +7,14 @@ forward on the merged weights (itself checked against Meta's in test_reference.p
 prefill and of every cached decode step.
 """
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -325,6 +327,43 @@ def test_a_rank_killed_mid_run_ends_the_others(two_shards):
     assert launcher.returncode != 0 and time.monotonic() - started < 60
     for pid in ranks:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+
+
+@pytest.mark.slow  # torchrun: a launcher and its ranks, each starting Python and torch
+def test_a_stopped_rank_is_noticed_when_the_timeout_runs_out(two_shards):
+    """SIGSTOP: the rank lives, its connections stay open, it says nothing. The other says so in one sentence
+    when $LLAMA3_RAW_RANK_TIMEOUT_S runs out, and exits. (torchrun then gives the stopped rank 30 s to obey its
+    SIGTERM before SIGKILL; here the test sends the SIGKILL itself once the sentence is there.)"""
+    _, two = two_shards
+    timeout_s = 5
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(free_port()), str(REPO / "run.py"), "hello", "--ckpt-dir", str(two),
+               "--max-new-tokens", "100000", "--context-len", "8192", "--dtype", "float32"]
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                                env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+                                     "LLAMA3_RAW_RANK_TIMEOUT_S": str(timeout_s)})
+    ranks, said = [], None
+    watchdog = threading.Timer(90, launcher.kill)  # ends the stderr loop below if no rank ever gives up
+    watchdog.start()
+    try:
+        assert launcher.stdout.read(len("hello")) == "hello"  # rank 0 prints the prompt once both generate
+        ranks = sorted(int(pid) for pid in subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True,
+                                                          text=True).stdout.split())
+        os.kill(ranks[-1], signal.SIGSTOP)  # the later-started child: rank 1
+        stopped = time.monotonic()
+        for line in launcher.stderr:  # bounded: rank 0 ends when its timeout runs out, or the test's timeout ends it
+            if "error:" in line:
+                said, waited = line, time.monotonic() - stopped
+                break
+    finally:
+        watchdog.cancel()
+        for pid in ranks:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        launcher.communicate(timeout=120)
+    assert said is not None and f"another rank stopped or did not answer within {timeout_s} s" in said, said
+    assert timeout_s - 1 < waited < timeout_s + 15, waited  # the timeout it names, not minutes later
+    assert launcher.returncode != 0
 
 
 @pytest.mark.slow  # a real rank that waits for its peer: environment variables, a process group, a time-out

@@ -14,7 +14,8 @@ import json
 import sys
 import textwrap
 
-from ..errors import ArgumentParser, run_tool
+from ..errors import ArgumentParser
+from ..events import run_tool
 from ..parallel import as_one_of, join_ranks
 from ..tools import compare, inspection, score
 from ..version import __version__

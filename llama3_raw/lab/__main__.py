@@ -9,11 +9,14 @@ character) and DIR/lab.md (the table and the samples). docs/lab.md shows the def
 over llama3_raw/lab/ladder.py.
 """
 
+import signal
 import sys
 from pathlib import Path
 
 from ..checkpoints.defaults import positive_int, seed, thread_count
-from ..errors import ArgumentParser, run_tool
+from ..errors import ArgumentParser
+from ..events import run_tool
+from ..training import TrainingStop
 from .ladder import LAB_RECIPE, PLOT_FILE, QUICK_RECIPE, RESULTS_FILE, TABLE_FILE, run_lab
 from ..training.variants import VARIANTS
 
@@ -46,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         lab = run_lab(out, recipe, args.variants, args.steps, args.seed, args.corpus, args.threads,
                       not args.no_progress)
         labs.append(lab)
-        if lab is None:
-            return  # Ctrl-C: the run's state is saved, and run_lab said how to go on
+        if isinstance(lab, TrainingStop):
+            return  # Ctrl-C, SIGTERM or SIGHUP: the run's state is saved, and run_lab said how to go on
         width = max(len(r["name"]) for r in lab["variants"])
         for r in lab["variants"]:
             print(f"{r['name']:<{width}}  {r['val_nats_per_char']:.4f} nats/char  {r['parameters']:>10,} parameters"
@@ -55,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {out / RESULTS_FILE}, {out / PLOT_FILE}, {out / TABLE_FILE}", file=sys.stderr)
 
     code = run_tool(work, f"interrupted; run the same command again to go on where it stopped ({out})")
-    return 130 if code == 0 and labs[0] is None else code  # 130: the shell's code for Ctrl-C
+    if code == 0 and isinstance(labs[0], TrainingStop):  # 128 + the signal: 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP
+        return 128 + signal.Signals[labs[0].signal].value
+    return code
 
 
 if __name__ == "__main__":

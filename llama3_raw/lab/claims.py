@@ -31,7 +31,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .. import model  # noqa: E402
 from ..checkpoints import SHIPPED_MODEL, load_model, open_folder
-from ..errors import ArgumentParser, run_tool
+from ..errors import ArgumentParser
+from ..events import run_tool
 from ..files import check_writable_folder, write_json, write_png
 from ..params import params_from_dict
 from ..training.dropout import forward_with

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..files import check_writable_folder, read_json, read_text, write_json, write_text
-from ..training import train
+from ..locks import writing_alone
+from ..training import TrainingStop, train
 from ..training.recipe import DEFAULT_RECIPE, Recipe, recipe_from_raw
 from ..training.state import LOG_FILE, STATE_FILE, read_log
 from ..training.variants import VARIANTS, Variant, variant_model
@@ -112,10 +113,10 @@ def pick_variants(names: list[str] | None) -> list[Variant]:
 
 def run_lab(out: Path, recipe_path: Path = LAB_RECIPE, names: list[str] | None = None, steps: int | None = None,
             seed: int | None = None, corpus: Path | None = None, threads: int | None = 1,
-            show_progress: bool = True) -> dict:
+            show_progress: bool = True) -> dict | TrainingStop:
     """Train every chosen variant (all of them by default) under `out`/runs, then write `out`/lab.json (the
-    numbers), lab.png (the curves) and lab.md (the table). Returns what lab.json holds; None when Ctrl-C
-    stopped a run (its state is saved: the same command resumes it)."""
+    numbers), lab.png (the curves) and lab.md (the table). Returns what lab.json holds; the run's TrainingStop
+    when Ctrl-C, SIGTERM or SIGHUP stopped it (its state is saved: the same command resumes it)."""
     variants = pick_variants(names)
     base = read_json(recipe_path, "pass a lab recipe JSON such as training/recipes/lab.json", what="--config")
     if not isinstance(base, dict) or not isinstance(base.get("model"), dict):
@@ -133,7 +134,14 @@ def run_lab(out: Path, recipe_path: Path = LAB_RECIPE, names: list[str] | None =
     recipes = [variant_recipe(base, recipe_path, variant, corpus) for variant in variants]  # all checked first
     if not read_text(recipes[0].corpus, "corpus (--corpus or data.corpus)"):  # before --out is touched
         raise UserError(f"the corpus {recipes[0].corpus} is empty; pass a text file with content.")
-    claim_folder(out, {"recipe": base, "corpus": str(recipes[0].corpus)})
+    settings = {"recipe": base, "corpus": str(recipes[0].corpus)}
+    with writing_alone(out, "--out"):  # a second lab on the same --out is refused at once, before it trains
+        return run_variants(out, recipe_path, settings, variants, recipes, threads, show_progress)
+
+
+def run_variants(out: Path, recipe_path: Path, settings: dict, variants: list[Variant], recipes: list[Recipe],
+                 threads: int | None, show_progress: bool) -> dict | TrainingStop:
+    claim_folder(out, settings)
     results = []
     for i, (variant, recipe) in enumerate(zip(variants, recipes), start=1):
         run_dir = out / "runs" / variant.name
@@ -144,7 +152,7 @@ def run_lab(out: Path, recipe_path: Path = LAB_RECIPE, names: list[str] | None =
         if stop.reason == "interrupted":
             print(f"lab interrupted in {variant.name} at step {stop.step}; run the same command again to go on "
                   f"from there.", file=sys.stderr)
-            return None
+            return stop
         results.append(result_of(variant, recipe, read_log(run_dir / LOG_FILE, stop.step)))
     lab = {"recipe": str(recipe_path.name), "seed": recipes[0].train.seed, "steps": recipes[0].train.steps,
            "settings": {k: v for k, v in recipes[0].to_dict().items() if k != "variant"},

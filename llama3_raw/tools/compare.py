@@ -16,7 +16,8 @@ import torch
 from ..checkpoints import DTYPES, open_folder, load_model
 from ..checkpoints.defaults import non_negative_float
 from ..checkpoints.quantized import quantized_file
-from ..errors import UserError, run_tool
+from ..errors import UserError
+from ..events import run_tool
 from ..model import forward
 from ..params import ModelParams
 from ..threads import use_threads

@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 
 from ..checkpoints import open_model
-from ..errors import UserError, run_tool
-from ..files import check_writable_folder, make_folder, write_text
+from ..errors import UserError
+from ..events import run_tool
+from ..files import make_folder, write_text
+from ..locks import writing_alone
 from ..model import at_least_fp32, forward, rms_norm
 from ..params import ModelParams
 from ..tokenizer import Tokenizer
@@ -123,11 +125,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     def work():
-        check_writable_folder(args.out, "--out")  # before the model is loaded
-        model = open_model(args.ckpt_dir, args.tokenizer, args.dtype, args.device, threads=args.threads)
-        prompt = args.prompt if args.prompt is not None else model.defaults["prompt"]
-        layers = parse_layers(args.layers, model.params.n_layers)
-        summary = inspect_prompt(model.weights, model.params, model.tokenizer, prompt, args.out, layers)
+        with writing_alone(args.out, "--out"):  # checked and held before the model is loaded
+            model = open_model(args.ckpt_dir, args.tokenizer, args.dtype, args.device, threads=args.threads)
+            prompt = args.prompt if args.prompt is not None else model.defaults["prompt"]
+            layers = parse_layers(args.layers, model.params.n_layers)
+            summary = inspect_prompt(model.weights, model.params, model.tokenizer, prompt, args.out, layers)
         print(f"next-token guess at the last position, block by block ({model.directory}):")
         for layer, (token, prob) in enumerate(zip(summary["last_position_top_tokens"], summary["last_position_top_probs"])):
             print(f"  block {layer:2d}: {token:>16} {prob:.3f}")

@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from ..checkpoints import open_model
 from ..checkpoints.defaults import fraction, positive_int
-from ..errors import UserError, run_tool
+from ..errors import UserError
+from ..events import run_tool
 from ..files import read_text
 from ..model import forward
 from ..params import ModelParams

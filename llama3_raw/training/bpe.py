@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from ..files import check_output_file, read_text, write_text
+from ..locks import writing_alone
 from ..tokenizer import SPLIT_PATTERN
 
 NUM_BYTE_TOKENS = 256
@@ -136,6 +137,7 @@ def train_tokenizer_file(input_path: Path, vocab_size: int, output: Path, show_p
                         f"{NUM_BYTE_TOKENS} single bytes, so pass 256 or more.")
     check_output_file(output, "--output")  # before the learning, not after it
     text = read_text(input_path, "--input")
-    vocab = learn_bpe(text, vocab_size, show_progress)
-    write_bpe_file(vocab, output)
+    with writing_alone(output, "--output", folder=False):  # a second learner of the same file is refused at once
+        vocab = learn_bpe(text, vocab_size, show_progress)
+        write_bpe_file(vocab, output)
     return vocab

@@ -6,6 +6,7 @@ training split, encode the text (cached), train with AdamW, and write the result
 format (export.py), which `python run.py --ckpt-dir DIR` (or Meta's own code) loads unchanged.
 """
 
+import contextlib
 import sys
 import time
 from dataclasses import dataclass
@@ -16,14 +17,13 @@ import torch
 from tqdm import tqdm
 
 from ..errors import UserError
-from ..files import check_writable_folder, read_text
+from ..files import check_writable_folder
+from ..locks import writing_alone
 from ..parallel import SINGLE_PROCESS, Ranks
 from ..threads import use_training_threads
 from ..params import ModelParams
 from ..tokenizer import Tokenizer, tokenizer_from_bytes
-from .bpe import bpe_file_text, learn_bpe
-from .chars import char_vocab
-from .data import Split, load_splits
+from .data import Split, prepare_data
 from .data_parallel import check_batch_shares, from_rank_zero, rows_of_rank, sum_gradients, sum_over_ranks
 from .dropout import row_dropout
 from .evaluation import autocast, sample_text, validation_record
@@ -70,34 +70,6 @@ class TrainingRun:
     @property
     def chars_per_token(self) -> float:
         return self.train_split.chars / len(self.train_split.ids)
-
-
-def learn_tokenizer(train_text: str, bpe_ranks: int, show_progress: bool) -> bytes:
-    """Learn the BPE ranks on the training split only (the validation text stays unseen): the tokenizer.model
-    file, which run.py will load through the project's tokenizer."""
-    return bpe_file_text(learn_bpe(train_text, bpe_ranks, show_progress)).encode("ascii")
-
-
-def prepare_data(recipe: Recipe, state: dict | None, show_progress: bool) -> tuple[bytes, Split, Split]:
-    """The tokenizer (learned now, or the resumed run's) and both splits encoded, checked against the context."""
-    text = read_text(recipe.corpus, "corpus (--corpus or data.corpus)")
-    if not text:
-        raise UserError(f"the corpus {recipe.corpus} is empty; pass a text file with content.")
-    if state is None:
-        train_text = text[:int(len(text) * (1 - recipe.val_fraction))]
-        if recipe.tokenizer_kind == "char":  # the alphabet of the whole corpus, as the seeds take it: the
-            tokenizer_bytes = bpe_file_text(char_vocab(text)).encode("ascii")  # validation text must encode
-        else:
-            tokenizer_bytes = learn_tokenizer(train_text, recipe.bpe_ranks, show_progress)
-    else:
-        tokenizer_bytes = bytes(state["tokenizer"].numpy())
-    train_split, val_split = load_splits(text, recipe.val_fraction, tokenizer_from_bytes(tokenizer_bytes), tokenizer_bytes)
-    context = recipe.train.context
-    for name, split in (("training", train_split), ("validation", val_split)):
-        if len(split.ids) < context + 1:
-            raise UserError(f"--config {recipe.source}: train.context {context} is longer than the {name} "
-                            f"split ({len(split.ids)} tokens); lower train.context or use a bigger corpus.")
-    return tokenizer_bytes, train_split, val_split
 
 
 def run_files_bytes(params: ModelParams) -> int:
@@ -255,9 +227,16 @@ def evaluate_and_save(run: TrainingRun, final: bool) -> dict:
 def train(recipe: Recipe, out_dir: Path, resume: bool = False, stop_after: int | None = None,
           show_progress: bool = True, threads: int | None = None, ranks: Ranks = SINGLE_PROCESS,
           device: str = "cpu") -> TrainingStop:
-    """Run (or continue) the recipe up to its last step (or `stop_after`, or Ctrl-C, after which the state is
-    saved); returns how it ended. Under torchrun every rank calls this with its `ranks`; rank 0 alone writes.
-    Threads: `threads`, else threads.py's default for training."""
+    """Run (or continue) the recipe up to its last step (or `stop_after`, or Ctrl-C, SIGTERM or SIGHUP, after
+    which the step under way is finished and the state saved); returns how it ended. Under torchrun every rank calls this with its `ranks`; rank 0 alone writes.
+    Threads: `threads`, else threads.py's default for training. While it runs, no other process can write
+    `out_dir` (files.writing_alone): a second run given it is refused at once."""
+    with writing_alone(out_dir, "--out") if ranks.rank == 0 else contextlib.nullcontext():
+        return train_alone(recipe, out_dir, resume, stop_after, show_progress, threads, ranks, device)
+
+
+def train_alone(recipe: Recipe, out_dir: Path, resume: bool, stop_after: int | None, show_progress: bool,
+                threads: int | None, ranks: Ranks, device: str) -> TrainingStop:
     use_training_threads(threads)
     settings = recipe.train
     run = start_run(recipe, out_dir, resume, show_progress, ranks, device)
@@ -273,12 +252,12 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, stop_after: int |
     with StopRequest() as stop:
         for _ in bar:
             last_val = take_step(run, train_ids, bar, last_val, end_step, (start_step, t0))
-            if stop.requested and run.step < end_step:
+            if stop.agreed(run.ranks, run.device) and run.step < end_step:
                 save_state(run)
                 reason = "interrupted"
                 break
     bar.close()
-    return stop_report(run, reason, last_val)
+    return stop_report(run, reason, last_val, stop.name if reason == "interrupted" else None)
 
 
 def take_step(run: TrainingRun, train_ids: torch.Tensor, bar, last_val: dict | None, end_step: int,
