@@ -157,7 +157,8 @@ def run_completion(args: argparse.Namespace) -> dict:
     if not args.json:
         log(f"[{count(len(prompt_ids), 'prompt token')}, prefill {prefill_s:.2f}s; "
             f"{count(len(new_ids), 'new token')}, {decode_tok_per_s:.2f} tok/s; peak RSS {stats['peak_rss_mb']:.0f} MB]")
-    return {"model": str(folder.directory), "dtype": str(model.dtype).removeprefix("torch."), "prompt": prompt,
+    return {"model": str(folder.directory), "source_format": model.source_format,
+            "dtype": str(model.dtype).removeprefix("torch."), "prompt": prompt,
             "prompt_tokens": prompt_ids, "tokens": new_ids, "text": "".join(text_parts), "stats": stats}
 
 
