@@ -70,7 +70,8 @@ def load_weights(args: argparse.Namespace, folder, params, start: float,
     """The model in the compute dtype on the compute device, and the seconds since `start`; `new_tokens`: the
     most the run generates (None: a chat, as many as the session brings)."""
     model = load_model(folder, params, args.dtype, args.device, args.quantize, args.save_quantized,
-                       show_progress=not args.json, ranks=args.ranks, group_size=args.group_size, new_tokens=new_tokens)
+                       show_progress=not args.json, ranks=args.ranks, group_size=args.group_size, new_tokens=new_tokens,
+                       keep_gguf_int4=getattr(args, "gguf_int4", "keep") == "keep")
     if args.save_quantized is not None:
         log(f"saved the {args.quantize} weights to {args.save_quantized}; run them with --ckpt-dir {args.save_quantized}")
     load_s = time.perf_counter() - start
