@@ -59,12 +59,11 @@ def write_gguf(path: Path, state: dict, p: dict = TINY, matrix_type=Q.F32, arch:
     """A GGUF file as llama.cpp's converter lays one out, by the gguf package's GGUFWriter."""
     writer = gguf.GGUFWriter(str(path), arch)
     hidden = meta_key_shapes(p)["layers.0.feed_forward.w1.weight"][0]
-    writer.add_uint32(f"{arch}.block_count", p["n_layers"])
-    writer.add_uint32(f"{arch}.context_length", 2048)
-    writer.add_uint32(f"{arch}.embedding_length", p["dim"])
-    writer.add_uint32(f"{arch}.feed_forward_length", hidden)
-    writer.add_uint32(f"{arch}.attention.head_count", p["n_heads"])
-    writer.add_uint32(f"{arch}.attention.head_count_kv", p["n_kv_heads"])
+    settings = {f"{arch}.block_count": p["n_layers"], f"{arch}.context_length": 2048,
+                f"{arch}.embedding_length": p["dim"], f"{arch}.feed_forward_length": hidden,
+                f"{arch}.attention.head_count": p["n_heads"], f"{arch}.attention.head_count_kv": p["n_kv_heads"]}
+    for key, value in (settings | (extra or {})).items():
+        writer.add_uint32(key, value)
     writer.add_float32(f"{arch}.rope.freq_base", p["rope_theta"])
     writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", p["norm_eps"])
     tokens, types = vocab or byte_vocabulary()
@@ -74,8 +73,6 @@ def write_gguf(path: Path, state: dict, p: dict = TINY, matrix_type=Q.F32, arch:
     writer.add_array("tokenizer.ggml.token_type", types)
     writer.add_uint32("tokenizer.ggml.bos_token_id", tokens.index("<|begin_of_text|>"))
     writer.add_uint32("tokenizer.ggml.eos_token_id", tokens.index("<|end_of_text|>"))
-    for key, value in (extra or {}).items():
-        writer.add_uint32(key, value)
     for key, tensor in state.items():
         name = gguf_name(key)
         if name == drop:
@@ -225,6 +222,10 @@ def hostile_files(good: Path, tmp: Path, state: dict) -> dict:
         "misshapen tensor": write_gguf(tmp / "misshapen.gguf", state, reshape="blk.0.attn_q.weight"),
         "unknown pre-tokenizer": write_gguf(tmp / "pre.gguf", state, pre="falcon"),
         "experts": write_gguf(tmp / "moe.gguf", state, extra={"llama.expert_count": 8}),
+        "absurd layer count": write_gguf(tmp / "layers.gguf", state, extra={"llama.block_count": 2**31}),
+        "absurd width": write_gguf(tmp / "width.gguf", state, extra={"llama.embedding_length": 2**31,
+                                                                     "llama.feed_forward_length": 2**32 - 1}),
+        "heads that do not divide": write_gguf(tmp / "heads.gguf", state, extra={"llama.attention.head_count_kv": 3}),
     }
 
 
@@ -314,6 +315,6 @@ def test_smollm2_inspect_draws_logit_lens(tmp_path, capsys):
 
     result = call(inspect_main, ["The capital of France is", "--ckpt-dir", SMOLLM2, "--out",
                                  tmp_path / "out", "--layers", "29"], capsys)
-    assert result.returncode == 0 and "gguf" in result.stdout
+    assert result.returncode == 0 and "gguf format" in result.stdout
     assert (tmp_path / "out" / "logit_lens.png").stat().st_size > 10_000
     assert "Paris" in result.stdout.splitlines()[-2]  # the last block's guess

@@ -26,6 +26,7 @@ from ..errors import UserError
 from ..model import rope_frequencies  # the model's own RoPE scaling, so that what runs is what is checked
 from ..params import ModelParams, ffn_fields
 from .gguf_file import GGUFFile, TensorInfo, is_gguf_file, read_gguf, type_name
+from .safety import check_params_fit_files, folder_file_size
 from .gguf_quants import PLAIN_TYPES, check_type, file_tensor
 
 ARCHITECTURE = "llama"
@@ -92,6 +93,7 @@ def params_from_gguf(file: GGUFFile) -> ModelParams:
             max_seq_len=setting(file, "llama.context_length", int, 0))
     except (ValueError, TypeError) as err:
         raise UserError(f"{file.path} does not describe a usable Llama model ({err}); {FIX}.") from None
+    check_params_fit_files(params, file.size, file.path)  # n_layers 2**31: refused by arithmetic, not a shape table
     if params.ffn_hidden_dim != hidden:
         raise UserError(f"{file.path}: llama.feed_forward_length {hidden} cannot be expressed as Meta's SwiGLU "
                         f"width; {FIX}.")
@@ -195,6 +197,8 @@ def gguf_path(ckpt_dir: Path) -> Path | None:
     if len(found) > 1:
         raise UserError(f"{ckpt_dir} holds {len(found)} GGUF files ({', '.join(p.name for p in found[:4])}); "
                         f"pass the one to run as --ckpt-dir {found[0]}.")
+    if found:
+        folder_file_size(ckpt_dir, found[0])  # a symlink out of the folder, a FIFO: refused before it is opened
     return found[0] if found else None
 
 
