@@ -131,6 +131,15 @@ class ModelParams:
         return out
 
 
+def ffn_fields(dim: int, hidden: int) -> dict:
+    """params.json's multiple_of and ffn_dim_multiplier for a model that states its SwiGLU width `hidden`
+    (Hugging Face's intermediate_size, GGUF's feed_forward_length) where Meta derives it from dim. Rounding up
+    to a multiple of `hidden` gives exactly `hidden` whenever Meta's formula lands in (0, hidden], which a
+    multiplier of hidden / (8 dim / 3) guarantees; the caller checks ffn_hidden_dim."""
+    base = int(2 * (4 * dim) / 3)
+    return {"multiple_of": hidden, "ffn_dim_multiplier": None if base <= hidden else hidden / base}
+
+
 REQUIRED_FIELDS = ("dim", "n_layers", "n_heads", "vocab_size", "norm_eps")
 DEFAULTS = {"multiple_of": 256, "ffn_dim_multiplier": None, "rope_theta": 500000.0, "use_scaled_rope": False, "max_seq_len": 0}
 # The other fields (the RoPE scaling constants) take the dataclass's defaults when absent.

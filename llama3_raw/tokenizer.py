@@ -5,6 +5,7 @@ come right after the base vocabulary (ids 128000..128255 for Meta's 128,000 rank
 """
 
 import codecs
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -66,8 +67,17 @@ def read_bpe_ranks(path: str) -> dict[bytes, int]:
 
 @dataclass(frozen=True)
 class Tokenizer:
+    """Llama 3's tokenizer.model (the defaults), or another byte-level BPE vocabulary (a GGUF file's,
+    gguf_vocab.py) that names its own special tokens, BOS, stop tokens and chat format."""
+
     encoding: tiktoken.Encoding
     num_base_tokens: int
+    specials: tuple[tuple[str, int], ...] | None = None  # None: Llama 3's 256, right after the base tokens
+    bos: int | None = None  # None: <|begin_of_text|>
+    stops: tuple[int, ...] | None = None  # None: Llama 3's STOP_TOKENS; the first is the end of text
+    add_bos: bool = True  # whether a prompt starts with BOS (SmolLM2's vocabulary says not)
+    chat_format: str | None = "llama3"  # chat.py's format; None: this vocabulary has no chat format we speak
+    unencodable: "re.Pattern | None" = None  # characters the vocabulary has no bytes for: dropped, as Hugging Face does
     # None when every single byte is a rank (byte-level BPE: any text encodes); else the characters it can
     # encode (a character-level tokenizer, training/chars.py), which encode() holds the text to
     alphabet: frozenset[str] | None = None
@@ -78,25 +88,32 @@ class Tokenizer:
 
     @property
     def special_tokens(self) -> dict[str, int]:
+        if self.specials is not None:
+            return dict(self.specials)
         return {name: self.num_base_tokens + i for i, name in enumerate(SPECIAL_TOKENS)}
 
     @property
     def bos_id(self) -> int:
-        return self.special_tokens["<|begin_of_text|>"]
+        return self.special_tokens["<|begin_of_text|>"] if self.bos is None else self.bos
 
     @property
     def eos_id(self) -> int:
-        return self.special_tokens["<|end_of_text|>"]
+        return self.stop_ids[0]
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
+        if self.stops is not None:
+            return self.stops
         return tuple(self.special_tokens[name] for name in STOP_TOKENS)
 
     def encode(self, text: str, bos: bool = True, eos: bool = False, allowed_special: set[str] | str = frozenset()) -> list[int]:
-        """Text -> ids. Special-token strings in the text are encoded as plain text unless allowed."""
+        """Text -> ids. Special-token strings in the text are encoded as plain text unless allowed. `bos`:
+        a prompt's start, which gets BOS where the vocabulary asks for it (add_bos)."""
         if self.alphabet is not None:
             self.check_alphabet(text, allowed_special)
-        ids = [self.bos_id] if bos else []
+        ids = [self.bos_id] if bos and self.add_bos else []
+        if self.unencodable is not None:
+            text = self.unencodable.sub("", text)
         for start in range(0, len(text), TIKTOKEN_MAX_ENCODE_CHARS):
             for piece in split_long_runs(text[start:start + TIKTOKEN_MAX_ENCODE_CHARS], MAX_NO_WHITESPACE_CHARS):
                 ids.extend(self.encode_piece(piece, allowed_special))
@@ -177,7 +194,7 @@ def read_tokenizer(path: str, name: str, label: str) -> Tokenizer:
         raise UserError(f"cannot read {label} ({err}); check the path or pass --tokenizer FILE.") from None
     special = {token: len(ranks) + i for i, token in enumerate(SPECIAL_TOKENS)}
     encoding = tiktoken.Encoding(name=name, pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=special)
-    return Tokenizer(encoding, len(ranks), encodable_characters(ranks))
+    return Tokenizer(encoding, len(ranks), alphabet=encodable_characters(ranks))
 
 
 def encodable_characters(ranks: dict[bytes, int]) -> frozenset[str] | None:

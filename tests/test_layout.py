@@ -18,6 +18,7 @@ LONG_FUNCTION_MARK = "reads better as one function"  # a comment in a longer fun
 LAYERS = [
     ("errors", "files", "locks", "events", "params", "version", "compiled"),
     ("int4_layouts", "quantize", "kernels", "tokenizer", "threads", "parallel"),
+    ("gguf_vocab",),
     ("model",),
     ("linking", "fast_forward", "generate", "checkpoints"),
     ("chat", "prompts_file", "training"),

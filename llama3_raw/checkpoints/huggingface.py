@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..errors import UserError
 from ..files import read_json
-from ..params import ModelParams
+from ..params import ModelParams, ffn_fields
 from .safety import check_params_fit_files, folder_file_size
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -106,16 +106,12 @@ def params_from_hf_config(config: dict, path: Path) -> ModelParams:
         scaling = {k: v for k, v in scaling.items() if v is not None}
 
     # Meta derives the SwiGLU width from dim, ffn_dim_multiplier and multiple_of; Hugging Face stores it.
-    # Rounding up to a multiple of the stored width gives exactly that width whenever Meta's formula lands
-    # in (0, width], which a multiplier of width / (8 dim / 3) guarantees.
     hidden = config["intermediate_size"]
-    base = int(2 * (4 * dim) / 3)
-    multiplier = None if base <= hidden else hidden / base
     try:
         params = ModelParams(
             dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
             n_kv_heads=config.get("num_key_value_heads") or n_heads, vocab_size=config["vocab_size"],
-            multiple_of=hidden, ffn_dim_multiplier=multiplier, norm_eps=config["rms_norm_eps"],
+            **ffn_fields(dim, hidden), norm_eps=config["rms_norm_eps"],
             rope_theta=rope_theta, max_seq_len=config.get("max_position_embeddings") or 0, **scaling)
     except (ValueError, TypeError) as err:
         refuse(str(err))

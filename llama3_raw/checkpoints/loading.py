@@ -5,6 +5,7 @@ Three layouts are read, each by its own module, and all come out the same way (`
   Hugging Face   config.json + model*.safetensors, renamed and un-permuted to Meta's (huggingface.py)
   saved int8/4   params.json + model.int8.pth or model.int4.pth, written by `run.py --quantize int8|int4
                  --save-quantized` (quantized.py)
+  GGUF           one .gguf file (llama.cpp, Ollama, LM Studio), renamed to Meta's (gguf_checkpoint.py)
 Everything is memory-mapped; only what must change (merged shards, Hugging Face's wq/wk) is copied.
 """
 
@@ -21,6 +22,7 @@ from ..params import ModelParams, load_params
 from ..quantize import Int8Weight, QuantizedWeight
 from .huggingface import (INDEX_FILE, is_hf_checkpoint_dir, params_from_hf_config, read_config, read_hf_checkpoint,
                           safetensors_candidates)
+from .gguf_checkpoint import gguf_path, open_gguf, read_gguf_checkpoint
 from .quantized import QUANTIZED_FILES, quantized_file, quantized_weights
 from .meta import PROGRESS_MIN_BYTES, check_weights, checkpoint_files, read_state_dict, warm_page_cache
 from .safety import check_params_fit_files, folder_file_size, missing_folder
@@ -40,7 +42,7 @@ class Checkpoint:
     weights: dict[str, torch.Tensor]
     file_bytes: int
     tied_output: bool  # True when the file had no output.weight and the embeddings serve as output
-    source_format: str = "meta"  # "meta" (consolidated.*.pth), "huggingface" (config.json + safetensors), "int8", "int4"
+    source_format: str = "meta"  # "meta" (consolidated.*.pth), "huggingface" (config.json + safetensors), "int8", "int4", "gguf"
 
 
 def is_checkpoint_dir(path: Path) -> bool:
@@ -73,6 +75,8 @@ def check_folder_files(ckpt_dir: Path) -> None:
 
 def checkpoint_params(ckpt_dir: Path) -> ModelParams:
     """The model's params without reading the weights: params.json, or a Hugging Face config.json."""
+    if (source := gguf_path(ckpt_dir)) is not None:
+        return open_gguf(source)[1]
     check_folder_files(ckpt_dir)
     if is_hf_format(ckpt_dir):
         return params_from_hf_config(read_config(ckpt_dir / "config.json"), ckpt_dir / "config.json")
@@ -83,6 +87,13 @@ def load_checkpoint(ckpt_dir: str | Path, show_progress: bool = True, ranks: Ran
     """Read a checkpoint directory in Meta's or Hugging Face's format, verify every key and shape,
     return the flat weight dict with Meta's names: the whole model, or a tensor-parallel rank's slice of it."""
     ckpt_dir = Path(ckpt_dir)
+    if (source := gguf_path(ckpt_dir)) is not None:
+        if ranks.world_size > 1:
+            raise UserError(f"{source} is a GGUF file, which this project runs in one process; run it without "
+                            f"torchrun, or pass Meta's or Hugging Face's checkpoint.")
+        params, weights, file_bytes, tied_output = read_gguf_checkpoint(source)
+        return Checkpoint(ckpt_dir, params, in_meta_order(weights, params, tied_output), file_bytes, tied_output,
+                          source_format="gguf")
     if not ckpt_dir.is_dir():
         raise missing_folder(ckpt_dir)
     check_folder_files(ckpt_dir)
@@ -170,7 +181,7 @@ def conversion_note(weights: dict, dtype: torch.dtype, where: Path) -> str | Non
     """What casting `weights` to `dtype` converts, when it is more than the usual lossless bfloat16 -> float32
     (say float16 weights, or a checkpoint that mixes float32 and bfloat16 tensors)."""
     counts: dict[torch.dtype, int] = {}
-    for tensor in {id(t): t for t in weights.values() if not isinstance(t, QuantizedWeight)}.values():
+    for tensor in {id(t): t for t in weights.values() if isinstance(t, torch.Tensor)}.values():  # GGUF blocks: docs
         if tensor.dtype != dtype and not (tensor.dtype == torch.bfloat16 and dtype == torch.float32):
             counts[tensor.dtype] = counts.get(tensor.dtype, 0) + 1
     if not counts:

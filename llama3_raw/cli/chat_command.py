@@ -33,6 +33,10 @@ def run_chat(args: argparse.Namespace) -> dict | None:
     if not one_shot and args.ranks.world_size > 1:
         raise UserError("an interactive chat runs in one process; under torchrun pass --message or --chat-file.")
     folder, params = open_checkpoint(args)
+    if folder.tokenizer.chat_format != "llama3":
+        raise UserError(f"{folder.directory}'s vocabulary has no Llama 3 chat tokens (<|start_header_id|>, "
+                        f"<|eot_id|>), and --chat speaks only Llama 3's chat format; run it without --chat, as a "
+                        f"completion.")
     if folder.is_base_model:
         log(f"warning: {folder.directory} is a base model, not an Instruct one (its generation.json says "
             f"\"instruct\": false); it continues text and will not follow the chat format; expect odd replies.")

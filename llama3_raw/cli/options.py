@@ -86,6 +86,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, source: DefaultsSource,
     parser.add_argument("--group-size", type=int, choices=INT4_GROUP_SIZES,
                         help="with --quantize int4: inputs of a row that share one scale and zero; smaller is more "
                         f"accurate, larger a little smaller (default {INT4_GROUP_SIZE})")
+    parser.add_argument("--gguf-int4", choices=["keep", "requantize"], default="keep",
+                        help="with --quantize int4 (groups of 32) and a GGUF file: keep its Q4_0 / Q4_1 blocks as they "
+                        "are (default keep: no second rounding, no quantizing work), or dequantize and quantize again")
     parser.add_argument("--save-quantized", type=Path, metavar="DIR",
                         help="with --quantize int8 or int4: also write the quantized weights to the new folder DIR as a "
                         "checkpoint that later runs load directly (--ckpt-dir DIR), without quantizing again")

@@ -70,7 +70,8 @@ def load_weights(args: argparse.Namespace, folder, params, start: float,
     """The model in the compute dtype on the compute device, and the seconds since `start`; `new_tokens`: the
     most the run generates (None: a chat, as many as the session brings)."""
     model = load_model(folder, params, args.dtype, args.device, args.quantize, args.save_quantized,
-                       show_progress=not args.json, ranks=args.ranks, group_size=args.group_size, new_tokens=new_tokens)
+                       show_progress=not args.json, ranks=args.ranks, group_size=args.group_size, new_tokens=new_tokens,
+                       keep_gguf_int4=getattr(args, "gguf_int4", "keep") == "keep")
     if args.save_quantized is not None:
         log(f"saved the {args.quantize} weights to {args.save_quantized}; run them with --ckpt-dir {args.save_quantized}")
     load_s = time.perf_counter() - start
@@ -157,7 +158,8 @@ def run_completion(args: argparse.Namespace) -> dict:
     if not args.json:
         log(f"[{count(len(prompt_ids), 'prompt token')}, prefill {prefill_s:.2f}s; "
             f"{count(len(new_ids), 'new token')}, {decode_tok_per_s:.2f} tok/s; peak RSS {stats['peak_rss_mb']:.0f} MB]")
-    return {"model": str(folder.directory), "dtype": str(model.dtype).removeprefix("torch."), "prompt": prompt,
+    return {"model": str(folder.directory), "source_format": model.source_format,
+            "dtype": str(model.dtype).removeprefix("torch."), "prompt": prompt,
             "prompt_tokens": prompt_ids, "tokens": new_ids, "text": "".join(text_parts), "stats": stats}
 
 

@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
             prompt = args.prompt if args.prompt is not None else model.defaults["prompt"]
             layers = parse_layers(args.layers, model.params.n_layers)
             summary = inspect_prompt(model.weights, model.params, model.tokenizer, prompt, args.out, layers)
-        print(f"next-token guess at the last position, block by block ({model.directory}):")
+        print(f"next-token guess at the last position, block by block ({model.directory}, {model.source_format} format):")
         for layer, (token, prob) in enumerate(zip(summary["last_position_top_tokens"], summary["last_position_top_probs"])):
             print(f"  block {layer:2d}: {token:>16} {prob:.3f}")
         print(f"wrote {', '.join(summary['files'][:4])}{' ...' if len(summary['files']) > 4 else ''} to {args.out}/")
