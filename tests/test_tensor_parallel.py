@@ -292,8 +292,10 @@ def test_ranks_that_do_not_divide_the_heads_are_refused_on_every_rank(two_shards
     one, _ = two_shards
     # Every rank refuses by itself, before any rank waits for another: with torchrun watching only every 15 s,
     # no rank is torn down before it has said why (under the default 0.1 s a slow rank may be killed first).
-    lines = error_lines(torchrun("--ckpt-dir", one, nproc=3, monitor_s=15))
-    assert len(lines) == 3 and all("cannot be shared by 3 ranks" in line and "1, 2, 4, 8" in line for line in lines)
+    result = torchrun("--ckpt-dir", one, nproc=3, monitor_s=15)
+    lines = error_lines(result)
+    assert len(lines) == 3 and all("cannot be shared by 3 ranks" in line and "1, 2, 4, 8" in line for line in lines), \
+        result.stderr  # all of it: which rank said what, and what torchrun did to the others
 
 
 @pytest.mark.slow  # torchrun: a launcher and its ranks, each starting Python and torch
@@ -302,8 +304,9 @@ def test_a_missing_shard_is_named_on_every_rank(tmp_path):
     ckpt_dir = write_sharded_checkpoint(tmp_path, dict(TINY_GQA, n_kv_heads=4),
                                         random_state_dict(dict(TINY_GQA, n_kv_heads=4)), 4, tokenizer=OFFICIAL_TOKENIZER)
     (ckpt_dir / "consolidated.02.pth").unlink()
-    lines = error_lines(torchrun("--ckpt-dir", ckpt_dir, nproc=2, monitor_s=15))
-    assert len(lines) == 2 and all("consolidated.02.pth is missing" in line for line in lines)
+    result = torchrun("--ckpt-dir", ckpt_dir, nproc=2, monitor_s=15)
+    lines = error_lines(result)
+    assert len(lines) == 2 and all("consolidated.02.pth is missing" in line for line in lines), result.stderr
 
 
 @pytest.mark.slow  # torchrun: a launcher and its ranks, each starting Python and torch
