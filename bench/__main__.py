@@ -13,7 +13,9 @@ own decode (the VM's bandwidth drifts by 2x within a minute), and against the hi
 run. "ours-int8" and "ours-int4" run the weights saved as `run.py --quantize int8|int4 --save-quantized`
 saves them (bench/out/ckpt-SHAPE-int8, -int4, written once). "llamacpp" (optional: `python -m bench.llamacpp
 setup` builds it) adds llama.cpp's llama-bench on BF16, Q8_0 and Q4_0 GGUF conversions of the same
-checkpoint, each right after ours of the same width, and a table of ratios ours / llama.cpp (bench/llamacpp.py). Output: bench/out/bench-SHAPE.{md,json,png}.
+checkpoint, each right after ours of the same width, and a table of ratios ours / llama.cpp (bench/llamacpp.py);
+"gguf" adds this project reading those very files, each right after llama.cpp on it (bench/gguf_rows.py).
+Output: bench/out/bench-SHAPE.{md,json,png}.
 """
 
 import argparse
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from bench import llamacpp
+from bench import gguf_rows, llamacpp
 from bench.worker import read_bandwidth
 from llama3_raw.events import run_tool
 from llama3_raw.files import write_png, write_text
@@ -48,7 +50,7 @@ IMPL_NAMES = {"ours": "llama3_raw", "ours-int8": "llama3_raw int8", "ours-int4":
               "ours-int4-g64": "llama3_raw int4 g64", "meta": "Meta reference", "hf": "HF transformers"}
 # The saved int8 / int4 folders the quantized implementations load: (scheme, int4 group size or None for the default)
 QUANTIZED = {"ours-int8": ("int8", None), "ours-int4": ("int4", None), "ours-int4-g64": ("int4", 64)}
-NAMES = {**IMPL_NAMES, **llamacpp.IMPL_NAMES}  # "--impls llamacpp" adds three rows (bench/llamacpp.py)
+NAMES = {**IMPL_NAMES, **llamacpp.IMPL_NAMES, **gguf_rows.IMPL_NAMES}  # "--impls llamacpp" / "gguf" add rows
 FILL_ROWS = 4096  # random rows generated at a time while writing a checkpoint
 
 
@@ -151,8 +153,10 @@ def run_worker(impl: str, dtype: str, ckpt: Path, threads: int, args) -> dict:
 
 def impl_runs(impl: str, dtype: str, args, ckpt: Path, quantized_ckpts: dict[str, Path], ggufs: dict):
     """One repetition's run of an implementation at a dtype: a worker, or one llama-bench on a GGUF file."""
-    if impl in quantized_ckpts and dtype != "bfloat16":
-        return []  # int8 / int4 weights with bf16 activations
+    if (impl in quantized_ckpts or impl in gguf_rows.GGUF_IMPLS) and dtype != "bfloat16":
+        return []  # int8 / int4 weights with bf16 activations; a GGUF's bf16 as it is
+    if impl in gguf_rows.GGUF_IMPLS:
+        return [run_worker(impl, dtype, gguf_rows.gguf_file(impl, ggufs), args.threads, args)]
     if impl in llamacpp.WIDTHS:
         return [llamacpp.run_llama_bench(impl, ggufs[impl], args.threads, params_from_dict(SHAPES[args.shape]))]
     return [run_worker(impl, dtype, quantized_ckpts.get(impl, ckpt), args.threads, args)]
@@ -162,7 +166,13 @@ def rep_order(impls: list[str], dtype: str, first_dtype: str) -> list[str]:
     """One repetition's runs at a dtype, in order. "llamacpp" stands for its GGUF runs, at the first dtype
     only (its weights have their own types), each right after ours of the same width (llamacpp.PAIRS), and a
     second of ours of that width (int4 in groups of 64) right after it: the machine's bandwidth drifts by 2x
-    within minutes, and runs back to back meet nearly the same."""
+    within minutes, and runs back to back meet nearly the same. This project on llama.cpp's GGUF files comes
+    right after llama.cpp on the same file (gguf_rows.place_after_llamacpp)."""
+    own = [impl for impl in impls if impl != "gguf" and impl not in gguf_rows.GGUF_IMPLS]
+    return gguf_rows.place_after_llamacpp(llamacpp_order(own, dtype, first_dtype), impls)
+
+
+def llamacpp_order(impls: list[str], dtype: str, first_dtype: str) -> list[str]:
     if "llamacpp" not in impls or dtype != first_dtype:
         return [impl for impl in impls if impl != "llamacpp"]
     order = []
@@ -260,11 +270,11 @@ def bar_chart(rows: list[dict], path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     short_names = {"ours": "ours", "ours-int8": "ours int8", "ours-int4": "ours int4", "ours-int4-g64": "ours int4\ng64",
                    "meta": "Meta", "hf": "HF",
-                   **llamacpp.SHORT_NAMES}
+                   **llamacpp.SHORT_NAMES, **gguf_rows.SHORT_NAMES}
     labels = [f"{short_names[r['impl']]}\n{r['dtype'].replace('bfloat16', 'bf16').replace('float32', 'fp32')}" for r in rows]
     colors = {"ours": "tab:blue", "ours-int8": "tab:cyan", "ours-int4": "tab:purple", "ours-int4-g64": "tab:olive",
               "meta": "tab:orange", "hf": "tab:green",
-              **llamacpp.COLORS}
+              **llamacpp.COLORS, **gguf_rows.COLORS}
     for ax, key, name in ((axes[0], "decode_tok_s", "decode tok/s"), (axes[1], "prefill_long_tok_s", "prefill tok/s (512 tokens)")):
         medians = [r[key]["median"] for r in rows]
         errors = [[r[key]["median"] - r[key]["min"] for r in rows], [r[key]["max"] - r[key]["median"] for r in rows]]
@@ -288,7 +298,7 @@ def main() -> None:
     parser.add_argument("--shape", choices=SHAPES, default="1b")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--impls", nargs="+", default=["ours", "meta", "hf", "ours-int8", "ours-int4"],
-                        choices=[*IMPL_NAMES, "llamacpp"])
+                        choices=[*IMPL_NAMES, "llamacpp", "gguf", *gguf_rows.GGUF_IMPLS])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for every run (default: all cores)")
     parser.add_argument("--short-prompt", type=int, default=17, help=argparse.SUPPRESS)
@@ -300,7 +310,8 @@ def main() -> None:
         print("error: --reps, --threads and --decode-steps must be at least 1 and --long-prompt at least 2.", file=sys.stderr)
         raise SystemExit(2)
     require_packages(args.impls, args.out / f"ckpt-{args.shape}")
-    if "llamacpp" in args.impls:
+    wants_ggufs = "llamacpp" in args.impls or "gguf" in args.impls or bool(set(args.impls) & set(gguf_rows.GGUF_IMPLS))
+    if wants_ggufs:  # llama.cpp's converter and llama-quantize write the files
         llamacpp.require_build()
 
     t0 = time.perf_counter()
@@ -312,7 +323,7 @@ def main() -> None:
             quantized_ckpts[impl], quantize_s[impl] = write_quantized_checkpoint(ckpt, scheme, group_size)
             print(f"{impl} checkpoint {quantized_ckpts[impl]} ready" +
                   (f", quantized and saved in {quantize_s[impl]:.0f}s" if quantize_s[impl] else ""), file=sys.stderr)
-    ggufs = llamacpp.write_ggufs(ckpt, args.threads) if "llamacpp" in args.impls else {}
+    ggufs = llamacpp.write_ggufs(ckpt, args.threads) if wants_ggufs else {}
     bandwidths = [read_bandwidth(args.threads)]
     runs: dict[tuple[str, str], list[dict]] = {}
     for rep in range(args.reps):

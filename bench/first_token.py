@@ -12,7 +12,10 @@ Q4_K_M; bench/llamacpp.py writes them), with its default warm-up run. Each width
 repetition by repetition. Before every run its files are read (up to three times) until the page cache holds
 them, so that both start warm: the time is the process's own (interpreter or binary start, load, prompt, one
 token, exit), not the disk's; the fraction cached is kept with each run.
-Peak RSS comes from wait4, as for llama-bench. Output: bench/out/first-token-SHAPE.{md,json}.
+Peak RSS comes from wait4, as for llama-bench. The "ours-gguf-*" rows are run.py on llama.cpp's own GGUF files
+(bench/gguf_rows.py), each right after llama.cpp on the same file: the Q4_0 file straight into int4, against it
+dequantized and quantized again, and against the BF16 file quantized at load.
+Output: bench/out/first-token-SHAPE.{md,json}.
 """
 
 import argparse
@@ -24,14 +27,17 @@ import sys
 import time
 from pathlib import Path
 
-from bench import llamacpp
+from bench import gguf_rows, llamacpp
 from bench.__main__ import NAMES, REPO, QUANTIZED, require_packages, write_quantized_checkpoint, write_random_checkpoint
 from llama3_raw.checkpoints.defaults import FORTY_TWO_PROMPT
 from llama3_raw.checkpoints.meta import cached_fraction, warm_page_cache
 
 PROMPT = FORTY_TWO_PROMPT
-ORDER = ["ours", "llamacpp-bf16", "ours-int8", "llamacpp-q8_0", "ours-int4", "llamacpp-q4_0", "llamacpp-q4_k_m",
-         "ours-int4-g64"]  # each width's pair back to back
+ORDER = ["ours", "llamacpp-bf16", "ours-gguf-bf16", "ours-gguf-bf16-int4", "ours-int8", "llamacpp-q8_0",
+         "ours-gguf-int8", "ours-int4", "llamacpp-q4_0", "ours-gguf-int4", "ours-gguf-int4-requantize",
+         "llamacpp-q4_k_m", "ours-int4-g64"]  # each width's pair back to back, and ours on llama.cpp's file after it
+GGUF_WAYS = {**gguf_rows.GGUF_IMPLS, **gguf_rows.FIRST_TOKEN_ONLY}
+NAMES = {**NAMES, **gguf_rows.IMPL_NAMES}
 
 
 def warm(paths: list[Path], attempts: int = 3) -> float:
@@ -53,8 +59,9 @@ def command(impl: str, model: Path, threads: int) -> list[str]:
     if impl in llamacpp.WIDTHS:
         return [str(llamacpp.BIN / "llama-completion"), "-m", str(model), "-p", PROMPT, "-n", "1", "-no-cnv",
                 "-c", "256", "--temp", "0", "-t", str(threads)]
+    flags = gguf_rows.run_flags(impl) if impl in GGUF_WAYS else []
     return [sys.executable, str(REPO / "run.py"), "--ckpt-dir", str(model), "--max-new-tokens", "1",
-            "--temperature", "0", "--threads", str(threads), PROMPT]
+            "--temperature", "0", "--threads", str(threads), *flags, PROMPT]
 
 
 def timed_run(impl: str, model: Path, threads: int) -> dict:
@@ -81,9 +88,12 @@ def table(runs: dict[str, list[dict]], args) -> str:
         rss = [r["peak_rss_bytes"] / 1e9 for r in runs[impl]]
         lines.append(f"| {NAMES[impl]} | {runs[impl][0]['file_bytes'] / 1e9:.2f} | {statistics.median(seconds):.2f} "
                      f"({min(seconds):.2f}–{max(seconds):.2f}) | {statistics.median(rss):.2f} |")
-    pairs = [(ours, theirs) for ours, _, theirs in llamacpp.PAIRS if ours in runs and theirs in runs]
+    same_file = [(ours, GGUF_WAYS[ours][0]) for ours in GGUF_WAYS]
+    pairs = [(ours, theirs) for ours, _, theirs in llamacpp.PAIRS] + same_file + [
+        ("ours-gguf-int4", "ours-gguf-int4-requantize"), ("ours-gguf-int4", "ours-gguf-bf16-int4")]
+    pairs = [(ours, theirs) for ours, theirs in pairs if ours in runs and theirs in runs]
     if pairs:
-        lines += ["", "| pair | first token, ours / llama.cpp (median of each repetition's ratio) |", "|---|---|"]
+        lines += ["", "| pair | first token, first / second (median of each repetition's ratio) |", "|---|---|"]
         for ours, theirs in pairs:
             ratio = statistics.median(a["seconds"] / b["seconds"] for a, b in zip(runs[ours], runs[theirs]))
             lines.append(f"| {NAMES[ours]} vs {NAMES[theirs]} | {ratio:.2f}× |")
@@ -101,14 +111,16 @@ def main() -> None:
     out = REPO / "bench" / "out"
     ckpt = out / f"ckpt-{args.shape}"
     require_packages(["ours"], ckpt)
-    if any(impl in llamacpp.WIDTHS for impl in args.impls):
+    if any(impl in llamacpp.WIDTHS or impl in GGUF_WAYS for impl in args.impls):
         llamacpp.require_build()
     write_random_checkpoint(ckpt, args.shape)
     models = {"ours": ckpt}
     for impl in (i for i in args.impls if i in QUANTIZED):
         models[impl] = write_quantized_checkpoint(ckpt, *QUANTIZED[impl])[0]
-    if any(impl in llamacpp.WIDTHS for impl in args.impls):
-        models.update(llamacpp.write_ggufs(ckpt, args.threads))
+    if any(impl in llamacpp.WIDTHS or impl in GGUF_WAYS for impl in args.impls):
+        ggufs = llamacpp.write_ggufs(ckpt, args.threads)
+        models.update(ggufs)
+        models.update({impl: gguf_rows.gguf_file(impl, ggufs) for impl in GGUF_WAYS})
     runs: dict[str, list[dict]] = {}
     for rep in range(args.reps):
         for impl in (i for i in ORDER if i in args.impls):

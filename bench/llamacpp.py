@@ -34,6 +34,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+from bench import gguf_rows
+
 VERSION = "0.3.36"
 OUT = Path(__file__).resolve().parent / "out"
 LLAMACPP = OUT / "llamacpp"
@@ -261,7 +263,7 @@ def ratio_table(rows: list[dict]) -> str:
     """Markdown: ours / llama.cpp at each width where both ran (bf16 vs BF16, int8 vs Q8_0, int4 vs Q4_0);
     "" when no pair ran."""
     lines = []
-    for ours_impl, width, theirs_impl in PAIRS:
+    for ours_impl, width, theirs_impl in PAIRS + gguf_rows.PAIRS:
         ours = [r for r in rows if r["impl"] == ours_impl and r["dtype"] == "bfloat16"]  # bf16 activations
         theirs = [r for r in rows if r["impl"] == theirs_impl]
         if not ours or not theirs:

@@ -1,13 +1,16 @@
 """One benchmark measurement in its own process, so that peak RSS belongs to one implementation.
 
     python -m bench.worker --impl ours|ours-int8|ours-int4|ours-int4-g64|meta|hf --dtype bfloat16 --ckpt DIR --threads 2
+    python -m bench.worker --impl ours-gguf-int4 --dtype bfloat16 --ckpt q4_0.gguf --threads 2   # bench/gguf_rows.py
 
 Prints one JSON object: load seconds, peak RSS, prefill seconds for a long and a short prompt, decode
 tokens/s, the bytes of weights one decoded token reads, and the read bandwidth measured right after decoding. Every implementation gets the same
 memory-mapped tensors from this project's loader (bf16 used as they are; fp32 converted once), and
 Meta's and Hugging Face's models are built on the meta device and handed those tensors with
 `assign=True`, so their load time and memory measure the same zero-copy loading as ours and the
-comparison is about the forward pass. Each one decodes greedily with its own KV cache.
+comparison is about the forward pass. Each one decodes greedily with its own KV cache. The "ours-gguf-*"
+implementations open a GGUF file as run.py does (open_folder, load_model: dequantized, or kept as int4), so
+their load time is everything run.py pays before its first token but the tokenizer.
 """
 
 import argparse
@@ -23,6 +26,8 @@ from llama3_raw.checkpoints import cast_weights, load_checkpoint
 from llama3_raw.params import ModelParams
 from llama3_raw.checkpoints.placement import in_huge_pages
 from llama3_raw.quantize import quantize_weights
+
+from bench.gguf_rows import GGUF_IMPLS, load_gguf
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 OURS = ("ours", "ours-int8", "ours-int4", "ours-int4-g64")  # this project: bf16/fp32, then saved quantized folders
@@ -181,7 +186,7 @@ def hugging_face(weights: dict, params: ModelParams, dtype: torch.dtype, tied: b
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--impl", choices=[*OURS, "meta", "hf"], required=True)
+    parser.add_argument("--impl", choices=[*OURS, *GGUF_IMPLS, "meta", "hf"], required=True)
     parser.add_argument("--dtype", choices=DTYPES, required=True)
     parser.add_argument("--ckpt", type=Path, required=True)
     parser.add_argument("--threads", type=int, required=True)
@@ -195,15 +200,18 @@ def main() -> None:
 
     baseline_rss = memory_status("VmRSS")  # the interpreter with torch: what every implementation pays anyway
     start = time.perf_counter()
-    checkpoint = load_checkpoint(args.ckpt, show_progress=False)
-    params = checkpoint.params
-    weights = cast_weights(checkpoint.weights, dtype, args.device)
+    if args.impl in GGUF_IMPLS:  # the library's own way in, as run.py: placed in 2 MiB pages, quantized or kept
+        weights, params, file_bytes = load_gguf(args.impl, args.ckpt, args.dtype, args.device)
+    else:
+        checkpoint = load_checkpoint(args.ckpt, show_progress=False)
+        params, file_bytes = checkpoint.params, checkpoint.file_bytes
+        weights = cast_weights(checkpoint.weights, dtype, args.device)
     if args.impl in OURS[1:]:  # a saved int8 / int4 folder: its matrices stay so
         weights = quantize_weights(weights, dtype)
     if args.impl in OURS and args.device == "cpu":  # as load_model places them
         weights = in_huge_pages(weights)
     max_seq_len = args.long_prompt + args.decode_steps + 8
-    if args.impl in OURS:
+    if args.impl in OURS or args.impl in GGUF_IMPLS:
         prefill, decode_step, state = ours(weights, params, dtype, args.device)
     elif args.impl == "meta":
         prefill, decode_step = meta_reference(weights, params, max_seq_len)
@@ -215,11 +223,12 @@ def main() -> None:
         torch.cuda.synchronize()
     load_s = time.perf_counter() - start
 
-    # Token ids from the middle of the vocabulary; the weights are random, so any ids do.
-    short = [128000] + [1000 + i for i in range(args.short_prompt - 1)]
-    long = [128000] + [2000 + i % 5000 for i in range(args.long_prompt - 1)]
+    # Token ids from the middle of the vocabulary; the weights are random, so any ids do (within a small
+    # test vocabulary: modulo its size; Llama 3's 128,256 keeps them as they are).
+    short = [i % params.vocab_size for i in [128000] + [1000 + i for i in range(args.short_prompt - 1)]]
+    long = [i % params.vocab_size for i in [128000] + [2000 + i % 5000 for i in range(args.long_prompt - 1)]]
     state["steps"] = 2
-    time_generation(prefill, decode_step, WARMUP_PROMPT, 2)
+    time_generation(prefill, decode_step, [i % params.vocab_size for i in WARMUP_PROMPT], 2)
     state["steps"] = 0
     long_prefill_s, _ = time_generation(prefill, decode_step, long, 0)
     state["steps"] = args.decode_steps
@@ -231,7 +240,7 @@ def main() -> None:
 
     result = {
         "impl": args.impl, "dtype": args.dtype, "threads": args.threads, "load_s": load_s,
-        "peak_rss_bytes": peak_rss, "baseline_rss_bytes": baseline_rss, "file_bytes": checkpoint.file_bytes,
+        "peak_rss_bytes": peak_rss, "baseline_rss_bytes": baseline_rss, "file_bytes": file_bytes,
         "bandwidth_after_decode": bandwidth,
         "bytes_per_token": bytes_read_per_token(weights),
         "prefill_short_tok_s": args.short_prompt / short_prefill_s,
