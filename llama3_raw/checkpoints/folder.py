@@ -16,7 +16,7 @@ from ..errors import UserError, notice
 from ..files import check_new_folder
 from ..parallel import SINGLE_PROCESS, Ranks
 from ..params import ModelParams
-from ..quantize import INT4_GROUP_SIZE, INT4_GROUP_SIZES, check_int4_shape, is_quantized_key, quantize_weights
+from ..quantize import INT4_GROUP_SIZE, INT4_GROUP_SIZES, check_int4_shape, is_quantized_key
 from ..tokenizer import Tokenizer, load_tokenizer
 from ..threads import use_threads
 from .defaults import (GENERATION_DEFAULTS_FILE, choose_dtype, generation_defaults, generation_file_settings,
@@ -175,13 +175,13 @@ def load_model(folder: CheckpointFolder, params: ModelParams | None = None, dtyp
     note = conversion_note(checkpoint.weights, compute, folder.directory)
     if note:
         notice(note)
-    weights = cast_weights(checkpoint.weights, compute, device, show_progress=show_progress)
+    n_parameters = count_parameters(checkpoint.weights)
+    # Matrices in int8 or int4 + their scales (quantized one by one as they are cast), activations in bf16.
+    scheme = quantize if quantize != "none" and not saved_as else "none"
+    weights = cast_weights(checkpoint.weights, compute, device, show_progress, scheme, group_size)
     source_format = checkpoint.source_format
     file_params = checkpoint.params  # the folder's, but with kv heads counted once (shards.keep_kv_heads_once)
     del checkpoint  # when the dtype changed, this lets the memory-mapped file go
-    n_parameters = count_parameters(weights)
-    if quantize != "none" and not saved_as:  # matrices in int8 or int4 + their scales, activations in bf16
-        weights = quantize_weights(weights, compute, quantize, group_size)
     if save_quantized is not None:
         save_quantized_checkpoint(weights, folder.params, quantize, default_tokenizer_path(folder.directory),
                                   save_quantized, extra_files=(folder.directory / GENERATION_DEFAULTS_FILE,))

@@ -131,8 +131,39 @@ class HeaderReader:
             return np.frombuffer(self.data, dtype=np.dtype(fmt), count=n, offset=start).copy()
         n = self.count(f"the length of {what}", MIN_ITEM_BYTES if kind in (STRING, ARRAY) else 1)
         if kind == STRING:
-            return [self.string(f"item {i} of {what}") for i in range(n)]
+            return self.strings(n, what)
         return [self.value(kind, f"item {i} of {what}", depth) for i in range(n)]
+
+    def strings(self, n: int, what: str) -> list[str]:
+        """`n` strings, as `string` reads each, in one tight loop: a Llama 3 vocabulary's 128,256 tokens and
+        280,147 merges are 400k of them, read three times when a run opens a GGUF (params, tokenizer, weights)."""
+        data, size, pos, out = self.data, self.size, self.pos, []
+        length_at = struct.Struct("<Q").unpack_from
+        for i in range(n):
+            if size - pos < 8:
+                self.pos = pos
+                raise self.fail(f"the length of item {i} of {what} runs past the end of the file at byte {size}: truncated")
+            (length,) = length_at(data, pos)
+            if length > size - pos - 8:
+                self.pos = pos
+                raise self.fail(f"the length of item {i} of {what} is {length:,}, more than the "
+                                f"{size - pos - 8:,} bytes left can hold")
+            out.append(data[pos + 8:pos + 8 + length])
+            pos += 8 + length
+        self.pos = pos
+        try:
+            return [item.decode("utf-8") for item in out]
+        except UnicodeDecodeError:
+            bad = next(i for i, item in enumerate(out) if not is_utf8(item))
+            raise self.fail(f"item {bad} of {what} is not UTF-8 text") from None
+
+
+def is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def read_gguf(path: Path) -> GGUFFile:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from ..errors import UserError
 from ..parallel import SINGLE_PROCESS, Ranks
 from ..params import ModelParams, load_params
-from ..quantize import Int8Weight, QuantizedWeight
+from ..quantize import INT4_GROUP_SIZE, Int8Weight, QuantizedWeight, is_quantized_key, quantize_weights
 from .huggingface import (INDEX_FILE, is_hf_checkpoint_dir, params_from_hf_config, read_config, read_hf_checkpoint,
                           safetensors_candidates)
 from .gguf_checkpoint import gguf_path, open_gguf, read_gguf_checkpoint
@@ -191,17 +191,24 @@ def conversion_note(weights: dict, dtype: torch.dtype, where: Path) -> str | Non
 
 
 def cast_weights(weights: dict[str, torch.Tensor], dtype: torch.dtype, device: str | torch.device,
-                 show_progress: bool = False) -> dict[str, torch.Tensor]:
+                 show_progress: bool = False, scheme: str = "none", group_size: int = INT4_GROUP_SIZE) -> dict:
     """Weights in the compute dtype on the compute device; tensors already there are kept as they are.
 
     Tied tensors stay tied: each distinct tensor is converted once. Int8 and int4 matrices stay so; their
-    scales take the compute dtype (and int4 values the arrangement of the device's kernel).
+    scales take the compute dtype (and int4 values the arrangement of the device's kernel). With `scheme`
+    "int8" or "int4" the matrices that quantize_weights quantizes are quantized as soon as each is converted,
+    so the converted copy of one matrix at a time exists beside the quantized weights, never of all of them
+    (a GGUF's Q8_0 dequantized to bf16, an fp32 file cast to bf16).
     """
     converted: dict[int, torch.Tensor] = {}
     out = {}
     total_bytes = sum(t.nbytes for t in weights.values())
     for key, tensor in tqdm(weights.items(), desc=f"to {dtype} on {device}", unit="tensor", leave=False,
                             disable=not show_progress or total_bytes < PROGRESS_MIN_BYTES):
+        if scheme != "none" and is_quantized_key(key) and not isinstance(tensor, QuantizedWeight):
+            matrix = converted[id(tensor)] if id(tensor) in converted else tensor.to(device=device, dtype=dtype)
+            out[key] = quantize_weights({key: matrix}, dtype, scheme, group_size)[key]  # a tied output: its own copy
+            continue
         if id(tensor) not in converted:
             converted[id(tensor)] = tensor.to(device=device, dtype=dtype)
         out[key] = converted[id(tensor)]
