@@ -97,6 +97,27 @@ def test_the_copy_is_in_2mib_pages_and_not_a_file():
     assert weights == {}  # consumed, so that each source could go as soon as it was copied
 
 
+@needs_huge_pages
+def test_an_anonymous_source_is_gone_once_it_is_copied(monkeypatch):
+    """Weights converted at load (dequantized, quantized) are anonymous memory: each must be freed right after its
+    copy, or the process holds both copies at the peak (once: every source, until the last was copied)."""
+    import weakref
+
+    sources = {f"layers.{i}.w": torch.full((1 << 18,), float(i)) for i in range(4)}
+    alive = {key: weakref.ref(t) for key, t in sources.items()}
+    seen = []
+    copy_into = placement.copy_into
+
+    def watching(memory, offset, t):
+        seen.append([key for key, ref in alive.items() if ref() is not None])
+        return copy_into(memory, offset, t)
+
+    monkeypatch.setattr(placement, "copy_into", watching)
+    placed = in_huge_pages(sources)  # `sources` is consumed: no reference but the function's own
+    assert seen == [list(alive)[i:] for i in range(4)]  # when the i-th is copied, the ones before it are gone
+    assert [float(placed[key][0]) for key in alive] == [0.0, 1.0, 2.0, 3.0]
+
+
 def test_nothing_moves_where_huge_pages_are_off(tmp_path, monkeypatch):
     setting = tmp_path / "enabled"
     setting.write_text("always madvise [never]\n")

@@ -31,6 +31,7 @@ from .quantized import quantized_checkpoint_bytes, quantized_file, save_quantize
 from .meta import checkpoint_files
 from .places import find_default_checkpoint
 from .safety import missing_folder
+from .heap import return_freed_heap
 from .placement import copy_pays_back, in_huge_pages
 from .slicing import rank_shapes
 
@@ -165,6 +166,7 @@ def load_model(folder: CheckpointFolder, params: ModelParams | None = None, dtyp
     checkpoint = load_checkpoint(folder.directory, show_progress=show_progress, ranks=ranks)
     if quantize == "int4" and group_size == GGUF_INT4_GROUP and keep_gguf_int4 and checkpoint.source_format == "gguf":
         checkpoint = replace(checkpoint, weights=kept_int4(checkpoint.weights))
+        return_freed_heap()  # the unpacking's temporaries
     saved_as = quantization(checkpoint.weights) if checkpoint.source_format != "gguf" else None
     if saved_as:  # saved by --save-quantized
         refuse_float32_with_quantized(dtype, f"{folder.directory} holds {saved_as} weights, which compute in bfloat16")
@@ -187,6 +189,8 @@ def load_model(folder: CheckpointFolder, params: ModelParams | None = None, dtyp
                                   save_quantized, extra_files=(folder.directory / GENERATION_DEFAULTS_FILE,))
     if device == "cpu" and copy_pays_back(new_tokens):  # a long run: decode steps read fewer page tables
         weights = in_huge_pages(weights, show_progress=show_progress)
+    if device == "cpu" and (scheme != "none" or source_format == "gguf"):  # converted: temporaries were freed
+        return_freed_heap()
     if device == "cuda":
         torch.cuda.synchronize()
     context = (params or folder.params).max_seq_len

@@ -22,6 +22,8 @@ Q4_0 is scale d, zero 0; Q4_1 is scale d, zero m + 8 d. `as_int4` keeps such a m
 its values untouched, instead of dequantizing it and quantizing again.
 """
 
+import ctypes
+import mmap
 from dataclasses import dataclass
 
 import torch
@@ -84,7 +86,19 @@ def dequantize(tensor: BlockTensor, dtype: torch.dtype) -> torch.Tensor:
     for start in range(0, tensor.shape[0], ROWS_AT_ONCE):
         rows = tensor.raw[start:start + ROWS_AT_ONCE]
         out[start:start + ROWS_AT_ONCE] = dequantize_rows(rows, tensor.ggml_type, tensor.shape[1])
+    let_file_pages_go(tensor)
     return out
+
+
+def let_file_pages_go(tensor: BlockTensor) -> None:
+    """Drop the file's pages under `tensor` from this process once it is converted: they are the file's bytes,
+    read again if touched (the mapping is private and never written), and otherwise count in its memory beside
+    the converted weights until the load ends (1B Q8_0: 1.3 GB). Where madvise is missing, nothing happens."""
+    madvise, dont_need = getattr(ctypes.CDLL(None), "madvise", None), getattr(mmap, "MADV_DONTNEED", None)
+    start = tensor.raw.data_ptr()
+    first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, (start + tensor.raw.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if madvise is not None and dont_need is not None and last > first:  # whole pages only: a neighbour's stay
+        madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), dont_need)
 
 
 def dequantize_rows(raw: torch.Tensor, ggml_type: int, n_inputs: int) -> torch.Tensor:
@@ -134,7 +148,9 @@ def as_int4(tensor: BlockTensor) -> Int4Weight:
     else:
         values, zero = nibbles(blocks[..., 4:]), f16_field(blocks, 2)[..., 0] + INT4_MIDDLE * d
     scales_and_zeros = torch.stack([d, zero], dim=-1).transpose(0, 1).contiguous()  # (groups, rows, 2)
-    return Int4Weight(plain_from_values(values.reshape(rows, n_inputs)), scales_and_zeros, n_inputs)
+    int4 = Int4Weight(plain_from_values(values.reshape(rows, n_inputs)), scales_and_zeros, n_inputs)
+    let_file_pages_go(tensor)
+    return int4
 
 
 def kept_int4(weights: dict) -> dict:

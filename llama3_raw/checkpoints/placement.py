@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from ..quantize import Int4Weight, Int8Weight
 from .defaults import available_memory_bytes
+from .heap import return_freed_heap
 
 HUGE_PAGE = 2 << 20
 SLOT_ALIGN = 4096  # every tensor starts on its own page: the kernels' rows are then 64-byte aligned too
@@ -163,10 +164,11 @@ def in_huge_pages(weights: dict, show_progress: bool = False) -> dict:
         staying.update(mapped)  # the file's pages are 2 MiB already
     distinct = {id(w): w for key, w in weights.items() if key not in staying}
     sizes = [(slot_bytes(t), is_file_backed(t, file_ranges)) for w in distinct.values() for t in tensors_of(w)]
+    del distinct  # it would keep every source alive until the end, where each is to go once it is copied
     total = sum(size for size, _ in sizes)
     # New memory: the copies of file pages (anonymous sources are freed as they are copied: one at a time)
     needed = sum(size for size, in_file in sizes if in_file) + max((size for size, _ in sizes), default=0)
-    if not distinct or needed + SPARE_BYTES > available_memory_bytes():
+    if not sizes or needed + SPARE_BYTES > available_memory_bytes():
         return weights  # (too little room: a mapped file can still be paged in and out, a copy could not)
     try:
         arena = mmap.mmap(-1, total + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -190,6 +192,10 @@ def in_huge_pages(weights: dict, show_progress: bool = False) -> dict:
                 offset += slot_bytes(t)
                 hand_back_file_pages(t, file_ranges)
             placed[id(weight)] = with_tensors(weight, copies)
+            out[key] = placed[id(weight)]
+            weight = t = None  # an anonymous source is freed now, into the C heap, which hands it on to the system
+            return_freed_heap()
+            continue
         out[key] = placed[id(weight)]
     return out
 
