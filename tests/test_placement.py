@@ -201,6 +201,30 @@ def test_placing_holds_one_copy_of_the_weights(tmp_path):
     assert peak <= 1.1 * file_bytes + 60e6 + 50e6 + 128256 * 1024 * 2  # the largest: the embeddings
 
 
+LOAD_QUANTIZED_AND_GENERATE = """
+from llama3_raw.checkpoints import load_model, open_folder
+from llama3_raw.generate import generate
+model = load_model(open_folder(sys.argv[1]), dtype="bfloat16", quantize="int8", show_progress=False, new_tokens=4)
+tokens = list(generate(model.weights, model.params, [128000, 5, 6, 7], 4, stop_ids=()))
+"""
+
+
+@pytest.mark.slow  # a memory probe on a checkpoint of a few hundred MB, in a fresh interpreter
+def test_quantizing_at_load_keeps_the_int8_copy_and_not_the_files_pages(tmp_path):
+    """Each bf16 matrix of the file is read once, to quantize it; then its pages go (heap.hand_back_converted), so
+    the process ends with the int8 copy, the embedding rows it looked up and little else, not the file as well."""
+    ckpt_dir = write_random_checkpoint(tmp_path / "ckpt", RSS_SHAPE, seed=5)
+    file_bytes = (ckpt_dir / "consolidated.00.pth").stat().st_size
+    matrix_bytes = file_bytes - RSS_SHAPE["vocab_size"] * RSS_SHAPE["dim"] * 2  # all but the (looked-up) embeddings
+    assert matrix_bytes > 300e6
+    rss = probe_rss(LOAD_QUANTIZED_AND_GENERATE, ckpt_dir)
+    grown = rss["after"] - rss["before"]
+    # int8: half the bf16 bytes, plus ~100 MB of logits, cache and heap (measured: 282 MB for 372 MB of matrices;
+    # 651 MB when the pages stayed)
+    assert rss["tokens"] == 4 and grown <= 0.5 * matrix_bytes + 120e6, \
+        f"grew by {grown / 1e6:.0f} MB for {matrix_bytes / 1e6:.0f} MB of bf16 matrices"
+
+
 @needs_huge_pages
 def test_without_room_for_the_copy_the_weights_stay_mapped(tmp_path, monkeypatch):
     """A mapped file can be paged in and out under memory pressure; an anonymous copy could not. So the copy is

@@ -22,8 +22,6 @@ Q4_0 is scale d, zero 0; Q4_1 is scale d, zero m + 8 d. `as_int4` keeps such a m
 its values untouched, instead of dequantizing it and quantizing again.
 """
 
-import ctypes
-import mmap
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +29,7 @@ import torch
 from ..int4_layouts import plain_from_values
 from ..quantize import INT4_MIDDLE, Int4Weight, is_quantized_key
 from .gguf_file import TensorInfo, type_name
+from .heap import file_backed_ranges, hand_back_file_pages
 
 F32, F16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 8, 12, 13, 14, 30  # GGMLQuantizationType
 PLAIN_TYPES = {F32: torch.float32, F16: torch.float16, BF16: torch.bfloat16}
@@ -91,14 +90,8 @@ def dequantize(tensor: BlockTensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def let_file_pages_go(tensor: BlockTensor) -> None:
-    """Drop the file's pages under `tensor` from this process once it is converted: they are the file's bytes,
-    read again if touched (the mapping is private and never written), and otherwise count in its memory beside
-    the converted weights until the load ends (1B Q8_0: 1.3 GB). Where madvise is missing, nothing happens."""
-    madvise, dont_need = getattr(ctypes.CDLL(None), "madvise", None), getattr(mmap, "MADV_DONTNEED", None)
-    start = tensor.raw.data_ptr()
-    first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, (start + tensor.raw.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
-    if madvise is not None and dont_need is not None and last > first:  # whole pages only: a neighbour's stay
-        madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), dont_need)
+    """Drop the file's pages under `tensor` from this process once it is converted (heap.py says why)."""
+    hand_back_file_pages(tensor.raw, file_backed_ranges())
 
 
 def dequantize_rows(raw: torch.Tensor, ggml_type: int, n_inputs: int) -> torch.Tensor:

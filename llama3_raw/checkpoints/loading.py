@@ -22,7 +22,7 @@ from ..params import ModelParams, load_params
 from ..quantize import INT4_GROUP_SIZE, Int8Weight, QuantizedWeight, is_quantized_key, quantize_weights
 from .huggingface import (INDEX_FILE, is_hf_checkpoint_dir, params_from_hf_config, read_config, read_hf_checkpoint,
                           safetensors_candidates)
-from .heap import return_freed_heap
+from .heap import file_backed_ranges, hand_back_converted, return_freed_heap
 from .gguf_checkpoint import gguf_path, open_gguf, read_gguf_checkpoint
 from .quantized import QUANTIZED_FILES, quantized_file, quantized_weights
 from .meta import PROGRESS_MIN_BYTES, check_weights, checkpoint_files, read_state_dict, warm_page_cache
@@ -204,11 +204,13 @@ def cast_weights(weights: dict[str, torch.Tensor], dtype: torch.dtype, device: s
     converted: dict[int, torch.Tensor] = {}
     out = {}
     total_bytes = sum(t.nbytes for t in weights.values())
+    file_ranges = file_backed_ranges() if scheme != "none" else []
     for key, tensor in tqdm(weights.items(), desc=f"to {dtype} on {device}", unit="tensor", leave=False,
                             disable=not show_progress or total_bytes < PROGRESS_MIN_BYTES):
         if scheme != "none" and is_quantized_key(key) and not isinstance(tensor, QuantizedWeight):
             matrix = converted[id(tensor)] if id(tensor) in converted else tensor.to(device=device, dtype=dtype)
             out[key] = quantize_weights({key: matrix}, dtype, scheme, group_size)[key]  # a tied output: its own copy
+            hand_back_converted(tensor, out[key], file_ranges)  # a file's matrix: its pages are no longer read
             matrix = None
             return_freed_heap()  # the matrix's cast copy and the quantizer's temporaries
             continue

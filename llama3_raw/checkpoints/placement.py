@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from ..quantize import Int4Weight, Int8Weight
 from .defaults import available_memory_bytes
-from .heap import return_freed_heap
+from .heap import file_backed_ranges, hand_back_file_pages, is_file_backed, own_span, return_freed_heap, tensors_of
 
 HUGE_PAGE = 2 << 20
 SLOT_ALIGN = 4096  # every tensor starts on its own page: the kernels' rows are then 64-byte aligned too
@@ -59,15 +59,6 @@ def huge_pages_available() -> bool:
     return hasattr(mmap, "MADV_HUGEPAGE") and "[never]" not in setting
 
 
-def tensors_of(weight) -> list[torch.Tensor]:
-    """The tensors a weight is made of: itself, or a quantized matrix's values and scales."""
-    if isinstance(weight, Int8Weight):
-        return [weight.values, weight.scales]
-    if isinstance(weight, Int4Weight):
-        return [weight.packed, weight.scales_and_zeros]
-    return [weight]
-
-
 def with_tensors(weight, tensors: list[torch.Tensor]):
     """`weight` rebuilt from new tensors in the order tensors_of gives them."""
     if isinstance(weight, Int8Weight):
@@ -86,42 +77,6 @@ def dense_order(t: torch.Tensor) -> list[int] | None:
 
 def slot_bytes(t: torch.Tensor) -> int:
     return -(-t.nbytes // SLOT_ALIGN) * SLOT_ALIGN
-
-
-def file_backed_ranges() -> list[tuple[int, int]]:
-    """Address ranges of this process's mappings of files (/proc/self/maps lines with an inode)."""
-    ranges = []
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            fields = line.split()
-            if len(fields) >= 6 and fields[4] != "0" and fields[5].startswith("/"):
-                start, end = (int(a, 16) for a in fields[0].split("-"))
-                ranges.append((start, end))
-    return ranges
-
-
-def own_span(t: torch.Tensor) -> tuple[int, int]:
-    """Addresses from `t`'s first element to just past its last (`t` may be a view: only its own span)."""
-    start = t.data_ptr()
-    return start, start + (sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1) * t.element_size()
-
-
-def is_file_backed(t: torch.Tensor, file_ranges: list[tuple[int, int]]) -> bool:
-    start, end = own_span(t)
-    return t.numel() > 0 and any(lo <= start and end <= hi for lo, hi in file_ranges)
-
-
-def hand_back_file_pages(t: torch.Tensor, file_ranges: list[tuple[int, int]]) -> None:
-    """Unmap the whole pages of `t`'s memory from this process if they are a file's pages (read again from
-    the file if touched again). Only file pages: MADV_DONTNEED on anonymous memory would zero it."""
-    if not is_file_backed(t, file_ranges):
-        return
-    start, end = own_span(t)
-    page = mmap.PAGESIZE
-    first, last = -(-start // page) * page, end // page * page
-    if last > first:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
 
 
 def file_pmd_mapped_bytes() -> int:
