@@ -145,6 +145,23 @@ def test_block_types_dequantize_as_llamacpp_reference(tmp_path, tiny_state, qtyp
         torch.testing.assert_close(back, reference, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K])
+def test_k_quants_dequantize_as_ggml_bit_for_bit(qtype):
+    """The k-quants (Q4_K_M files' types), dequantized in PyTorch by gguf_quants.py, against gguf-py's numpy port of
+    ggml's dequantize_row_q*_K on random super-blocks (any bytes are valid, but for the f16 scales): equal."""
+    from llama3_raw.checkpoints.gguf_quants import K_BLOCK_BYTES, dequantize_rows
+
+    generator = torch.Generator().manual_seed(int(qtype))
+    rows, n_inputs, block_bytes = 48, 1024, K_BLOCK_BYTES[int(qtype)]
+    raw = torch.randint(0, 256, (rows, n_inputs // 256 * block_bytes), dtype=torch.uint8, generator=generator)
+    blocks = raw.view(rows, -1, block_bytes)
+    for at in ((208,) if qtype == Q.Q6_K else (0, 2)):  # d (and dmin): finite f16
+        blocks[..., at:at + 2] = (torch.randn(rows, blocks.shape[1], 1, generator=generator) / 64).half().view(torch.uint8)
+    reference = torch.from_numpy(gguf.quants.dequantize(raw.numpy(), qtype)).view(rows, n_inputs)
+    ours = dequantize_rows(raw, int(qtype), n_inputs)
+    assert reference.abs().max() > 1 and torch.equal(ours, reference)
+
+
 def test_q4_gguf_kept_int4_runs_like_dequantized(tmp_path, tiny_state):
     path = write_gguf(tmp_path / "q4.gguf", tiny_state, matrix_type=Q.Q4_0)
     folder = open_folder(path)
