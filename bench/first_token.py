@@ -36,7 +36,7 @@ PROMPT = FORTY_TWO_PROMPT
 ORDER = ["ours", "llamacpp-bf16", "ours-gguf-bf16", "ours-gguf-bf16-int4", "ours-int8", "llamacpp-q8_0",
          "ours-gguf-int8", "ours-int4", "llamacpp-q4_0", "ours-gguf-int4", "ours-gguf-int4-requantize",
          "llamacpp-q4_k_m", "ours-int4-g64"]  # each width's pair back to back, and ours on llama.cpp's file after it
-GGUF_WAYS = {**gguf_rows.GGUF_IMPLS, **gguf_rows.FIRST_TOKEN_ONLY}
+GGUF_WAYS = gguf_rows.ALL_WAYS
 NAMES = {**NAMES, **gguf_rows.IMPL_NAMES}
 
 

@@ -37,6 +37,7 @@ IMPL_NAMES = {"ours-gguf-bf16": "llama3_raw on GGUF BF16", "ours-gguf-int8": "ll
               "ours-gguf-bf16-int4": "llama3_raw on GGUF BF16 (int4, quantized at load)"}
 SHORT_NAMES = {"ours-gguf-bf16": "ours\nGGUF BF16", "ours-gguf-int8": "ours\nGGUF Q8_0", "ours-gguf-int4": "ours\nGGUF Q4_0"}
 COLORS = {"ours-gguf-bf16": "tab:blue", "ours-gguf-int8": "tab:cyan", "ours-gguf-int4": "tab:purple"}
+ALL_WAYS = {**GGUF_IMPLS, **FIRST_TOKEN_ONLY}
 # (ours, width, theirs) for the ratio tables: the same file on both sides
 PAIRS = [("ours-gguf-bf16", "BF16 file", "llamacpp-bf16"), ("ours-gguf-int8", "Q8_0 file", "llamacpp-q8_0"),
          ("ours-gguf-int4", "Q4_0 file", "llamacpp-q4_0")]
@@ -44,11 +45,11 @@ PAIRS = [("ours-gguf-bf16", "BF16 file", "llamacpp-bf16"), ("ours-gguf-int8", "Q
 
 def gguf_file(impl: str, ggufs: dict[str, Path]) -> Path:
     """The GGUF file that `impl` reads: the one its llama.cpp partner reads."""
-    return ggufs[{**GGUF_IMPLS, **FIRST_TOKEN_ONLY}[impl][0]]
+    return ggufs[ALL_WAYS[impl][0]]
 
 
 def run_flags(impl: str) -> list[str]:
-    return {**GGUF_IMPLS, **FIRST_TOKEN_ONLY}[impl][1]
+    return ALL_WAYS[impl][1]
 
 
 def load_options(impl: str) -> dict:

@@ -42,7 +42,7 @@ def test_each_gguf_row_runs_right_after_llama_cpp_on_the_same_file():
 
 def test_the_rows_flags_are_run_pys_and_mean_what_the_worker_loads():
     """The first-token rows run run.py with these flags; the bench rows call load_model with what they mean."""
-    for impl in {**gguf_rows.GGUF_IMPLS, **gguf_rows.FIRST_TOKEN_ONLY}:
+    for impl in gguf_rows.ALL_WAYS:
         args = build_parser("run.py", ["run"]).parse_args(["run", *gguf_rows.run_flags(impl), "hello"])
         options = gguf_rows.load_options(impl)
         assert (args.quantize, args.gguf_int4 == "keep") == (options["quantize"], options["keep_gguf_int4"]), impl

@@ -189,8 +189,7 @@ def load_model(folder: CheckpointFolder, params: ModelParams | None = None, dtyp
                                   save_quantized, extra_files=(folder.directory / GENERATION_DEFAULTS_FILE,))
     if device == "cpu" and copy_pays_back(new_tokens):  # a long run: decode steps read fewer page tables
         weights = in_huge_pages(weights, show_progress=show_progress)
-    if device == "cpu" and (scheme != "none" or source_format == "gguf"):  # converted: temporaries were freed
-        return_freed_heap()
+    return_freed_heap()  # what converting the weights freed
     if device == "cuda":
         torch.cuda.synchronize()
     context = (params or folder.params).max_seq_len

@@ -86,13 +86,7 @@ def dequantize(tensor: BlockTensor, dtype: torch.dtype) -> torch.Tensor:
     for start in range(0, tensor.shape[0], ROWS_AT_ONCE):
         rows = tensor.raw[start:start + ROWS_AT_ONCE]
         out[start:start + ROWS_AT_ONCE] = dequantize_rows(rows, tensor.ggml_type, tensor.shape[1])
-    let_file_pages_go(tensor)
     return out
-
-
-def let_file_pages_go(tensor: BlockTensor) -> None:
-    """Drop the file's pages under `tensor` from this process once it is converted (heap.py says why)."""
-    hand_back_file_pages(tensor.raw, file_backed_ranges())
 
 
 def dequantize_rows(raw: torch.Tensor, ggml_type: int, n_inputs: int) -> torch.Tensor:
@@ -191,15 +185,19 @@ def as_int4(tensor: BlockTensor) -> Int4Weight:
     else:
         values, zero = nibbles(blocks[..., 4:]), f16_field(blocks, 2)[..., 0] + INT4_MIDDLE * d
     scales_and_zeros = torch.stack([d, zero], dim=-1).transpose(0, 1).contiguous()  # (groups, rows, 2)
-    int4 = Int4Weight(plain_from_values(values.reshape(rows, n_inputs)), scales_and_zeros, n_inputs)
-    let_file_pages_go(tensor)
-    return int4
+    return Int4Weight(plain_from_values(values.reshape(rows, n_inputs)), scales_and_zeros, n_inputs)
 
 
 def kept_int4(weights: dict) -> dict:
-    """The weights with every Q4_0 / Q4_1 matrix that int4 quantizes (quantize.is_quantized_key) as_int4."""
-    return {key: as_int4(w) if isinstance(w, BlockTensor) and w.ggml_type in INT4_TYPES and is_quantized_key(key)
-            else w for key, w in weights.items()}
+    """The weights with every Q4_0 / Q4_1 matrix that int4 quantizes (quantize.is_quantized_key) as_int4; the
+    file's pages of each go once it is unpacked (heap.py says why)."""
+    file_ranges = file_backed_ranges()
+    out = {}
+    for key, w in weights.items():
+        out[key] = as_int4(w) if isinstance(w, BlockTensor) and w.ggml_type in INT4_TYPES and is_quantized_key(key) else w
+        if out[key] is not w:
+            hand_back_file_pages(w.raw, file_ranges)
+    return out
 
 
 def check_type(info: TensorInfo) -> str | None:

@@ -24,6 +24,7 @@ from .huggingface import (INDEX_FILE, is_hf_checkpoint_dir, params_from_hf_confi
                           safetensors_candidates)
 from .heap import file_backed_ranges, hand_back_converted, return_freed_heap
 from .gguf_checkpoint import gguf_path, open_gguf, read_gguf_checkpoint
+from .gguf_quants import BlockTensor
 from .quantized import QUANTIZED_FILES, quantized_file, quantized_weights
 from .meta import PROGRESS_MIN_BYTES, check_weights, checkpoint_files, read_state_dict, warm_page_cache
 from .safety import check_params_fit_files, folder_file_size, missing_folder
@@ -204,17 +205,23 @@ def cast_weights(weights: dict[str, torch.Tensor], dtype: torch.dtype, device: s
     converted: dict[int, torch.Tensor] = {}
     out = {}
     total_bytes = sum(t.nbytes for t in weights.values())
-    file_ranges = file_backed_ranges() if scheme != "none" else []
+    file_ranges = file_backed_ranges()
     for key, tensor in tqdm(weights.items(), desc=f"to {dtype} on {device}", unit="tensor", leave=False,
                             disable=not show_progress or total_bytes < PROGRESS_MIN_BYTES):
         if scheme != "none" and is_quantized_key(key) and not isinstance(tensor, QuantizedWeight):
             matrix = converted[id(tensor)] if id(tensor) in converted else tensor.to(device=device, dtype=dtype)
             out[key] = quantize_weights({key: matrix}, dtype, scheme, group_size)[key]  # a tied output: its own copy
-            hand_back_converted(tensor, out[key], file_ranges)  # a file's matrix: its pages are no longer read
+            hand_back_converted(file_view(tensor), out[key], file_ranges)  # a file's matrix: its pages are not read again
             matrix = None
             return_freed_heap()  # the matrix's cast copy and the quantizer's temporaries
             continue
         if id(tensor) not in converted:
             converted[id(tensor)] = tensor.to(device=device, dtype=dtype)
+            hand_back_converted(file_view(tensor), converted[id(tensor)], file_ranges)
         out[key] = converted[id(tensor)]
     return out
+
+
+def file_view(weight):
+    """The tensor whose memory holds `weight` as it was read: a GGUF block tensor's bytes, or the weight itself."""
+    return weight.raw if isinstance(weight, BlockTensor) else weight

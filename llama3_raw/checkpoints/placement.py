@@ -140,18 +140,17 @@ def in_huge_pages(weights: dict, show_progress: bool = False) -> dict:
         if key in staying:
             out[key] = weight
             continue
-        if id(weight) not in placed:
-            copies = []
-            for t in tensors_of(weight):
-                copies.append(copy_into(memory, offset, t))
-                offset += slot_bytes(t)
-                hand_back_file_pages(t, file_ranges)
-            placed[id(weight)] = with_tensors(weight, copies)
+        if id(weight) in placed:  # tied to a weight copied already
             out[key] = placed[id(weight)]
-            weight = t = None  # an anonymous source is freed now, into the C heap, which hands it on to the system
-            return_freed_heap()
             continue
-        out[key] = placed[id(weight)]
+        copies = []
+        for t in tensors_of(weight):
+            copies.append(copy_into(memory, offset, t))
+            offset += slot_bytes(t)
+            hand_back_file_pages(t, file_ranges)
+        out[key] = placed[id(weight)] = with_tensors(weight, copies)
+        weight = t = None  # an anonymous source is freed now, into the C heap, which hands it on to the system
+        return_freed_heap()
     return out
 
 
